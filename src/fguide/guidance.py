@@ -1,0 +1,132 @@
+"""The guidance gradient: closed-form coefficients, then ONE vector-Jacobian product.
+
+g = ∇_x S = Jᵀ c with c = ∂S/∂f from :class:`fguide.objectives.Objective` and J = ∂f/∂x the
+classifier's Jacobian at its input x (the x0 estimate for EluCD-style off-the-shelf
+classifiers, x_t for ADM's noise-aware classifier). Whatever the method, this is one forward
+with gradient and one backward: the regularisers cost a softmax, not a second backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from fguide.objectives import Objective
+
+ClassifierFn = Callable[..., Tensor]
+
+
+@dataclass
+class GuidanceResult:
+    """One evaluation of the guidance: the (unscaled) gradient and what produced it."""
+
+    grad: Tensor
+    """g = ∇_x S (per sample, same shape as the classifier input; tilt weights included)."""
+    logits: Tensor
+    """f(x), detached."""
+    labels: Tensor
+    weights: Tensor | None = None
+    """Tilt weights w_i (mean one per group), or None."""
+
+    def confidence(self) -> Tensor:
+        """softmax(f)_y: the classifier's probability of the target class."""
+        return torch.softmax(self.logits.float(), -1).gather(-1, self.labels[:, None]).squeeze(-1)
+
+    def grad_norm(self) -> Tensor:
+        """‖g_i‖₂ per sample."""
+        return self.grad.flatten(1).float().norm(dim=1)
+
+
+def evaluate_guidance(
+    classifier: ClassifierFn,
+    x: Tensor,
+    labels: Tensor,
+    objective: Objective,
+    progress: float = 0.0,
+    timesteps: Tensor | None = None,
+    *,
+    check: bool = True,
+) -> GuidanceResult:
+    """Logits f(x), coefficients c = ∂S/∂f (no grad), then g = Jᵀc by one backward pass.
+
+    ``timesteps`` is passed as the classifier's second argument (noise-aware classifiers).
+    ``check`` validates labels and logits (clear errors for out-of-range labels and
+    non-finite logits).
+    """
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        logits = classifier(x_in) if timesteps is None else classifier(x_in, timesteps)
+        if check:
+            objective.check_inputs(logits.detach(), labels)
+        with torch.no_grad():
+            coeff = objective.coefficients(logits.detach(), labels, progress)
+        (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=coeff.to(logits.dtype))
+    weights = objective.weights(logits.detach(), labels)
+    return GuidanceResult(grad=grad, logits=logits.detach(), labels=labels, weights=weights)
+
+
+def guidance_gradient(
+    classifier: ClassifierFn,
+    x0: Tensor,
+    labels: Tensor,
+    objective: Objective,
+    progress: float = 0.0,
+    timesteps: Tensor | None = None,
+) -> Tensor:
+    """g = ∇_{x0} S(f(x0), y): the guidance gradient of ``objective`` for ``classifier``.
+
+    >>> import fguide, torch
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    >>> g = fguide.guidance_gradient(net, torch.randn(2, 3, 2, 2), torch.tensor([0, 4]),
+    ...                              fguide.objective("js", alpha=0.09, eps=0.1))
+    >>> g.shape
+    torch.Size([2, 3, 2, 2])
+    """
+    return evaluate_guidance(classifier, x0, labels, objective, progress, timesteps).grad
+
+
+class Guide(Protocol):
+    """What a sampler calls once per step: returns the unscaled guidance and exposes its scale.
+
+    ``x_t`` is the current state, ``x0`` the (detached) estimate of the clean sample, ``t`` the
+    timestep the networks receive (or σ for EDM), ``progress`` u ∈ [0, 1] over the run.
+    """
+
+    scale: float
+
+    def __call__(
+        self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
+    ) -> GuidanceResult: ...
+
+
+@dataclass
+class ClassifierGuide:
+    """Guidance by a classifier and an objective, with classifier scale γ.
+
+    ``input="x0"``: the classifier sees the x0 estimate (EluCD, off-the-shelf classifiers);
+    ``input="xt"``: it sees x_t and, when ``time_aware``, the timestep (ADM's noise-aware
+    classifier, classic classifier guidance).
+    """
+
+    classifier: ClassifierFn
+    objective: Objective
+    scale: float = 1.0
+    input: Literal["x0", "xt"] = "x0"
+    time_aware: bool = False
+
+    def __call__(
+        self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
+    ) -> GuidanceResult:
+        x = x0 if self.input == "x0" else x_t
+        return evaluate_guidance(
+            self.classifier,
+            x,
+            labels,
+            self.objective,
+            progress,
+            timesteps=t if self.time_aware else None,
+        )

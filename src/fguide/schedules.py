@@ -1,0 +1,268 @@
+"""Noise schedules, ADM respacing, the respaced VP process, and EDM sigmas (METHODS.md §1).
+
+Everything here is a pure function of its arguments; arrays are float64 numpy as in ADM, and
+:class:`Process` extracts them into tensors of the caller's dtype (ADM casts to float32; fguide
+keeps the caller's precision so float64 runs reproduce the references to ~1e-15).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+VarianceType = Literal["learned_range", "fixed_large", "fixed_small"]
+
+
+def betas_for(schedule: str, num_steps: int = 1000) -> np.ndarray:
+    """β_1..β_T of the ``linear`` (ADM, scaled by 1000/T) or ``cosine`` schedule, float64."""
+    if num_steps < 1:
+        raise ValueError(f"diffusion_steps must be >= 1; got {num_steps}")
+    if schedule == "linear":
+        scale = 1000 / num_steps
+        return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+    if schedule == "cosine":
+
+        def abar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return np.array(
+            [
+                min(1 - abar((i + 1) / num_steps) / abar(i / num_steps), 0.999)
+                for i in range(num_steps)
+            ],
+            dtype=np.float64,
+        )
+    raise ValueError(f"noise_schedule must be 'linear' or 'cosine'; got {schedule!r}")
+
+
+def space_timesteps(num_steps: int, section_counts: str) -> list[int]:
+    """ADM's ``space_timesteps``: the sorted original timesteps kept by a respacing string.
+
+    ``""`` keeps all T steps; ``"250"`` or ``"10,10,5"`` cut T into sections with evenly
+    spaced, banker's-rounded picks; ``"ddimN"`` keeps ``range(0, T, s)`` for the smallest
+    stride s giving exactly N steps.
+    """
+    if section_counts == "":
+        return list(range(num_steps))
+    if section_counts.startswith("ddim"):
+        try:
+            desired = int(section_counts[len("ddim") :])
+        except ValueError:
+            raise ValueError(f"timestep_respacing {section_counts!r}: expected 'ddimN'") from None
+        for stride in range(1, num_steps):
+            if len(range(0, num_steps, stride)) == desired:
+                return list(range(0, num_steps, stride))
+        raise ValueError(
+            f"timestep_respacing {section_counts!r}: cannot create exactly {desired} steps "
+            f"from {num_steps} with an integer stride"
+        )
+    try:
+        counts = [int(x) for x in section_counts.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"timestep_respacing {section_counts!r}: expected '', 'N', 'N1,N2,...' or 'ddimN'"
+        ) from None
+    size_per = num_steps // len(counts)
+    extra = num_steps % len(counts)
+    start = 0
+    kept: list[int] = []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count < 1 or count > size:
+            raise ValueError(
+                f"timestep_respacing {section_counts!r}: cannot divide a section of {size} "
+                f"steps into {count}"
+            )
+        stride: float = 1.0 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += stride
+        start += size
+    return sorted(set(kept))
+
+
+@dataclass
+class Process:
+    """A (respaced) VP diffusion process with ADM's derived arrays, indexed by respaced step t.
+
+    ``timestep_map[t]`` is the original training timestep k_t passed to the model.
+    """
+
+    betas: np.ndarray
+    timestep_map: np.ndarray
+    variance_type: VarianceType = "learned_range"
+    num_train_steps: int = 1000
+    rescale_timesteps: bool = False
+    arrays: dict[str, np.ndarray] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        b = np.asarray(self.betas, dtype=np.float64)
+        ac = np.cumprod(1.0 - b)
+        ac_prev = np.append(1.0, ac[:-1])
+        ac_next = np.append(ac[1:], 0.0)
+        post_var = b * (1.0 - ac_prev) / (1.0 - ac)
+        post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 else np.log(b)
+        self.arrays = {
+            "betas": b,
+            "alphas_cumprod": ac,
+            "alphas_cumprod_prev": ac_prev,
+            "alphas_cumprod_next": ac_next,
+            "sqrt_alphas_cumprod": np.sqrt(ac),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+            "posterior_variance": post_var,
+            "posterior_log_variance_clipped": post_logvar,
+            "posterior_mean_coef1": b * np.sqrt(ac_prev) / (1.0 - ac),
+            "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac),
+            "fixed_large_variance": np.append(post_var[1], b[1:]) if len(b) > 1 else b,
+        }
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.betas)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """arrays[name][t] broadcast to ``like``'s shape, in ``like``'s dtype and device."""
+        arr = torch.from_numpy(self.arrays[name]).to(device=like.device)[t.to(like.device)]
+        return arr.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """The timestep the network receives: k_t (or k_t · 1000/T when rescaled)."""
+        k = torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return k.double() * (1000.0 / self.num_train_steps) if self.rescale_timesteps else k
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε."""
+        return (
+            self.extract("sqrt_alphas_cumprod", t, x0) * x0
+            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
+
+    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x̂0 = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε."""
+        return (
+            self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
+
+    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        """ε = (sqrt(1/ᾱ_t) x_t − x̂0) / sqrt(1/ᾱ_t − 1)."""
+        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self.extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t
+        )
+
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """μ = c1_t x̂0 + c2_t x_t."""
+        return (
+            self.extract("posterior_mean_coef1", t, x_t) * x0
+            + self.extract("posterior_mean_coef2", t, x_t) * x_t
+        )
+
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True
+    ) -> PMeanVariance:
+        """ADM's ``p_mean_variance`` for an ε-prediction model output (C or 2C channels)."""
+        c = x_t.shape[1]
+        if self.variance_type == "learned_range":
+            if model_output.shape[1] != 2 * c:
+                raise ValueError(
+                    f"learned-range variance needs a model output of {2 * c} channels "
+                    f"(ε and v); got {model_output.shape[1]}"
+                )
+            eps, v = model_output[:, :c], model_output[:, c:]
+            min_log = self.extract("posterior_log_variance_clipped", t, x_t)
+            max_log = torch.log(self.extract("betas", t, x_t))
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+            var = torch.exp(log_var)
+        else:
+            eps = model_output[:, :c]
+            if self.variance_type == "fixed_large":
+                var_arr = self["fixed_large_variance"]
+                log_arr = np.log(var_arr)
+            else:
+                var_arr = self["posterior_variance"]
+                log_arr = self["posterior_log_variance_clipped"]
+            var = _extract_np(var_arr, t, x_t).expand_as(x_t)
+            log_var = _extract_np(log_arr, t, x_t).expand_as(x_t)
+        x0 = self.x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        return PMeanVariance(self.posterior_mean(x0, x_t, t), var, log_var, x0, eps)
+
+
+def _extract_np(arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
+    out = torch.from_numpy(arr).to(like.device)[t.to(like.device)].to(like.dtype)
+    return out.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+@dataclass
+class PMeanVariance:
+    """Output of :meth:`Process.p_mean_variance`: μ, Σ, log Σ, x̂0 and the model's ε."""
+
+    mean: Tensor
+    variance: Tensor
+    log_variance: Tensor
+    pred_xstart: Tensor
+    eps: Tensor
+
+
+def make_process(
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+    timestep_respacing: str = "",
+    variance_type: VarianceType = "learned_range",
+    rescale_timesteps: bool = False,
+) -> Process:
+    """The respaced process ADM's ``create_gaussian_diffusion`` builds.
+
+    Respaced betas β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}; derived arrays are rebuilt from them (even
+    for the empty respacing, as ADM does).
+    """
+    if variance_type not in ("learned_range", "fixed_large", "fixed_small"):
+        raise ValueError(
+            "variance_type must be learned_range, fixed_large or fixed_small; "
+            f"got {variance_type!r}"
+        )
+    base = betas_for(noise_schedule, diffusion_steps)
+    kept = space_timesteps(diffusion_steps, timestep_respacing)
+    ac = np.cumprod(1.0 - base)
+    new_betas = []
+    last = 1.0
+    for k in kept:
+        new_betas.append(1 - ac[k] / last)
+        last = ac[k]
+    return Process(
+        betas=np.array(new_betas, dtype=np.float64),
+        timestep_map=np.array(kept, dtype=np.int64),
+        variance_type=variance_type,
+        num_train_steps=diffusion_steps,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+def karras_sigmas(
+    num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> Tensor:
+    """EDM sigmas σ_i = (σ_max^{1/ρ} + i/(n−1)(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, then σ_n = 0."""
+    if num_steps < 2:
+        raise ValueError(f"EDM needs num_steps >= 2; got {num_steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+    i = torch.arange(num_steps, dtype=torch.float64)
+    s = (
+        sigma_max ** (1 / rho)
+        + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)])
