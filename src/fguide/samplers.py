@@ -123,6 +123,13 @@ def _default_noise(seed: int = 0) -> NoiseFn:
     return lambda like: torch.randn(like.shape, generator=gen).to(like)
 
 
+def _indices(n: int, start_step: int | None) -> range:
+    start = n - 1 if start_step is None else start_step
+    if not 0 <= start < n:
+        raise ValueError(f"start_step must lie in [0, {n}); got {start_step}")
+    return range(start, -1, -1)
+
+
 def ddpm(
     model: EpsModel,
     z: Tensor,
@@ -135,6 +142,8 @@ def ddpm(
     clip_denoised: bool = True,
     sine_factor: float = 0.3,
     variance_tracking: Literal["per_sample", "first_sample"] = "per_sample",
+    max_variance: float = 0.0,
+    start_step: int | None = None,
 ) -> Tensor:
     """DDPM ancestral sampling with EluCD's guided mean (METHODS.md §5).
 
@@ -142,11 +151,14 @@ def ddpm(
     boost a_t = max(sin(π i/n) σ²_max γ_sine, 0), σ²_max the running maximum of the scalar
     variance Σ[b, 0, 0, 0] (per sample; ``"first_sample"`` reproduces EluCD's batch coupling).
     ``sine_factor=0`` gives ADM's ``condition_mean`` (classic classifier guidance).
+    ``start_step`` and ``max_variance`` continue a trajectory part-way: the loop starts at
+    respaced index ``start_step`` (default n − 1) with σ²_max = ``max_variance``.
     """
     noise = noise or _default_noise()
     x, n = z, process.num_steps
-    max_var = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for k, i in enumerate(range(n - 1, -1, -1)):
+    max_var = torch.full((x.shape[0],), max_variance, dtype=x.dtype, device=x.device)
+    for i in _indices(n, start_step):
+        k = n - 1 - i
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         tm = process.model_timesteps(t)
         out = process.p_mean_variance(model(x, tm, labels), x, t, clip_denoised)
@@ -178,16 +190,19 @@ def ddim(
     callback: Callback | None = None,
     clip_denoised: bool = True,
     eta: float = 0.0,
+    start_step: int | None = None,
 ) -> Tensor:
     """DDIM sampling; guidance shifts the score: ε' = ε − sqrt(1 − ᾱ_t) γ g (ADM's form).
 
     x̂0 is recomputed from ε' (not re-clipped, as ADM); then
     x_{t−1} = x̂0 sqrt(ᾱ_{t−1}) + sqrt(1 − ᾱ_{t−1} − σ²) ε' + σ z,
     σ = η sqrt((1 − ᾱ_{t−1})/(1 − ᾱ_t)) sqrt(1 − ᾱ_t/ᾱ_{t−1}).
+    ``start_step`` starts the loop at that respaced index (default n − 1).
     """
     noise = noise or _default_noise()
     x, n = z, process.num_steps
-    for k, i in enumerate(range(n - 1, -1, -1)):
+    for i in _indices(n, start_step):
+        k = n - 1 - i
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         tm = process.model_timesteps(t)
         out = process.p_mean_variance(model(x, tm, labels), x, t, clip_denoised)
