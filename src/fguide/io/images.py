@@ -40,11 +40,11 @@ def center_crop_arr(image: Image.Image, size: int) -> NDArray[np.uint8]:
     """ADM's preprocessing: halve with BOX while the short side ≥ 2·size, BICUBIC-resize the
     short side to ``size``, then centre-crop to size × size (uint8 [size, size, 3])."""
     while min(*image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.Resampling.BOX)
+        w, h = image.size
+        image = image.resize((w // 2, h // 2), resample=Image.Resampling.BOX)
     scale = size / min(*image.size)
-    image = image.resize(
-        tuple(round(x * scale) for x in image.size), resample=Image.Resampling.BICUBIC
-    )
+    w, h = image.size
+    image = image.resize((round(w * scale), round(h * scale)), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
