@@ -12,6 +12,10 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "demo": "fguide.cli.demo",
+    "sample": "fguide.cli.sample",
+    "evaluate": "fguide.cli.evaluate",
+    "calibration": "fguide.cli.calibration",
+    "finetune": "fguide.cli.finetune",
 }
 
 

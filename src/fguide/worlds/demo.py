@@ -11,7 +11,6 @@ validation seed (METHODS.md §8); every method then uses that γ.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fguide.diagnostics import TrajectoryRecorder
 from fguide.guidance import ClassifierGuide
-from fguide.metrics.calibration import TrajectoryCalibration
 from fguide.metrics.precision_recall import precision_recall
 from fguide.objectives import Objective, objective
 from fguide.samplers import StepRecord, ddpm
@@ -109,35 +108,7 @@ class MethodResult:
     integral_ece: float | None
     vanished_mean: float | None
     max_tilt_weight: float | None
-    curves: dict[str, list[float]] = field(default_factory=dict)
-
-
-class _Recorder:
-    """Per-step curves from the sampler's StepRecords."""
-
-    def __init__(self, classifier: BayesClassifier, labels: Tensor, vanish_threshold: float):
-        self.classifier, self.labels, self.thr = classifier, labels, vanish_threshold
-        self.conf_mean: list[float] = []
-        self.conf_top25: list[float] = []
-        self.grad_norm: list[float] = []
-        self.vanished: list[float] = []
-        self.max_weight: list[float] = []
-        self.calibration = TrajectoryCalibration()
-
-    def __call__(self, rec: StepRecord) -> None:
-        with torch.no_grad():
-            logits = self.classifier(rec.x0)
-        conf = torch.softmax(logits, -1).gather(-1, self.labels[:, None]).squeeze(-1)
-        top = conf.sort(descending=True).values[: max(1, math.ceil(len(conf) / 4))]
-        self.conf_mean.append(float(conf.mean()))
-        self.conf_top25.append(float(top.mean()))
-        self.calibration.update(rec.step, logits, self.labels)
-        norm = rec.grad_norm
-        if norm is not None:
-            self.grad_norm.append(float(norm.mean()))
-            self.vanished.append(float((norm < self.thr).double().mean()))
-        if rec.guidance is not None and rec.guidance.weights is not None:
-            self.max_weight.append(float(rec.guidance.weights.max()))
+    curves: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,23 +191,15 @@ class World:
     ) -> tuple[MethodResult, Tensor, Tensor]:
         c = self.config
         labels = self.labels(c.samples_per_class, c.seed)
-        rec = _Recorder(self.classifier, labels, self.vanish_threshold)
+        rec = TrajectoryRecorder(labels, self.classifier, self.vanish_threshold)
         x = self.sample(name, obj, scale, labels, c.seed, rec)
         gen = torch.Generator().manual_seed(c.seed + 10_000)
         ref = self.mixture.sample(labels, gen)
         pr = precision_recall(ref, x, k=3, mode="float64")
         fd = self.frechet(x, labels)
         acc = float((self.mixture.bayes_labels(x) == labels).double().mean())
-        curves = {
-            "confidence_mean": rec.conf_mean,
-            "confidence_top25": rec.conf_top25,
-            "ece": rec.calibration.per_step_ece(),
-        }
-        if rec.grad_norm:
-            curves["grad_norm"] = rec.grad_norm
-            curves["vanished_fraction"] = rec.vanished
-        if rec.max_weight:
-            curves["max_tilt_weight"] = rec.max_weight
+        curves = {k: v for k, v in rec.curves().items() if any(x is not None for x in v)}
+        summary = rec.summary()
         result = MethodResult(
             name=name,
             accuracy=acc,
@@ -244,9 +207,9 @@ class World:
             frechet_per_class=fd,
             precision=pr.precision,
             recall=pr.recall,
-            integral_ece=rec.calibration.integral_ece,
-            vanished_mean=float(np.mean(rec.vanished)) if rec.vanished else None,
-            max_tilt_weight=max(rec.max_weight) if rec.max_weight else None,
+            integral_ece=summary["integral_ece"],
+            vanished_mean=summary["vanished_mean"],
+            max_tilt_weight=summary["max_tilt_weight"],
             curves=curves,
         )
         return result, x, labels

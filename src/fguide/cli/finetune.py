@@ -1,0 +1,15 @@
+"""``fguide finetune``: placeholder, being written."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "(not yet available)"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    del p
+
+
+def run(args: argparse.Namespace) -> int:
+    raise NotImplementedError("fguide finetune is not implemented yet")

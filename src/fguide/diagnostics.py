@@ -1,0 +1,161 @@
+"""Per-step diagnostics along a sampling trajectory (the paper's Figure 1, EluCD's Fig. 1).
+
+:class:`TrajectoryRecorder` is a sampler callback. At every step it records, over the samples
+seen: the classifier's mean confidence in the target softmax(f)_y, the mean of the top 25% of
+those confidences, the mean guidance-gradient norm ‖∇S‖, the fraction of samples whose
+gradient norm is below a threshold (guidance vanished), the largest tilt weight, and the
+classifier's calibration (ECE, accuracy) against the target labels. Batches, processes and
+runs merge by summing, so the per-step means are exact over the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fguide.metrics.calibration import TrajectoryCalibration
+from fguide.samplers import StepRecord
+
+_SUMS = ("n", "conf_sum", "grad_sum", "grad_n", "vanished", "max_weight")
+
+
+class TrajectoryRecorder:
+    """Sampler callback accumulating per-step confidence, gradient norm and calibration.
+
+    Confidence and calibration come from the guidance's own logits (the classifier on its
+    guidance input). When ``classifier`` and ``labels`` are given they come instead from that
+    classifier on the step's x0 estimate, at every step: unguided runs then have curves too,
+    and every method is measured by the same yardstick. ``vanish_threshold`` defines "guidance
+    vanished": ‖∇S_i‖ < threshold.
+    """
+
+    def __init__(
+        self,
+        labels: Tensor | None = None,
+        classifier: Callable[[Tensor], Tensor] | None = None,
+        vanish_threshold: float = 1e-3,
+        n_bins: int = 10,
+    ):
+        self.labels = labels
+        self.classifier = classifier
+        self.vanish_threshold = vanish_threshold
+        self.calibration = TrajectoryCalibration(n_bins)
+        self.sums: dict[int, dict[str, float]] = {}
+        self.confidences: dict[int, list[np.ndarray]] = {}
+        self.t: dict[int, float] = {}
+        # logits kept per step so that recorders merge exactly (calibration bins included)
+        self._raw: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def __call__(self, rec: StepRecord) -> None:
+        res = rec.guidance
+        if self.classifier is not None and self.labels is not None:
+            with torch.no_grad():
+                logits = self.classifier(rec.x0)
+            labels = self.labels
+        elif res is not None:
+            logits, labels = res.logits, res.labels
+        else:
+            return
+        conf = torch.softmax(logits.double(), -1).gather(-1, labels[:, None]).squeeze(-1)
+        s = self.sums.setdefault(rec.step, dict.fromkeys(_SUMS, 0.0))
+        s["n"] += len(conf)
+        s["conf_sum"] += float(conf.sum())
+        self.confidences.setdefault(rec.step, []).append(conf.cpu().numpy())
+        self.t[rec.step] = float(rec.t.double().mean())
+        self.calibration.update(rec.step, logits.double(), labels)
+        self._raw.setdefault(rec.step, []).append((logits.double().cpu(), labels.cpu()))
+        if res is not None:
+            norm = res.grad_norm().double()
+            s["grad_sum"] += float(norm.sum())
+            s["grad_n"] += len(norm)
+            s["vanished"] += float((norm < self.vanish_threshold).sum())
+            if res.weights is not None:
+                s["max_weight"] = max(s["max_weight"], float(res.weights.max()))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.sums)
+
+    def merge(self, other: TrajectoryRecorder) -> None:
+        """Add another recorder's observations (another batch, process or shard)."""
+        for k, o in other.sums.items():
+            s = self.sums.setdefault(k, dict.fromkeys(_SUMS, 0.0))
+            for key in _SUMS:
+                s[key] = max(s[key], o[key]) if key == "max_weight" else s[key] + o[key]
+            self.confidences.setdefault(k, []).extend(other.confidences[k])
+            self.t[k] = other.t[k]
+            for conf_logit in other._raw.get(k, []):
+                self.calibration.update(k, *conf_logit)
+                self._raw.setdefault(k, []).append(conf_logit)
+
+    def curves(self) -> dict[str, list[float | None]]:
+        """Per-step curves, one value per recorded step (None where undefined)."""
+        out: dict[str, list[float | None]] = {
+            "step": [],
+            "t": [],
+            "confidence_mean": [],
+            "confidence_top25": [],
+            "grad_norm": [],
+            "vanished_fraction": [],
+            "max_tilt_weight": [],
+            "ece": [],
+            "accuracy": [],
+        }
+        for k in self.steps:
+            s = self.sums[k]
+            conf = np.sort(np.concatenate(self.confidences[k]))[::-1]
+            top = conf[: max(1, math.ceil(len(conf) / 4))]
+            cal = self.calibration.step_stats(k)
+            out["step"].append(k)
+            out["t"].append(self.t[k])
+            out["confidence_mean"].append(s["conf_sum"] / s["n"])
+            out["confidence_top25"].append(float(top.mean()))
+            out["grad_norm"].append(s["grad_sum"] / s["grad_n"] if s["grad_n"] else None)
+            out["vanished_fraction"].append(s["vanished"] / s["grad_n"] if s["grad_n"] else None)
+            out["max_tilt_weight"].append(s["max_weight"] if s["max_weight"] > 0 else None)
+            out["ece"].append(float(cal["ece"]))
+            out["accuracy"].append(float(cal["accuracy"]))
+        return out
+
+    def summary(self) -> dict[str, float | None]:
+        """Integral ECE, mean vanished fraction, largest tilt weight over the run."""
+        c = self.curves()
+        van = [v for v in c["vanished_fraction"] if v is not None]
+        weights = [w for w in c["max_tilt_weight"] if w is not None]
+        return {
+            "integral_ece": self.calibration.integral_ece if self.sums else None,
+            "vanished_mean": float(np.mean(van)) if van else None,
+            "max_tilt_weight": max(weights) if weights else None,
+            "final_confidence_mean": c["confidence_mean"][-1] if self.sums else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vanish_threshold": self.vanish_threshold,
+            "n_bins": self.calibration.n_bins,
+            "summary": self.summary(),
+            "curves": self.curves(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        from fguide.io.files import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict())
+
+
+def load_trajectory(path: str | Path) -> dict[str, Any]:
+    """Read a trajectory JSON written by :meth:`TrajectoryRecorder.save`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trajectory diagnostics not found: {path}")
+    data: dict[str, Any] = json.loads(path.read_text())
+    if "curves" not in data:
+        raise ValueError(f"{path}: not a trajectory diagnostics file (no 'curves')")
+    return data
