@@ -9,6 +9,7 @@ The public API a user with their own sampler needs::
 and the samplers (``fguide.ddpm``, ``fguide.ddim``, ``fguide.heun``) with their schedules.
 """
 
+from fguide.diagnostics import TrajectoryRecorder
 from fguide.guidance import ClassifierGuide, GuidanceResult, evaluate_guidance, guidance_gradient
 from fguide.objectives import (
     DivergenceRegularizer,
@@ -40,6 +41,7 @@ __all__ = [
     "SampleNoise",
     "StepRecord",
     "Tilt",
+    "TrajectoryRecorder",
     "__version__",
     "betas_for",
     "ddim",
