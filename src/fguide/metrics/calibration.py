@@ -1,0 +1,302 @@
+"""Calibration metrics: ECE, the Smooth ECE loss, reliability diagrams, trajectory calibration.
+
+METHODS.md section 4. With p = softmax(f) (temperature 1), confidence p̂ = max_k p_k and
+correctness a = 1[argmax = y] (ties: the lowest index):
+
+- ECE (Naeini et al.) over B equal-width bins, bin b = ((b−1)/B, b/B] with edges b/B computed
+  in float64 (a confidence of exactly 0.3 is in (0.2, 0.3]; 0 goes in the first bin):
+  ECE = Σ_b (|B_b|/n) |acc(B_b) − conf(B_b)| = (1/n) Σ_b |Σ_{i∈B_b} (a_i − p̂_i)|.
+- Smooth ECE loss (the paper's eq. 1 / Algorithm 2): L = (1/n) Σ_i sqrt((p̂_i − a_i)² + β),
+  β = 1e−4; a_i carries no gradient, the gradient flows through p̂_i.
+- Trajectory calibration (EluCD Fig. 1): per sampling step, ECE and accuracy of the classifier
+  on its guidance input against the target labels; integral ECE = mean over steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+__all__ = [
+    "ReliabilityStats",
+    "TrajectoryCalibration",
+    "confidence_and_correct",
+    "ece",
+    "plot_reliability",
+    "reliability_diagram",
+    "smooth_ece_loss",
+]
+
+InputKind = Literal["auto", "logits", "probs"]
+
+
+def _to_numpy_2d(x: Any, name: str) -> NDArray[np.float64]:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"{name} must be [n, N] with n >= 1, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains non-finite values")
+    return arr
+
+
+def _looks_like_probs(x: NDArray[np.float64]) -> bool:
+    # Rows of non-negative numbers summing to 1 (float32 round-off allowed) are probabilities.
+    return bool((x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, rtol=0.0, atol=1e-5))
+
+
+def _labels_1d(labels: Any, n: int) -> NDArray[np.int64]:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    y = np.asarray(labels).reshape(-1)
+    if y.shape[0] != n:
+        raise ValueError(f"labels has {y.shape[0]} entries for {n} rows")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    return y.astype(np.int64)
+
+
+def _log_softmax(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    z = x - x.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def confidence_and_correct(
+    probs_or_logits: Any, labels: Any, kind: InputKind = "auto"
+) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
+    """(p̂_i, a_i): max softmax probability (float64) and 1[argmax = y_i], lowest index on ties.
+
+    ``kind="auto"`` takes rows of non-negative values summing to 1 as probabilities and
+    anything else as logits; pass ``"logits"`` or ``"probs"`` to decide explicitly.
+    """
+    if kind not in ("auto", "logits", "probs"):
+        raise ValueError(f"kind must be 'auto', 'logits' or 'probs', got {kind!r}")
+    x = _to_numpy_2d(probs_or_logits, "probs_or_logits")
+    y = _labels_1d(labels, x.shape[0])
+    is_probs = _looks_like_probs(x) if kind == "auto" else kind == "probs"
+    # max_k softmax(f)_k = exp(max_k log_softmax(f)_k), stable for any logit range.
+    conf = x.max(axis=1) if is_probs else np.exp(_log_softmax(x).max(axis=1))
+    correct = np.argmax(x, axis=1) == y  # np.argmax returns the first maximum
+    return conf, correct
+
+
+def _bin_index(conf: NDArray[np.float64], n_bins: int) -> NDArray[np.intp]:
+    """0-based bin of each confidence: bin b (1-based) = ((b−1)/B, b/B], 0 in the first."""
+    edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins  # b/B, computed in float64
+    # searchsorted 'left' gives the first edge >= c, i.e. the b with (b−1)/B < c <= b/B.
+    idx = np.searchsorted(edges, conf, side="left")
+    return np.clip(idx, 1, n_bins) - 1
+
+
+@dataclass(frozen=True)
+class ReliabilityStats:
+    """Per-bin statistics of a reliability diagram (bins ((b−1)/B, b/B], b = 1..B)."""
+
+    edges: NDArray[np.float64]
+    count: NDArray[np.int64]
+    mean_confidence: NDArray[np.float64]  # NaN for an empty bin
+    accuracy: NDArray[np.float64]  # NaN for an empty bin
+    ece: float
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(a: NDArray[Any]) -> list[float | None]:
+            return [None if math.isnan(float(v)) else float(v) for v in a]
+
+        return {
+            "edges": [float(v) for v in self.edges],
+            "count": [int(v) for v in self.count],
+            "mean_confidence": clean(self.mean_confidence),
+            "accuracy": clean(self.accuracy),
+            "ece": self.ece,
+        }
+
+
+def _bin_sums(
+    conf: NDArray[np.float64], correct: NDArray[np.bool_], n_bins: int
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
+    idx = _bin_index(conf, n_bins)
+    count = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    # bincount with weights sums in float64 (its stubs say int).
+    sum_conf = np.asarray(np.bincount(idx, weights=conf, minlength=n_bins), dtype=np.float64)
+    sum_acc = np.asarray(
+        np.bincount(idx, weights=correct.astype(np.float64), minlength=n_bins), dtype=np.float64
+    )
+    return count, sum_conf, sum_acc
+
+
+def _ece_from_sums(
+    count: NDArray[np.int64], sum_conf: NDArray[np.float64], sum_acc: NDArray[np.float64]
+) -> float:
+    # (|B_b|/n)|acc_b − conf_b| = |Σ_{i∈B_b}(a_i − p̂_i)| / n: no division by empty bins.
+    return float(np.abs(sum_acc - sum_conf).sum() / count.sum())
+
+
+def _check_bins(n_bins: int) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+
+
+def reliability_diagram(
+    probs_or_logits: Any, labels: Any, n_bins: int = 10, *, kind: InputKind = "auto"
+) -> ReliabilityStats:
+    """Per-bin count, mean confidence conf(B_b) and accuracy acc(B_b), plus the ECE."""
+    _check_bins(n_bins)
+    conf, correct = confidence_and_correct(probs_or_logits, labels, kind)
+    count, sum_conf, sum_acc = _bin_sums(conf, correct, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(count > 0, sum_conf / count, np.nan)
+        acc = np.where(count > 0, sum_acc / count, np.nan)
+    return ReliabilityStats(
+        edges=np.arange(n_bins + 1, dtype=np.float64) / n_bins,
+        count=count,
+        mean_confidence=mean_conf,
+        accuracy=acc,
+        ece=_ece_from_sums(count, sum_conf, sum_acc),
+    )
+
+
+def ece(probs_or_logits: Any, labels: Any, n_bins: int = 10, *, kind: InputKind = "auto") -> float:
+    """Expected calibration error Σ_b (|B_b|/n) |acc(B_b) − conf(B_b)| (METHODS.md 4)."""
+    return reliability_diagram(probs_or_logits, labels, n_bins, kind=kind).ece
+
+
+def smooth_ece_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1e-4) -> torch.Tensor:
+    """Smooth ECE L = (1/n) Σ_i sqrt((p̂_i − a_i)² + β), differentiable in the logits.
+
+    p̂_i = max_k softmax(f_i)_k carries the gradient (into the arg-max logit's softmax);
+    a_i = 1[argmax f_i = y_i] is a constant. Computed in the logits' dtype.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [n, N], got shape {tuple(logits.shape)}")
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels must be [{logits.shape[0]}], got shape {tuple(labels.shape)}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    conf = torch.softmax(logits, dim=1).max(dim=1).values
+    correct = (logits.detach().argmax(dim=1) == labels).to(logits.dtype)
+    return torch.sqrt((conf - correct) ** 2 + beta).mean()
+
+
+def plot_reliability(
+    stats: ReliabilityStats, path: str | Path, *, title: str | None = None
+) -> Path:
+    """Write a reliability diagram (accuracy bars per bin, the diagonal, the ECE) as a PNG."""
+    # Figure + Agg canvas directly: no pyplot global state, no backend switch for the caller.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    lo, width = stats.edges[:-1], np.diff(stats.edges)
+    acc = np.nan_to_num(stats.accuracy, nan=0.0)
+    conf = np.nan_to_num(stats.mean_confidence, nan=0.0)
+    ax.bar(lo, acc, width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(
+        lo,
+        conf - acc,
+        bottom=acc,
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or f"ECE = {stats.ece:.4f} (n = {int(stats.count.sum())})")
+    ax.legend(loc="upper left")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+@dataclass
+class _StepAccum:
+    count: NDArray[np.int64]
+    sum_conf: NDArray[np.float64]
+    sum_acc: NDArray[np.float64]
+    sum_target: float = 0.0
+    confidences: list[NDArray[np.float64]] = field(default_factory=list)
+
+
+class TrajectoryCalibration:
+    """Calibration of the guiding classifier along a sampling trajectory.
+
+    Feed it once or more per step with :meth:`update` (step index, the logits the classifier
+    produced on its guidance input, the target labels). Per step it reports ECE, accuracy
+    (argmax = target), mean confidence p̂, mean target probability p_y, and the mean p̂ of the
+    25% most confident samples (the ⌈n/4⌉ largest); ``integral_ece`` is the mean of the
+    per-step ECEs over the steps seen.
+    """
+
+    def __init__(self, n_bins: int = 10) -> None:
+        _check_bins(n_bins)
+        self.n_bins = n_bins
+        self._steps: dict[int, _StepAccum] = {}
+
+    def update(self, step: int, logits: Any, labels: Any) -> None:
+        """Add a batch of (logits [B, N], target labels [B]) observed at sampling step ``step``."""
+        x = _to_numpy_2d(logits, "logits")
+        y = _labels_1d(labels, x.shape[0])
+        logp = _log_softmax(x)
+        conf = np.exp(logp.max(axis=1))
+        correct = np.argmax(x, axis=1) == y
+        target_prob = float(np.exp(logp[np.arange(x.shape[0]), y]).sum())
+        count, sum_conf, sum_acc = _bin_sums(conf, correct, self.n_bins)
+        acc = self._steps.get(int(step))
+        if acc is None:
+            self._steps[int(step)] = _StepAccum(count, sum_conf, sum_acc, target_prob, [conf])
+        else:
+            acc.count += count
+            acc.sum_conf += sum_conf
+            acc.sum_acc += sum_acc
+            acc.sum_target += target_prob
+            acc.confidences.append(conf)
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self._steps)
+
+    def step_stats(self, step: int) -> dict[str, float | int]:
+        a = self._steps[step]
+        n = int(a.count.sum())
+        conf = np.sort(np.concatenate(a.confidences))[::-1]
+        top = conf[: max(1, math.ceil(n / 4))]
+        return {
+            "step": step,
+            "n": n,
+            "ece": _ece_from_sums(a.count, a.sum_conf, a.sum_acc),
+            "accuracy": float(a.sum_acc.sum() / n),
+            "mean_confidence": float(a.sum_conf.sum() / n),
+            "mean_target_prob": a.sum_target / n,
+            "top25_mean_confidence": float(top.mean()),
+        }
+
+    def per_step_ece(self) -> list[float]:
+        return [float(self.step_stats(s)["ece"]) for s in self.steps]
+
+    @property
+    def integral_ece(self) -> float:
+        """Mean over steps of the per-step ECE (NaN before any update)."""
+        e = self.per_step_ece()
+        return float(np.mean(e)) if e else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary: settings, per-step statistics, integral ECE."""
+        return {
+            "n_bins": self.n_bins,
+            "steps": [self.step_stats(s) for s in self.steps],
+            "integral_ece": self.integral_ece if self._steps else None,
+        }

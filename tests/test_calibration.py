@@ -1,0 +1,182 @@
+"""ECE binning, Smooth ECE value and gradient, reliability diagrams, trajectory calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fguide.metrics import (
+    TrajectoryCalibration,
+    confidence_and_correct,
+    ece,
+    plot_reliability,
+    reliability_diagram,
+    smooth_ece_loss,
+)
+
+
+def _reference_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    """Loop over bins with the explicit membership rule (b-1)/B < c <= b/B, 0 in bin 1."""
+    total = 0.0
+    for b in range(1, n_bins + 1):
+        lo, hi = (b - 1) / n_bins, b / n_bins
+        member = (conf > lo) & (conf <= hi)
+        if b == 1:
+            member |= conf == 0
+        if member.any():
+            gap = abs(correct[member].mean() - conf[member].mean())
+            total += member.sum() / len(conf) * gap
+    return total
+
+
+def test_bin_edges_are_right_closed() -> None:
+    # Confidence exactly 0.3 (a float64 edge 3/10) belongs to bin 3 = (0.2, 0.3].
+    probs = np.array(
+        [
+            [0.3, 0.25, 0.25, 0.2],  # conf 0.3 -> bin 3
+            [0.0, 0.0, 0.0, 0.0],  # conf 0 -> bin 1
+            [1.0, 0.0, 0.0, 0.0],  # conf 1 -> bin 10
+            [0.1, 0.1, 0.1, 0.7],  # conf 0.7 -> bin 7 (0.7 == 7/10 in float64)
+            [0.7000000000000001, 0.2999999999999999, 0.0, 0.0],  # just above 0.7 -> bin 8
+        ]
+    )
+    stats = reliability_diagram(probs, np.zeros(5, dtype=np.int64), n_bins=10, kind="probs")
+    expected = np.zeros(10, dtype=np.int64)
+    expected[[2, 0, 9, 6, 7]] = 1
+    np.testing.assert_array_equal(stats.count, expected)
+    assert stats.edges[3] == 0.3
+    assert stats.mean_confidence[2] == 0.3
+    assert np.isnan(stats.accuracy[1]) and np.isnan(stats.mean_confidence[1])
+
+
+def test_ece_hand_built_values() -> None:
+    # Perfect calibration: 10 samples at confidence 0.7, 7 correct -> ECE 0.
+    probs = np.tile([0.7, 0.2, 0.1], (10, 1))
+    labels = np.array([0] * 7 + [1] * 3)
+    assert abs(ece(probs, labels)) < 1e-12
+    # Two bins: 4 samples at 0.9 with 2 correct (gap 0.4), 6 at 0.55 with 6 correct (gap 0.45).
+    probs = np.array([[0.9, 0.1]] * 4 + [[0.55, 0.45]] * 6)
+    labels = np.array([0, 0, 1, 1] + [0] * 6)
+    assert abs(ece(probs, labels) - (0.4 * 0.4 + 0.6 * 0.45)) < 1e-12
+    # Ties go to the lowest index: logits [1, 1, 0] predict class 0.
+    conf, correct = confidence_and_correct(np.array([[1.0, 1.0, 0.0]] * 2), np.array([0, 1]))
+    np.testing.assert_array_equal(correct, [True, False])
+    np.testing.assert_allclose(conf, 0.5 / (1 + 0.5 * np.exp(-1.0)), rtol=1e-15)
+
+
+def test_ece_matches_reference_loop_and_logits_equal_probs() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = 3.0 * torch.randn(500, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (500,), generator=g)
+    probs = torch.softmax(logits, dim=1)
+    conf = probs.max(dim=1).values.numpy()
+    correct = (logits.argmax(dim=1) == labels).numpy()
+    for n_bins in (1, 5, 10, 15):
+        value = ece(logits, labels, n_bins)
+        assert abs(value - _reference_ece(conf, correct, n_bins)) < 1e-12
+        assert abs(ece(probs, labels, n_bins) - value) < 1e-12  # auto-detected probabilities
+        assert abs(ece(probs.numpy(), labels.numpy(), n_bins, kind="probs") - value) < 1e-12
+    assert ece(logits, labels, 10) > 0.05  # the random classifier is badly calibrated
+    with pytest.raises(ValueError, match="n_bins"):
+        ece(logits, labels, 0)
+    with pytest.raises(ValueError, match="labels"):
+        ece(logits, labels[:-1])
+
+
+def test_smooth_ece_value_and_gradient() -> None:
+    g = torch.Generator().manual_seed(1)
+    logits64 = 2.0 * torch.randn(64, 10, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    labels[:20] = logits64[:20].argmax(dim=1)  # a mix of correct and wrong predictions
+    beta = 1e-4
+
+    # Float64 reference written differently: p̂ from log-softmax at the arg-max index.
+    ref_logits = logits64.clone().requires_grad_(True)
+    m = ref_logits.detach().argmax(dim=1)
+    p_hat = torch.exp(ref_logits.gather(1, m[:, None])[:, 0] - ref_logits.logsumexp(dim=1))
+    a = (m == labels).double()
+    ref_loss = torch.sqrt((p_hat - a) ** 2 + beta).mean()
+    (ref_grad,) = torch.autograd.grad(ref_loss, ref_logits)
+
+    x = logits64.clone().requires_grad_(True)
+    loss = smooth_ece_loss(x, labels, beta)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert abs(loss.item() - ref_loss.item()) < 1e-14
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+    # Closed form: dL/df_k = (1/n) (p̂ − a)/sqrt((p̂ − a)² + β) · p̂ (1[k = m] − p_k).
+    p = torch.softmax(logits64, dim=1)
+    ph = p.max(dim=1).values
+    coef = (ph - a) / torch.sqrt((ph - a) ** 2 + beta) * ph / 64
+    closed = coef[:, None] * (torch.nn.functional.one_hot(m, 10).double() - p)
+    torch.testing.assert_close(grad, closed, rtol=1e-10, atol=1e-15)
+    # float32 logits: same value and gradient to float32 precision.
+    x32 = logits64.float().requires_grad_(True)
+    loss32 = smooth_ece_loss(x32, labels, beta)
+    (grad32,) = torch.autograd.grad(loss32, x32)
+    assert abs(loss32.item() - ref_loss.item()) < 1e-6
+    torch.testing.assert_close(grad32.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    # beta -> the value is mean sqrt(gap² + β) >= sqrt(β), and a_i is not differentiated.
+    assert loss.item() >= beta**0.5
+    assert torch.autograd.gradcheck(
+        lambda z: smooth_ece_loss(z, labels, beta), (x.detach().requires_grad_(True),)
+    )
+
+
+def test_reliability_stats_and_plot(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(300, 5, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 5, (300,), generator=g)
+    stats = reliability_diagram(logits, labels, n_bins=8)
+    conf, correct = confidence_and_correct(logits, labels)
+    assert stats.count.sum() == 300
+    b = np.clip(np.ceil(conf * 8).astype(int), 1, 8) - 1  # no conf here sits on an edge
+    for i in range(8):
+        if stats.count[i]:
+            assert stats.count[i] == (b == i).sum()
+            assert abs(stats.mean_confidence[i] - conf[b == i].mean()) < 1e-12
+            assert abs(stats.accuracy[i] - correct[b == i].mean()) < 1e-12
+    assert stats.ece == ece(logits, labels, 8)
+    json.dumps(stats.to_dict())
+    out = plot_reliability(stats, tmp_path / "sub" / "rel.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_trajectory_calibration() -> None:
+    g = torch.Generator().manual_seed(3)
+    traj = TrajectoryCalibration(n_bins=10)
+    per_step: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for step, sharp in ((9, 0.5), (5, 2.0), (0, 6.0)):
+        for _ in range(2):  # two batches per step
+            logits = sharp * torch.randn(40, 6, generator=g)
+            labels = torch.randint(0, 6, (40,), generator=g)
+            traj.update(step, logits, labels)
+            per_step.setdefault(step, ([], []))
+            per_step[step][0].append(logits)
+            per_step[step][1].append(labels)
+    assert traj.steps == [0, 5, 9]
+    eces = []
+    for step in traj.steps:
+        logits = torch.cat(per_step[step][0])
+        labels = torch.cat(per_step[step][1])
+        s = traj.step_stats(step)
+        p = torch.softmax(logits.double(), dim=1)
+        conf = p.max(dim=1).values
+        assert s["n"] == 80
+        assert abs(s["ece"] - ece(logits, labels)) < 1e-12
+        assert abs(s["accuracy"] - (logits.argmax(1) == labels).double().mean().item()) < 1e-12
+        assert abs(s["mean_confidence"] - conf.mean().item()) < 1e-12
+        assert abs(s["mean_target_prob"] - p[torch.arange(80), labels].mean().item()) < 1e-12
+        top = conf.sort(descending=True).values[:20].mean().item()
+        assert abs(s["top25_mean_confidence"] - top) < 1e-12
+        eces.append(s["ece"])
+    assert abs(traj.integral_ece - float(np.mean(eces))) < 1e-15
+    d = json.loads(json.dumps(traj.to_dict()))
+    assert [s["step"] for s in d["steps"]] == [0, 5, 9]
+    assert d["integral_ece"] == traj.integral_ece
+    # Sharper (later) steps are more confident.
+    assert d["steps"][0]["mean_confidence"] > d["steps"][2]["mean_confidence"]

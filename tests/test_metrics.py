@@ -1,0 +1,296 @@
+"""ADM evaluator metrics: parity with ``metrics_from_features.pt`` and properties."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from fixture_utils import case_names, get_case
+
+from fguide.metrics import (
+    DistanceMode,
+    FeatureStats,
+    FIDComparabilityWarning,
+    frechet_distance,
+    frechet_distance_from_features,
+    inception_score,
+    inception_score_splits,
+    manifold_radii,
+    precision_recall,
+    trace_sqrt_product,
+    warn_if_incomparable,
+)
+from fguide.metrics import fid as fid_mod
+from fguide.metrics.precision_recall import _Features, _sq_distances
+
+FIXTURE = "metrics_from_features.pt"
+PR_MODES: tuple[DistanceMode, ...] = ("float32", "float64", "float16")
+
+
+def _features(case: dict, which: str) -> np.ndarray:
+    """Decode a case's features as the fixtures README says, then ADM's float32 cast."""
+    if f"{which}_features_code" in case:
+        x = case[f"{which}_features_code"].double() / 32.0
+    else:
+        x = case[f"{which}_features"].double()
+    return x.float().numpy()
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+# ---------------------------------------------------------------- fixture parity (every case)
+
+
+@pytest.mark.parametrize("name", case_names(FIXTURE))
+def test_metrics_case(name: str) -> None:
+    case = get_case(FIXTURE, name)
+    kind = case["config"]["kind"]
+    if kind == "fid":
+        _check_fid(case)
+    elif kind == "inception_score":
+        _check_inception_score(case)
+    elif kind == "precision_recall":
+        for mode in PR_MODES:
+            _check_precision_recall(case, mode)
+    else:
+        pytest.fail(f"case {name}: unknown kind {kind!r}")
+
+
+def _check_fid(case: dict) -> None:
+    cfg = case["config"]
+    ref, sample = _features(case, "ref"), _features(case, "sample")
+    assert ref.shape == (cfg["n_ref"], cfg["dim"]) and sample.shape == (cfg["n_sample"], cfg["dim"])
+    # Streamed in uneven chunks: the accumulator must not depend on the batching.
+    st_ref = FeatureStats()
+    for chunk in np.array_split(ref, 7):
+        st_ref.update(chunk)
+    st_sam = FeatureStats().update(torch.from_numpy(sample))
+    for st, which in ((st_ref, "ref"), (st_sam, "sample")):
+        np.testing.assert_allclose(st.mean, case[f"mu_{which}"].numpy(), rtol=0, atol=1e-12)
+        cov = st.cov
+        np.testing.assert_allclose(
+            np.diag(cov), case[f"diag_sigma_{which}"].numpy(), rtol=1e-10, atol=1e-13
+        )
+        assert _rel(float(np.trace(cov)), case[f"trace_sigma_{which}"]) < 1e-10
+        if f"sigma_{which}" in case:
+            np.testing.assert_allclose(cov, case[f"sigma_{which}"].numpy(), rtol=1e-9, atol=1e-12)
+    diff = st_sam.mean - st_ref.mean
+    assert _rel(float(diff @ diff), case["mean_diff_sq"]) < 1e-9
+
+    exact = case["fid_exact"]
+    # README tolerance: 1e-9 relative when Σ is full rank (n > D), 5e-5 when rank-deficient.
+    # The statistics path reaches ~1e-10 there; 1e-8 guards its round-off handling (keeping
+    # round-off eigenvalues costs ~1e-5, which 5e-5 alone would not catch).
+    rtol_stats = 1e-8 if cfg["rank_deficient"] else 1e-9
+    assert rtol_stats <= (5e-5 if cfg["rank_deficient"] else 1e-9)
+    for (m1, s1), (m2, s2) in (
+        ((st_sam.mean, st_sam.cov), (st_ref.mean, st_ref.cov)),
+        ((st_ref.mean, st_ref.cov), (st_sam.mean, st_sam.cov)),  # symmetric
+    ):
+        fid_stats = frechet_distance(m1, s1, m2, s2)
+        assert _rel(fid_stats, exact) < rtol_stats, (fid_stats, exact)
+    tr = trace_sqrt_product(st_sam.cov, st_ref.cov)
+    assert _rel(tr, case["tr_covmean_exact"]) < rtol_stats
+    # The nuclear-norm path is exact whatever the rank.
+    fid_nuc = frechet_distance_from_features(sample, ref)
+    assert _rel(fid_nuc, exact) < 1e-9, (fid_nuc, exact)
+    assert _rel(frechet_distance_from_features(ref, sample), exact) < 1e-9
+    # ADM's own (sqrtm) value is ~1e-5 away at 2048-d: information, checked loosely.
+    assert _rel(fid_nuc, case["fid_adm"]) < 1e-4
+
+
+def _check_inception_score(case: dict) -> None:
+    cfg = case["config"]
+    logits = case["logits_code"].double() / 8.0 - 12.0
+    assert logits.shape == (cfg["n"], cfg["classes"])
+    res = inception_score_splits(logits, split_size=cfg["split_size"])
+    assert len(res.split_scores) == cfg["num_splits"]
+    assert _rel(res.score, case["inception_score_float64"]) < 1e-9
+    np.testing.assert_allclose(res.split_scores, case["split_scores_float64"], rtol=1e-9)
+    np.testing.assert_allclose(res.kl_per_row, case["kl_per_row_float64"].numpy(), rtol=1e-9)
+    assert inception_score(logits.numpy(), split_size=cfg["split_size"]) == res.score
+    # ADM's float32 value is 1e-7..4e-7 relative away.
+    assert _rel(res.score, case["inception_score_adm"]) < 2e-6
+
+
+def _check_precision_recall(case: dict, mode: DistanceMode) -> None:
+    cfg = case["config"]
+    ref, sample = _features(case, "ref"), _features(case, "sample")
+    assert cfg["row_batch_size"] == cfg["col_batch_size"]
+    # A small block exercises the blocking (and per-block fallback); at 2048-d once is enough.
+    blocks = [cfg["row_batch_size"]]
+    if mode == "float32" or cfg["dim"] <= 256:
+        blocks.append(97)
+    for block in blocks:
+        pr = precision_recall(ref, sample, k=cfg["k"], mode=mode, block_size=block)
+        msg = f"mode {mode}, block {block}"
+        assert pr.precision == case["precision_exact"], msg
+        assert pr.recall == case["recall_exact"], msg
+        np.testing.assert_array_equal(
+            pr.sample_in_ref_manifold, case["sample_in_ref_manifold"].numpy(), err_msg=msg
+        )
+        np.testing.assert_array_equal(
+            pr.ref_in_sample_manifold, case["ref_in_sample_manifold"].numpy(), err_msg=msg
+        )
+        rtol = {"float64": 1e-12, "float32": 1e-5, "float16": 0.02}[mode]
+        np.testing.assert_allclose(pr.radii_ref, case["radii_ref_exact"].numpy(), rtol=rtol)
+        np.testing.assert_allclose(pr.radii_sample, case["radii_sample_exact"].numpy(), rtol=rtol)
+        if mode == "float16":
+            # Recomputed in float32 exactly where ADM's float16 blocks were non-finite.
+            assert (pr.fallback_blocks > 0) == (not cfg["adm_used_float16_path"]), msg
+        else:
+            assert pr.fallback_blocks == 0
+
+
+def test_float16_overflow_case_needs_the_fallback() -> None:
+    """Without the float32 recomputation, float16 norm expansion is non-finite on this case."""
+    names = [
+        n
+        for n in case_names(FIXTURE)
+        if n.startswith("pr_") and not get_case(FIXTURE, n)["config"]["adm_used_float16_path"]
+    ]
+    assert names, "no precision/recall case exercises the float16 fallback"
+    for name in names:
+        case = get_case(FIXTURE, name)
+        f = _Features(torch.from_numpy(_features(case, "ref")), "float16")
+        assert f.x16 is not None and f.norm16 is not None
+        d16 = _sq_distances(f.x16, f.x16, f.norm16, f.norm16)
+        assert not bool(torch.isfinite(d16).all())
+
+
+# ---------------------------------------------------------------- FID properties
+
+
+def test_feature_stats_merge_equals_np_cov() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(503, 17)) * rng.uniform(0.1, 5, size=17)
+    # Small blocks: several buffered folds inside each accumulator, then merges.
+    a = FeatureStats(block_rows=64).update(x[:100]).update(x[100:101]).update(x[101:250])
+    b = FeatureStats(dim=17, block_rows=1).update(x[250:])
+    merged = FeatureStats().merge(a).merge(FeatureStats()).merge(b)
+    assert merged.count == 503
+    np.testing.assert_allclose(merged.mean, x.mean(axis=0), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(merged.cov, np.cov(x, rowvar=False), rtol=1e-12, atol=1e-13)
+    restored = FeatureStats.from_state_dict(merged.state_dict())
+    np.testing.assert_array_equal(restored.cov, merged.cov)
+    with pytest.raises(ValueError, match="dimension"):
+        merged.update(x[:, :5])
+    with pytest.raises(ValueError, match="dimension"):
+        FeatureStats(dim=4).update(x)
+    with pytest.raises(ValueError, match="non-finite"):
+        FeatureStats().update(np.full((3, 2), np.inf))
+    with pytest.raises(ValueError, match="at least 2"):
+        _ = FeatureStats().update(x[:1]).cov
+
+
+def test_fid_identical_sets_is_zero() -> None:
+    rng = np.random.default_rng(1)
+    for n, d in ((400, 32), (20, 64)):  # full rank and rank-deficient
+        x = rng.normal(size=(n, d))
+        st = FeatureStats().update(x)
+        scale = float(np.trace(st.cov))
+        assert abs(frechet_distance(st.mean, st.cov, st.mean, st.cov)) < 1e-10 * scale
+        assert abs(frechet_distance_from_features(x, x)) < 1e-10 * scale
+
+
+def test_fid_closed_form_and_symmetry() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.uniform(0.1, 3, size=8), rng.uniform(0.1, 3, size=8)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))  # common rotation: Σ1, Σ2 commute
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    expected = float(np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
+    assert _rel(frechet_distance(mu1, s1, mu2, s2), expected) < 1e-12
+    # Non-commuting pair: symmetric in its arguments, equal to the nuclear-norm path.
+    x, y = rng.normal(size=(300, 12)), rng.normal(size=(250, 12)) @ rng.normal(size=(12, 12))
+    sx, sy = FeatureStats().update(x), FeatureStats().update(y)
+    f_xy = frechet_distance(sx.mean, sx.cov, sy.mean, sy.cov)
+    assert _rel(frechet_distance(sy.mean, sy.cov, sx.mean, sx.cov), f_xy) < 1e-12
+    assert _rel(frechet_distance_from_features(x, y), f_xy) < 1e-12
+
+
+def test_fid_errors_name_the_statistics() -> None:
+    mu, sigma = np.zeros(4), np.eye(4)
+    bad = sigma.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="sigma2"):
+        frechet_distance(mu, sigma, mu, bad)
+    with pytest.raises(ValueError, match="mu1"):
+        frechet_distance(np.full(4, np.inf), sigma, mu, sigma)
+    with pytest.raises(ValueError, match="must be"):
+        frechet_distance(mu, np.eye(3), mu, sigma)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(mu, np.diag([1.0, 1.0, 1.0, -0.5]), mu, sigma)
+    with pytest.raises(ValueError, match="features2"):
+        frechet_distance_from_features(np.ones((5, 3)), np.full((5, 3), np.nan))
+
+
+def test_fid_non_finite_trace_falls_back_to_eps(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = fid_mod._trace_sqrt_product
+    calls: list[float] = []
+
+    def flaky(s1: np.ndarray, s2: np.ndarray) -> float:
+        calls.append(float(s1[0, 0]))
+        return math.nan if len(calls) == 1 else real(s1, s2)
+
+    monkeypatch.setattr(fid_mod, "_trace_sqrt_product", flaky)
+    s1, s2 = np.diag([1.0, 2.0]), np.diag([3.0, 4.0])
+    with pytest.warns(RuntimeWarning, match="1e-06"):
+        value = frechet_distance(np.zeros(2), s1, np.zeros(2), s2)
+    assert calls == [1.0, 1.0 + 1e-6]
+    e = 1e-6
+    expected = 1 + 2 + 3 + 4 - 2 * (math.sqrt((1 + e) * (3 + e)) + math.sqrt((2 + e) * (4 + e)))
+    assert _rel(value, expected) < 1e-12
+
+
+def test_warn_if_incomparable() -> None:
+    with pytest.warns(FIDComparabilityWarning, match="10000"):
+        assert warn_if_incomparable({"run_a": 50000, "run_b": 10000})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not warn_if_incomparable([50000, 50000])
+
+
+# ---------------------------------------------------------------- IS and P/R properties
+
+
+def test_inception_score_limits_and_splits() -> None:
+    # Identical predictions: KL = 0, IS = 1. Distinct near-one-hot predictions: IS = N.
+    assert abs(inception_score(torch.zeros(6, 10)) - 1.0) < 1e-12
+    one_hot = torch.full((7, 1008), -1e4, dtype=torch.float64)
+    one_hot[torch.arange(7), torch.arange(7) * 3] = 1e4
+    assert abs(inception_score(one_hot) - 7.0) < 1e-9
+    # A short last split counts as much as a full one: splits {5 rows, 2 rows} -> (5 + 2) / 2.
+    res = inception_score_splits(one_hot, split_size=5)
+    np.testing.assert_allclose(res.split_scores, [5.0, 2.0], rtol=1e-12)
+    assert abs(res.score - 3.5) < 1e-12
+    with pytest.raises(ValueError, match="split_size"):
+        inception_score(one_hot, split_size=0)
+
+
+def test_precision_recall_properties() -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(60, 5)).astype(np.float32)
+    # Radii equal the brute-force float64 4th smallest squared distance (self included).
+    d = ((ref[:, None, :].astype(np.float64) - ref[None, :, :]) ** 2).sum(-1)
+    expected = np.sort(d, axis=1)[:, 3]
+    for mode in PR_MODES:
+        r = manifold_radii(ref, mode=mode, block_size=16)
+        np.testing.assert_allclose(r, expected, rtol={"float16": 0.02}.get(mode, 1e-5))
+    # Identical sets: everything is inside. One far sample: outside, and precision drops.
+    pr = precision_recall(ref, ref, block_size=7)
+    assert pr.precision == 1.0 and pr.recall == 1.0
+    sample = np.concatenate([ref[:39], np.full((1, 5), 100.0, dtype=np.float32)])
+    pr = precision_recall(ref, sample, block_size=16)
+    assert not pr.sample_in_ref_manifold[-1] and pr.sample_in_ref_manifold[:-1].all()
+    assert pr.precision == 39 / 40
+    assert pr.recall == pr.ref_in_sample_manifold.mean()
+    with pytest.raises(ValueError, match="k \\+ 1"):
+        precision_recall(ref[:3], ref)
+    with pytest.raises(ValueError, match="mode"):
+        precision_recall(ref, ref, mode="bfloat16")  # type: ignore[arg-type]
