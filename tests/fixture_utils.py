@@ -30,7 +30,7 @@ def _path(name: str) -> Path:
     return fixtures_dir() / name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str) -> Any:
     path = _path(name)
     if name.endswith(".json"):

@@ -1,4 +1,4 @@
-"""Schedules and samplers against the reference fixtures (ADM, EluCD, EDM), and sampler properties."""
+"""Schedules and samplers against the reference fixtures (ADM, EluCD, EDM)."""
 
 from __future__ import annotations
 
