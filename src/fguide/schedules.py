@@ -54,9 +54,9 @@ def space_timesteps(num_steps: int, section_counts: str) -> list[int]:
             desired = int(section_counts[len("ddim") :])
         except ValueError:
             raise ValueError(f"timestep_respacing {section_counts!r}: expected 'ddimN'") from None
-        for stride in range(1, num_steps):
-            if len(range(0, num_steps, stride)) == desired:
-                return list(range(0, num_steps, stride))
+        for step in range(1, num_steps):
+            if len(range(0, num_steps, step)) == desired:
+                return list(range(0, num_steps, step))
         raise ValueError(
             f"timestep_respacing {section_counts!r}: cannot create exactly {desired} steps "
             f"from {num_steps} with an integer stride"

@@ -1,15 +1,254 @@
-"""``fguide calibration``: placeholder, being written."""
+"""``fguide calibration``: calibration diagnostics, as PNG figures plus ``calibration.json``.
+
+Two modes (see :mod:`fguide.calibration_report` for the definitions and for what the
+classifier sees at a noise level):
+
+- ``--trajectory RUN [RUN ...]``: a sampling run's ``trajectory.json`` (or its output folder)
+  → the paper's Figure 1: ECE vs step, mean and top-25% confidence vs step, guidance-gradient
+  norm vs step (``ece_vs_step.png``, ``confidence_vs_step.png``, ``grad_norm_vs_step.png``,
+  all three in ``figure1.png``); several runs are overlaid.
+- ``--classifier SPEC IMAGES``: a classifier on labelled images (npz with ``arr_1``, or a folder
+  ``root/<class>/<image>``) → ECE (10 bins), Smooth ECE, accuracy, a reliability diagram per
+  noise level (``--noise-t clean,0,250,500``) and, for several levels, ``calibration_vs_t.png``.
+  SPEC is ``resnet18`` … ``resnet152`` or an ADM classifier preset (``128x128_classifier``,
+  noise-aware) with ``--classifier-weights``, or an import spec ``package.module:name`` naming
+  an ``nn.Module`` instance, or a factory (a function or class, called without arguments)
+  returning the classifier: images NCHW in [-1, 1] (and t with ``--time-aware``) → logits.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-HELP = "(not yet available)"
+import torch
+from torch import Tensor, nn
+
+from fguide.calibration_report import (
+    classifier_calibration,
+    load_trajectory_curves,
+    parse_noise_levels,
+    plot_calibration_vs_noise,
+    plot_trajectory_figures,
+    trajectory_json,
+    write_reliability_diagrams,
+)
+from fguide.evaluation import open_images, resolve_device
+from fguide.io.files import atomic_write_json, provenance, sha256_file
+from fguide.schedules import make_process
+
+HELP = "Calibration diagnostics: Figure 1 from a sampling run, or ECE of a classifier on images."
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    del p
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--trajectory",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="trajectory.json of a sampling run, or the run's output folder (several overlay)",
+    )
+    src.add_argument(
+        "--classifier",
+        metavar="SPEC",
+        help="resnet18..resnet152, an ADM classifier preset (e.g. 128x128_classifier) or "
+        "module:name",
+    )
+    p.add_argument(
+        "images", type=Path, nargs="?", help="labelled images (npz with arr_1, or class folders)"
+    )
+    p.add_argument("--out", type=Path, default=Path("fguide-calibration"), help="output folder")
+    p.add_argument(
+        "--labels", nargs="+", default=None, help="legend labels of the --trajectory runs"
+    )
+    g = p.add_argument_group("classifier mode")
+    g.add_argument("--classifier-weights", type=Path, default=None, help="state-dict file")
+    g.add_argument(
+        "--time-aware",
+        action="store_true",
+        help="the classifier takes (x_t, t) (automatic for ADM presets)",
+    )
+    g.add_argument(
+        "--input-mode",
+        choices=("elucd", "imagenet"),
+        default="elucd",
+        help="ResNet input: elucd = images in [-1, 1] as is; imagenet = mean/std normalised",
+    )
+    g.add_argument("--softplus-beta", type=float, default=None, help="ResNet Softplus β (EluCD 3)")
+    g.add_argument("--resize", type=int, default=None, help="resize ResNet inputs to this size")
+    g.add_argument(
+        "--noise-t",
+        default="clean",
+        help="noise levels: 'clean' and/or training timesteps, e.g. clean,0,250,500",
+    )
+    g.add_argument("--noise-schedule", default="linear", help="forward process betas")
+    g.add_argument("--diffusion-steps", type=int, default=1000, help="training timesteps")
+    g.add_argument("--seed", type=int, default=0, help="seed of the forward noise")
+    g.add_argument("--image-size", type=int, default=None, help="centre-crop folder images")
+    g.add_argument("--bins", type=int, default=10, help="ECE bins")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda:N")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _import_spec(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--classifier {spec!r}: an import spec is 'package.module:name'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--classifier {spec!r}: cannot import {module_name!r} ({err})") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--classifier {spec!r}: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.Module):
+        if not callable(obj):
+            raise ValueError(f"--classifier {spec!r} is neither an nn.Module nor a factory")
+        obj = obj()  # a factory (or an nn.Module class): called without arguments
+    if not callable(obj):
+        raise ValueError(f"--classifier {spec!r} is not callable")
+    return obj
+
+
+def resolve_classifier(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Callable[..., Tensor], bool, str]:
+    """(classifier, time_aware, description) from the command line."""
+    from fguide.models.loading import load_model
+    from fguide.models.presets import PRESETS
+    from fguide.models.resnet import ARCHS, load_resnet
+
+    spec: str = args.classifier
+    weights: Path | None = args.classifier_weights
+    if spec in ARCHS or (spec in PRESETS and PRESETS[spec].kind == "classifier"):
+        if weights is None:
+            raise ValueError(f"--classifier {spec} needs --classifier-weights (a state-dict file)")
+        if not weights.is_file():
+            raise FileNotFoundError(f"--classifier-weights: file not found: {weights}")
+        if spec in ARCHS:
+            net: nn.Module = load_resnet(
+                spec,
+                weights,
+                args.softplus_beta,
+                args.input_mode,
+                args.resize,
+                device=device,
+            )
+            return net, args.time_aware, f"{spec} ({weights})"
+        net = load_model(spec, weights).to(device)
+        return net, True, f"ADM {spec} ({weights})"  # ADM classifiers see (x_t, t)
+    if ":" not in spec:
+        names = ", ".join([*ARCHS, *(k for k, v in PRESETS.items() if v.kind == "classifier")])
+        raise ValueError(f"--classifier {spec!r}: not one of {names}, nor 'module:name'")
+    obj = _import_spec(spec)
+    if weights is not None:
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"--classifier-weights needs an nn.Module; {spec} gives {type(obj)}")
+        obj = load_model(obj, weights)
+    if isinstance(obj, nn.Module):
+        obj = obj.to(device).eval()
+    time_aware = bool(args.time_aware or getattr(obj, "time_aware", False))
+    return obj, time_aware, spec
+
+
+def _run_trajectory(args: argparse.Namespace) -> int:
+    if args.images is not None:
+        raise ValueError("IMAGES is for --classifier mode; --trajectory reads a sampling run")
+    labels = args.labels or [None] * len(args.trajectory)
+    if len(labels) != len(args.trajectory):
+        raise ValueError(
+            f"--labels: {len(labels)} labels for {len(args.trajectory)} --trajectory runs"
+        )
+    runs = [load_trajectory_curves(p, lab) for p, lab in zip(args.trajectory, labels, strict=True)]
+    figures = plot_trajectory_figures(runs, args.out)
+    data = trajectory_json(runs)
+    data["figures"] = {k: p.name for k, p in figures.items()}
+    data["provenance"] = provenance()
+    path = atomic_write_json(args.out / "calibration.json", data)
+    for r in data["runs"]:
+        ie = r["integral_ece"]
+        s = r["summary"]
+        conf = s.get("final_confidence_mean")
+        print(
+            f"{r['label']}: {r['num_steps']} steps, integral ECE "
+            f"{'—' if ie is None else f'{ie:.4f}'}, final mean confidence "
+            f"{'—' if conf is None else f'{conf:.4f}'}"
+        )
+    print(f"wrote {path} and {', '.join(p.name for p in figures.values())}")
+    return 0
+
+
+def _run_classifier(args: argparse.Namespace) -> int:
+    if args.images is None:
+        raise ValueError("--classifier needs IMAGES (an npz with arr_1, or class folders)")
+    if args.labels is not None:
+        raise ValueError("--labels names --trajectory runs")
+    for name in ("batch_size", "bins", "diffusion_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    levels = parse_noise_levels(args.noise_t, args.diffusion_steps)
+    source = open_images(args.images, image_size=args.image_size)
+    device = resolve_device(args.device)
+    classifier, time_aware, description = resolve_classifier(args, device)
+    process = None
+    if any(t is not None for t in levels):
+        process = make_process(args.noise_schedule, args.diffusion_steps, "", "fixed_small")
+    result = classifier_calibration(
+        classifier,
+        source,
+        noise_levels=levels,
+        process=process,
+        time_aware=time_aware,
+        batch_size=args.batch_size,
+        device=device,
+        seed=args.seed,
+        n_bins=args.bins,
+        progress=not args.no_progress,
+    )
+    figures = {k: p.name for k, p in write_reliability_diagrams(result, args.out).items()}
+    if len(levels) > 1:
+        figures["calibration_vs_t"] = plot_calibration_vs_noise(
+            result, args.out / "calibration_vs_t.png"
+        ).name
+    data = result.to_dict()
+    data.update(
+        classifier=description,
+        classifier_weights_sha256=(
+            sha256_file(args.classifier_weights) if args.classifier_weights else None
+        ),
+        images={
+            "path": str(source.path),
+            "kind": source.kind,
+            "num_images": source.count,
+            "image_size": list(source.size),
+            "sha256": sha256_file(source.path) if source.kind == "npz" else None,
+        },
+        noise_schedule=args.noise_schedule if process is not None else None,
+        diffusion_steps=args.diffusion_steps if process is not None else None,
+        figures=figures,
+        provenance=provenance(),
+    )
+    path = atomic_write_json(args.out / "calibration.json", data)
+    head = f"{'level':<10}{'ECE':>9}{'sECE':>9}{'acc':>9}{'conf':>9}{'n':>8}"
+    print(head)
+    print("-" * len(head))
+    for lv in result.levels:
+        print(
+            f"{lv.label:<10}{lv.ece:>9.4f}{lv.smooth_ece:>9.4f}{lv.accuracy:>9.4f}"
+            f"{lv.mean_confidence:>9.4f}{lv.n:>8}"
+        )
+    print(f"wrote {path} and {', '.join(sorted(figures.values()))}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("fguide calibration is not implemented yet")
+    if args.trajectory is not None:
+        return _run_trajectory(args)
+    return _run_classifier(args)

@@ -1,15 +1,141 @@
-"""``fguide evaluate``: placeholder, being written."""
+"""``fguide evaluate REF SAMPLES``: FID, sFID, IS, precision/recall with ADM's definitions.
+
+REF is an ADM reference batch (``arr_0`` images, optionally ``mu``/``sigma``/``mu_s``/
+``sigma_s``), SAMPLES an ADM sample batch (``arr_0``, ``arr_1``); either may be a folder of
+PNG/JPEG images. Prints a table and writes ``metrics.json`` (values, where every statistic
+came from, checksums of the reference and of the Inception weights, versions). The reference's
+features are cached (``--cache-dir``), so evaluating many sample batches against one reference
+extracts its features once. See :mod:`fguide.evaluation`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
-HELP = "(not yet available)"
+from fguide.evaluation import default_cache_dir, evaluate
+from fguide.io.files import atomic_write_json, provenance
+from fguide.models.inception import INCEPTION_WEIGHTS_ENV
+
+HELP = "FID, sFID, Inception Score and precision/recall of SAMPLES against REF (ADM's evaluator)."
+
+ROWS = (
+    ("inception_score", "Inception Score"),
+    ("fid", "FID"),
+    ("sfid", "sFID"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    del p
+    p.add_argument("ref", type=Path, help="reference batch (.npz) or image folder")
+    p.add_argument(
+        "samples",
+        type=Path,
+        help="sample batch (.npz), image folder, or an fguide sample run folder",
+    )
+    p.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        help=f"FID Inception weight file (pt_inception-2015-12-05-6726825d.pth or "
+        f"weights-inception-2015-12-05-6726825d.pth); default ${INCEPTION_WEIGHTS_ENV}",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="images per batch (default 64 CPU, 256 GPU)"
+    )
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda:N")
+    p.add_argument("--out", type=Path, default=Path("fguide-eval"), help="folder for metrics.json")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"reference-feature cache (default {default_cache_dir()})",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        metavar="METRICS_JSON",
+        help="a previous metrics.json: shown side by side, with a warning if not comparable",
+    )
+    p.add_argument(
+        "--pr-mode",
+        choices=("float32", "float64", "float16"),
+        default="float32",
+        help="precision/recall distance precision (float16: ADM's scheme, for GPUs)",
+    )
+    p.add_argument("--workers", type=int, default=4, help="image-decoding threads (folders)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fmt(v: Any, sign: str = "") -> str:
+    if v is None:
+        return "—"
+    # Four decimals as papers print them; tiny values (toy batches) in scientific notation.
+    return f"{v:{sign}.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:{sign}.3e}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The metrics as a fixed-width table (with the compared run's values when given)."""
+    comp = result.get("comparison")
+    head = f"{'metric':<16}{'value':>12}"
+    if comp:
+        head += f"{'compared':>12}{'difference':>12}"
+    lines = [head, "-" * len(head)]
+    for key, name in ROWS:
+        v = result["metrics"].get(key)
+        line = f"{name:<16}{_fmt(v):>12}"
+        if comp:
+            o = comp["metrics"].get(key)
+            diff = None if v is None or o is None else v - o
+            line += f"{_fmt(o):>12}{_fmt(diff, '+'):>12}"
+        lines.append(line)
+    n = result["samples"]["num_images"]
+    stats = result["reference"]["statistics"]
+    lines.append(
+        f"{n} samples vs {result['reference']['num_images']} reference images; reference "
+        f"statistics: FID {stats['fid']}, sFID {stats['sfid']}"
+    )
+    if comp:
+        lines.append(f"compared with {comp['path']} ({comp['num_samples']} samples)")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("fguide evaluate is not implemented yet")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate(
+            args.ref,
+            args.samples,
+            weights=args.inception_weights,
+            batch_size=args.batch_size,
+            device=args.device,
+            cache_dir=cache_dir,
+            compare=args.compare,
+            pr_mode=args.pr_mode,
+            workers=args.workers,
+            progress=not args.no_progress,
+        )
+    messages = list(dict.fromkeys(str(w.message) for w in caught))
+    for msg in messages:
+        print(f"fguide evaluate: warning: {msg}", file=sys.stderr)
+    data = result.to_dict()
+    # Every warning of the run, including those of the numerics (e.g. FID's regulariser).
+    data["warnings"] = list(dict.fromkeys([*result.warnings, *messages]))
+    data["provenance"] = provenance(cache_dir=str(cache_dir) if cache_dir else None)
+    path = atomic_write_json(args.out / "metrics.json", data)
+    print(table(data))
+    print(f"wrote {path}")
+    return 0

@@ -30,6 +30,7 @@ __all__ = [
     "ece",
     "plot_reliability",
     "reliability_diagram",
+    "reliability_from_confidences",
     "smooth_ece_loss",
 ]
 
@@ -143,13 +144,18 @@ def _check_bins(n_bins: int) -> None:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
 
 
-def reliability_diagram(
-    probs_or_logits: Any, labels: Any, n_bins: int = 10, *, kind: InputKind = "auto"
+def reliability_from_confidences(
+    conf: NDArray[np.float64], correct: NDArray[np.bool_], n_bins: int = 10
 ) -> ReliabilityStats:
-    """Per-bin count, mean confidence conf(B_b) and accuracy acc(B_b), plus the ECE."""
+    """Reliability bins and ECE from per-sample confidences p̂_i and correctness a_i.
+
+    Same bins as :func:`reliability_diagram` (which starts from logits or probabilities); this
+    works from streamed (p̂, a) pairs.
+    """
     _check_bins(n_bins)
-    conf, correct = confidence_and_correct(probs_or_logits, labels, kind)
-    count, sum_conf, sum_acc = _bin_sums(conf, correct, n_bins)
+    count, sum_conf, sum_acc = _bin_sums(
+        np.asarray(conf, dtype=np.float64), np.asarray(correct, dtype=bool), n_bins
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(count > 0, sum_conf / count, np.nan)
         acc = np.where(count > 0, sum_acc / count, np.nan)
@@ -160,6 +166,14 @@ def reliability_diagram(
         accuracy=acc,
         ece=_ece_from_sums(count, sum_conf, sum_acc),
     )
+
+
+def reliability_diagram(
+    probs_or_logits: Any, labels: Any, n_bins: int = 10, *, kind: InputKind = "auto"
+) -> ReliabilityStats:
+    """Per-bin count, mean confidence conf(B_b) and accuracy acc(B_b), plus the ECE."""
+    conf, correct = confidence_and_correct(probs_or_logits, labels, kind)
+    return reliability_from_confidences(conf, correct, n_bins)
 
 
 def ece(probs_or_logits: Any, labels: Any, n_bins: int = 10, *, kind: InputKind = "auto") -> float:
@@ -216,10 +230,9 @@ def plot_reliability(
     ax.set_ylabel("accuracy")
     ax.set_title(title or f"ECE = {stats.ece:.4f} (n = {int(stats.count.sum())})")
     ax.legend(loc="upper left")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    from fguide.io.files import save_figure
+
+    return save_figure(fig, path)
 
 
 @dataclass

@@ -1,0 +1,477 @@
+"""Calibration reports: the paper's Figure 1 from a sampling run, and ECE of a classifier on
+real (optionally forward-noised) images. METHODS.md section 4.
+
+Two sources, each written as PNG figures plus one ``calibration.json``:
+
+1. **A sampling run's diagnostics** (:func:`trajectory_report`): the ``trajectory.json`` a
+   :class:`~fguide.diagnostics.TrajectoryRecorder` saved. Per sampling step k (0 = noisiest):
+   ECE of the guiding classifier on its guidance input against the target labels, its mean
+   confidence in the target p_y and the mean over the top 25% of those, and the mean guidance
+   gradient norm ‖∇S‖. Several runs overlay (e.g. EluCD's base score vs a regularised one).
+2. **A classifier and labelled images** (:func:`classifier_calibration`): with p = softmax(f),
+   p̂ = max_k p_k and a = 1[argmax f = y], ECE over 10 equal-width bins ((b−1)/B, b/B], the
+   Smooth ECE L = (1/n) Σ_i sqrt((p̂_i − a_i)² + β) (β = 1e−4), accuracy and a reliability
+   diagram, on clean images x0 and on forward-noised ones x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε
+   at chosen training timesteps t (ADM's ``q_sample``; t = 0 is already the first noise level,
+   σ = sqrt(1 − ᾱ_0) ≈ 0.01 for the linear schedule; "clean" means x0 itself).
+
+What the classifier sees at a noise level t:
+
+- a **noise-aware** (time-aware) classifier, e.g. ADM's, gets x_t and the timestep t, as in
+  its training and in classic classifier guidance (for clean images it gets x0 and t = 0);
+- an **x0 classifier** (EluCD's off-the-shelf ResNets) gets x_t itself. That is the input a
+  naive use at x_t would give it, and it shows how confident and wrong a clean-data classifier
+  becomes on noisy images. The input EluCD actually guides with, the x0 estimate of a diffusion
+  model, needs that model: its calibration along the trajectory is what mode 1 reports (record
+  with ``TrajectoryRecorder(labels, classifier)``, which evaluates the classifier on x̂0).
+
+The noise ε of image i is drawn from its own generator seeded by (seed, i) and is shared by
+every t: the numbers do not depend on the batch size, and the curve over t compares the same
+draws at different noise levels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+from tqdm import tqdm
+
+from fguide.diagnostics import load_trajectory
+from fguide.evaluation import ImageSource
+from fguide.io.files import save_figure, sha256_file
+from fguide.io.images import from_uint8_nhwc
+from fguide.metrics.calibration import (
+    ReliabilityStats,
+    plot_reliability,
+    reliability_from_confidences,
+    smooth_ece_loss,
+)
+from fguide.samplers import SampleNoise
+from fguide.schedules import Process
+
+__all__ = [
+    "TRAJECTORY_FILE",
+    "ClassifierCalibration",
+    "LevelCalibration",
+    "TrajectoryCurves",
+    "classifier_calibration",
+    "find_trajectory",
+    "load_trajectory_curves",
+    "parse_noise_levels",
+    "plot_calibration_vs_noise",
+    "plot_trajectory_figures",
+]
+
+#: The file a sampling run's diagnostics are saved to (``TrajectoryRecorder.save``).
+TRAJECTORY_FILE = "trajectory.json"
+#: Curves a trajectory file must have (one value per recorded step; None where undefined).
+REQUIRED_CURVES = ("step", "confidence_mean", "confidence_top25", "grad_norm", "ece")
+OPTIONAL_CURVES = ("t", "accuracy", "vanished_fraction", "max_tilt_weight")
+
+
+# -- 1. trajectories --------------------------------------------------------------------------
+
+
+def find_trajectory(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself if it is a file, else ``path/trajectory.json``, else the one
+    ``trajectory.json`` below ``path`` (several are ambiguous: an error lists them)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise FileNotFoundError(f"trajectory diagnostics not found: {p}")
+    if (p / TRAJECTORY_FILE).is_file():
+        return p / TRAJECTORY_FILE
+    found = sorted(p.rglob(TRAJECTORY_FILE))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(
+            f"{p}: no {TRAJECTORY_FILE} in this folder (a sampling run writes it when its "
+            "diagnostics are recorded with a TrajectoryRecorder)"
+        )
+    listed = ", ".join(str(f.relative_to(p)) for f in found[:5])
+    raise ValueError(f"{p}: {len(found)} {TRAJECTORY_FILE} files ({listed}); pass one of them")
+
+
+@dataclass
+class TrajectoryCurves:
+    """One run's per-step curves (None where a value is undefined, e.g. unguided steps)."""
+
+    label: str
+    source: Path
+    curves: dict[str, list[float | None]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[float]:
+        return [float(s) for s in self.curves["step"] if s is not None]
+
+
+def load_trajectory_curves(
+    path: str | os.PathLike[str], label: str | None = None
+) -> TrajectoryCurves:
+    """Read and check a trajectory file (or a run folder holding one)."""
+    file = find_trajectory(path)
+    data = load_trajectory(file)
+    curves = data["curves"]
+    if not isinstance(curves, dict):
+        raise ValueError(f"{file}: 'curves' must be a mapping of curve name to values")
+    missing = [k for k in REQUIRED_CURVES if k not in curves]
+    if missing:
+        raise ValueError(f"{file}: 'curves' has no {missing} (keys: {sorted(curves)})")
+    n = len(curves["step"])
+    if n == 0:
+        raise ValueError(f"{file}: 'curves.step' is empty (no step was recorded)")
+    for k in (*REQUIRED_CURVES, *OPTIONAL_CURVES):
+        if k in curves and (not isinstance(curves[k], list) or len(curves[k]) != n):
+            raise ValueError(f"{file}: 'curves.{k}' must be a list of {n} values, like 'step'")
+    if label is None:
+        label = file.parent.name if file.name == TRAJECTORY_FILE else file.stem
+    kept = {k: list(curves[k]) for k in (*REQUIRED_CURVES, *OPTIONAL_CURVES) if k in curves}
+    return TrajectoryCurves(label, file, kept, dict(data.get("summary") or {}))
+
+
+def _values(c: list[float | None]) -> NDArray[np.float64]:
+    return np.array([np.nan if v is None else float(v) for v in c], dtype=np.float64)
+
+
+def _new_figure(ncols: int, width: float = 4.6, height: float = 3.6) -> tuple[Any, list[Any]]:
+    # Figure + Agg canvas directly: no pyplot global state, no backend switch for the caller.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> None:
+    """Draw one of the three Figure-1 panels (``ece``, ``confidence``, ``grad_norm``)."""
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        x = _values(run.curves["step"])
+        if kind == "ece":
+            ece_curve = _values(run.curves["ece"])
+            integral = float(np.nanmean(ece_curve)) if np.isfinite(ece_curve).any() else math.nan
+            ax.plot(x, ece_curve, color=color, label=f"{run.label} (integral {integral:.3f})")
+        elif kind == "confidence":
+            ax.plot(x, _values(run.curves["confidence_mean"]), color=color, label=run.label)
+            ax.plot(x, _values(run.curves["confidence_top25"]), color=color, ls="--", lw=1)
+        else:
+            g = _values(run.curves["grad_norm"])
+            if np.isfinite(g).any():
+                ax.plot(x, g, color=color, label=run.label)
+    ax.set_xlabel("sampling step (0 = noisiest)")
+    if kind == "ece":
+        ax.set_ylabel("ECE (10 bins)")
+        ax.set_title("calibration along the trajectory")
+        ax.set_ylim(bottom=0)
+    elif kind == "confidence":
+        ax.set_ylabel("confidence in the target p_y")
+        ax.set_title("confidence: mean (solid), top 25% (dashed)")
+        ax.set_ylim(0, 1.02)
+    else:
+        ax.set_ylabel("guidance-gradient norm ‖∇S‖")
+        ax.set_title("guidance-gradient norm")
+        lines = ax.get_lines()
+        if not lines:
+            msg = "no guidance gradient recorded\n(unguided run)"
+            ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes)
+        elif all(np.nanmin(np.asarray(ln.get_ydata(), float)) > 0 for ln in lines):
+            ax.set_yscale("log")  # vanishing gradients span orders of magnitude
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+FIGURE_FILES = {
+    "ece": "ece_vs_step.png",
+    "confidence": "confidence_vs_step.png",
+    "grad_norm": "grad_norm_vs_step.png",
+}
+
+
+def plot_trajectory_figures(
+    runs: Sequence[TrajectoryCurves], out_dir: str | os.PathLike[str]
+) -> dict[str, Path]:
+    """Write the three curves as separate PNGs and side by side (``figure1.png``)."""
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    for kind, name in FIGURE_FILES.items():
+        fig, (ax,) = _new_figure(1)
+        _panel(ax, runs, kind)
+        fig.tight_layout()
+        written[kind] = save_figure(fig, out / name)
+    fig, axes = _new_figure(3)
+    for ax, kind in zip(axes, FIGURE_FILES, strict=True):
+        _panel(ax, runs, kind)
+    fig.tight_layout()
+    written["figure1"] = save_figure(fig, out / "figure1.png")
+    return written
+
+
+def trajectory_json(runs: Sequence[TrajectoryCurves]) -> dict[str, Any]:
+    """The JSON part of a trajectory report: curves, summary and integral ECE per run."""
+    out = []
+    for r in runs:
+        ece_curve = [v for v in r.curves["ece"] if v is not None]
+        out.append(
+            {
+                "label": r.label,
+                "source": str(r.source),
+                "source_sha256": sha256_file(r.source),
+                "num_steps": len(r.curves["step"]),
+                "integral_ece": float(np.mean(ece_curve)) if ece_curve else None,
+                "summary": r.summary,
+                "curves": r.curves,
+            }
+        )
+    return {"mode": "trajectory", "runs": out}
+
+
+# -- 2. a classifier on (noised) labelled images ----------------------------------------------
+
+
+def parse_noise_levels(text: str, num_steps: int = 1000) -> list[int | None]:
+    """``"clean,0,250,500"`` → [None, 0, 250, 500] (None = clean), checked against the steps."""
+    levels: list[int | None] = []
+    for part in text.split(","):
+        item = part.strip().lower()
+        if not item:
+            continue
+        if item in ("clean", "none", "x0"):
+            levels.append(None)
+            continue
+        try:
+            t = int(item)
+        except ValueError:
+            raise ValueError(
+                f"noise levels: {part.strip()!r} is not a timestep (an integer in "
+                f"[0, {num_steps - 1}]) or 'clean'"
+            ) from None
+        if not 0 <= t < num_steps:
+            raise ValueError(f"noise levels: timestep {t} is outside [0, {num_steps - 1}]")
+        levels.append(t)
+    if not levels:
+        raise ValueError("noise levels: none given")
+    if len(set(levels)) != len(levels):
+        raise ValueError(f"noise levels: repeated values in {text!r}")
+    return levels
+
+
+@dataclass
+class _LevelAccum:
+    conf: list[NDArray[np.float64]] = field(default_factory=list)
+    correct: list[NDArray[np.bool_]] = field(default_factory=list)
+    target: list[NDArray[np.float64]] = field(default_factory=list)
+    smooth_sum: float = 0.0
+
+
+@dataclass
+class LevelCalibration:
+    """Calibration of the classifier at one noise level (t = None: clean images)."""
+
+    t: int | None
+    noise_std: float  # sqrt(1 − ᾱ_t); 0 for clean images
+    n: int
+    ece: float
+    smooth_ece: float
+    accuracy: float
+    mean_confidence: float
+    top25_confidence: float
+    mean_target_prob: float
+    reliability: ReliabilityStats
+
+    @property
+    def label(self) -> str:
+        return "clean" if self.t is None else f"t={self.t}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "label": self.label,
+            "noise_std": self.noise_std,
+            "n": self.n,
+            "ece": self.ece,
+            "smooth_ece": self.smooth_ece,
+            "accuracy": self.accuracy,
+            "mean_confidence": self.mean_confidence,
+            "top25_confidence": self.top25_confidence,
+            "mean_target_prob": self.mean_target_prob,
+            "reliability": self.reliability.to_dict(),
+        }
+
+
+@dataclass
+class ClassifierCalibration:
+    """Per-noise-level calibration of a classifier on labelled images."""
+
+    levels: list[LevelCalibration]
+    n_bins: int
+    beta: float
+    time_aware: bool
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": "classifier",
+            "n_bins": self.n_bins,
+            "smooth_ece_beta": self.beta,
+            "time_aware": self.time_aware,
+            "classifier_input": "x_t and t" if self.time_aware else "x_t (x0 when clean)",
+            "noise_seed": self.seed,
+            "levels": [lv.to_dict() for lv in self.levels],
+        }
+
+
+def _logits_of(
+    classifier: Callable[..., Tensor], x: Tensor, t: Tensor, time_aware: bool, where: str
+) -> Tensor:
+    logits = classifier(x, t) if time_aware else classifier(x)
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"the classifier must return logits [B, N] ({where}); got {shape}")
+    return logits.detach().double().cpu()
+
+
+@torch.no_grad()
+def classifier_calibration(
+    classifier: Callable[..., Tensor],
+    source: ImageSource,
+    *,
+    noise_levels: Sequence[int | None] = (None,),
+    process: Process | None = None,
+    time_aware: bool = False,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    n_bins: int = 10,
+    beta: float = 1e-4,
+    workers: int = 4,
+    progress: bool = True,
+) -> ClassifierCalibration:
+    """ECE, Smooth ECE, accuracy and reliability of ``classifier`` on ``source``'s labelled
+    images, clean and forward-noised (see the module docstring for what the classifier sees).
+
+    ``classifier`` maps images NCHW in [-1, 1] (and, when ``time_aware``, the training
+    timesteps [B]) to logits [B, N]. ``process`` is the forward process of the noise levels
+    (required when a level is not None; unrespaced: t is the training timestep).
+    """
+    if source.labels is None:
+        raise ValueError(
+            f"{source.path}: no labels (an npz needs 'arr_1'; a folder needs class subfolders "
+            "root/<class>/<image>, numbered in sorted order)"
+        )
+    if any(t is not None for t in noise_levels) and process is None:
+        raise ValueError("a forward process is needed for noise levels other than 'clean'")
+    if process is not None and len(process.timestep_map) != process.num_train_steps:
+        raise ValueError("the forward process must not be respaced (t is a training timestep)")
+    labels_all = source.labels
+    accs = [_LevelAccum() for _ in noise_levels]
+    start = 0
+    bar = tqdm(total=source.count, unit="img", desc="classifier", disable=not progress)
+    with bar:
+        for images in source.batches(batch_size, workers):
+            b = images.shape[0]
+            y = torch.from_numpy(labels_all[start : start + b])
+            x0 = from_uint8_nhwc(images).to(device=device, dtype=dtype)
+            eps = None
+            if process is not None:
+                eps = SampleNoise(seed, range(start, start + b))(x0)
+            for level, acc in zip(noise_levels, accs, strict=True):
+                t = torch.full((b,), 0 if level is None else level, dtype=torch.long, device=device)
+                if level is None or eps is None or process is None:
+                    x = x0
+                else:
+                    x = process.q_sample(x0, t, eps)
+                where = f"images {start}..{start + b - 1} of {source.path}"
+                logits = _logits_of(classifier, x, t, time_aware, where)
+                if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
+                    raise ValueError(
+                        f"{source.path}: labels up to {int(y.max())} but the classifier has "
+                        f"{logits.shape[1]} classes"
+                    )
+                if not bool(torch.isfinite(logits).all()):
+                    raise ValueError(f"the classifier returned non-finite logits ({where})")
+                logp = torch.log_softmax(logits, dim=1)
+                acc.conf.append(logp.max(dim=1).values.exp().numpy())
+                # argmax returns the first maximum: ties go to the lowest index (METHODS.md 4)
+                acc.correct.append((logits.argmax(dim=1) == y).numpy())
+                acc.target.append(logp.gather(1, y[:, None]).squeeze(1).exp().numpy())
+                acc.smooth_sum += float(smooth_ece_loss(logits, y, beta)) * b
+            start += b
+            bar.update(b)
+    results = []
+    for level, acc in zip(noise_levels, accs, strict=True):
+        conf = np.concatenate(acc.conf)
+        correct = np.concatenate(acc.correct)
+        rel = reliability_from_confidences(conf, correct, n_bins)
+        top = np.sort(conf)[::-1][: max(1, math.ceil(len(conf) / 4))]
+        std = 0.0
+        if level is not None and process is not None:
+            std = float(process["sqrt_one_minus_alphas_cumprod"][level])
+        results.append(
+            LevelCalibration(
+                t=level,
+                noise_std=std,
+                n=len(conf),
+                ece=rel.ece,
+                smooth_ece=acc.smooth_sum / len(conf),
+                accuracy=float(correct.mean()),
+                mean_confidence=float(conf.mean()),
+                top25_confidence=float(top.mean()),
+                mean_target_prob=float(np.concatenate(acc.target).mean()),
+                reliability=rel,
+            )
+        )
+    return ClassifierCalibration(results, n_bins, beta, time_aware, seed)
+
+
+def plot_calibration_vs_noise(result: ClassifierCalibration, path: str | os.PathLike[str]) -> Path:
+    """ECE, Smooth ECE, accuracy and mean confidence against the noise level."""
+    fig, (ax,) = _new_figure(1, width=5.5)
+    labels = ["clean" if lv.t is None else str(lv.t) for lv in result.levels]
+    x = np.arange(len(labels))
+    for key, name, style in (
+        ("ece", "ECE", "-o"),
+        ("smooth_ece", "Smooth ECE", "-s"),
+        ("accuracy", "accuracy", "--^"),
+        ("mean_confidence", "mean confidence", "--v"),
+    ):
+        ax.plot(x, [getattr(lv, key) for lv in result.levels], style, label=name)
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("noise level (training timestep t of x_t)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("classifier calibration on forward-noised images")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def reliability_png_name(level: LevelCalibration) -> str:
+    return "reliability_clean.png" if level.t is None else f"reliability_t{level.t:04d}.png"
+
+
+def write_reliability_diagrams(
+    result: ClassifierCalibration, out_dir: str | os.PathLike[str]
+) -> dict[str, Path]:
+    """One reliability diagram PNG per noise level."""
+    out = Path(out_dir)
+    written = {}
+    for lv in result.levels:
+        title = f"{lv.label}: ECE {lv.ece:.4f}, acc {lv.accuracy:.3f} (n = {lv.n})"
+        path = out / reliability_png_name(lv)
+        written[lv.label] = plot_reliability(lv.reliability, path, title=title)
+    return written

@@ -1,0 +1,434 @@
+"""``fguide evaluate`` end to end on tiny batches, against the metrics computed directly.
+
+The Inception gets fixture-init weights saved to a temporary file (the real weights are not
+needed: the evaluator's plumbing is under test; the network itself is tested against the
+fixtures in test_inception.py). Every Inception forward costs ~0.1-0.3 s per image on CPU, so
+the batches hold 4 images and the features of a run are shared by the tests that read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fixture_utils import fixture_init
+from PIL import Image
+
+import fguide.evaluation
+from fguide.cli.main import main
+from fguide.evaluation import (
+    EVALUATOR_VERSION,
+    BatchFeatures,
+    EvaluationWarning,
+    cached_features,
+    evaluate,
+    open_images,
+    read_reference_statistics,
+)
+from fguide.metrics import (
+    FeatureStats,
+    FIDComparabilityWarning,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
+from fguide.models.inception import FIDInception, load_fid_inception
+
+N = 4  # images per batch (precision/recall with k = 3 need 4)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _save_weights(path: Path) -> Path:
+    sd = {
+        k: fixture_init(k, tuple(v.shape), 0).to(v.dtype)
+        for k, v in FIDInception().state_dict().items()
+    }
+    torch.save(sd, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Weights, a reference batch, a sample batch (two of its images are reference images,
+    so precision and recall are not trivially 0), and the features computed directly."""
+    root = tmp_path_factory.mktemp("evaluate")
+    weights = _save_weights(root / "weights.pth")
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (N, 32, 32, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 255, 32)[None, :, None, None] * rng.uniform(0.3, 1, (N - 2, 1, 1, 3))
+    smooth = np.broadcast_to(ramp, (N - 2, 32, 32, 3)).astype(np.uint8)
+    sam = np.concatenate([ref[:2], smooth])
+    np.savez(root / "ref.npz", ref)
+    np.savez(root / "sam.npz", sam, np.arange(N))
+    model = load_fid_inception(weights)
+    with torch.no_grad():  # one batch per file, as the evaluator reads them (batch size 64)
+        f_ref, f_sam = model(torch.from_numpy(ref)), model(torch.from_numpy(sam))
+    return {
+        "root": root,
+        "weights": weights,
+        "model": model,
+        "ref_images": ref,
+        "sam_images": sam,
+        "ref_pool": f_ref.pool.numpy(),
+        "ref_spatial": f_ref.spatial.numpy(),
+        "sam_pool": f_sam.pool.numpy(),
+        "sam_spatial": f_sam.spatial.numpy(),
+        "sam_logits": f_sam.logits.numpy(),
+    }
+
+
+def _stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = x.astype(np.float64)
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+@pytest.fixture(scope="module")
+def first_run(data: dict[str, Any]) -> dict[str, Any]:
+    root = data["root"]
+    out = root / "run1"
+    code, stdout, stderr = _cli(
+        [
+            "evaluate",
+            str(root / "ref.npz"),
+            str(root / "sam.npz"),
+            "--inception-weights",
+            str(data["weights"]),
+            "--cache-dir",
+            str(root / "cache"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, stderr
+    return {"json": json.loads((out / "metrics.json").read_text()), "out": stdout, "err": stderr}
+
+
+def test_metrics_equal_direct_computation(data: dict[str, Any], first_run: dict[str, Any]) -> None:
+    m = first_run["json"]["metrics"]
+    fid = frechet_distance(*_stats(data["sam_pool"]), *_stats(data["ref_pool"]))
+    sfid = frechet_distance(*_stats(data["sam_spatial"]), *_stats(data["ref_spatial"]))
+    pr = precision_recall(data["ref_pool"], data["sam_pool"], k=3)
+    assert fid > 0 and sfid > 0
+    assert m["fid"] == pytest.approx(fid, rel=1e-6)
+    assert m["sfid"] == pytest.approx(sfid, rel=1e-6)
+    assert m["inception_score"] == pytest.approx(inception_score(data["sam_logits"]), rel=1e-9)
+    assert (m["precision"], m["recall"]) == (pr.precision, pr.recall)
+    assert 0 < m["precision"] < 1  # the two shared images are inside, the ramps are not
+
+
+def test_metrics_json_provenance_and_table(data: dict[str, Any], first_run: dict[str, Any]) -> None:
+    j, root = first_run["json"], data["root"]
+    assert j["evaluator"] == EVALUATOR_VERSION
+    assert j["reference"]["sha256"] == _sha(root / "ref.npz")
+    assert j["inception"]["weights_sha256"] == _sha(data["weights"])
+    assert j["samples"]["num_images"] == N and j["reference"]["num_images"] == N
+    assert j["reference"]["statistics"] == {
+        "fid": f"computed from {N} images",
+        "sfid": f"computed from {N} images",
+    }
+    assert j["samples"]["statistics"] == {"fid": "computed", "sfid": "computed"}
+    assert j["reference"]["cache"] == "miss"
+    assert j["provenance"]["fguide_version"]
+    assert j["inception_score_splits"] == [j["metrics"]["inception_score"]]
+    lines = first_run["out"].splitlines()
+    fid_line = next(line for line in lines if line.startswith("FID "))
+    assert float(fid_line.split()[-1]) == pytest.approx(j["metrics"]["fid"], rel=1e-2, abs=1e-6)
+    assert "Precision" in first_run["out"] and "metrics.json" in first_run["out"]
+
+
+def test_small_counts_warn(first_run: dict[str, Any]) -> None:
+    warns = first_run["json"]["warnings"]
+    assert any("not the standard 50000" in w for w in warns)
+    assert any("rank-deficient" in w and "2048" in w for w in warns)
+    assert any("rank-deficient" in w and "2023" in w for w in warns)
+    assert "rank-deficient" in first_run["err"] and "warning" in first_run["err"]
+
+
+def test_cache_hit_identical_and_compare_warns(
+    data: dict[str, Any], first_run: dict[str, Any]
+) -> None:
+    root = data["root"]
+    other = json.loads(json.dumps(first_run["json"]))
+    other["samples"]["num_images"] = 50_000
+    (root / "other.json").write_text(json.dumps(other))
+    code, stdout, stderr = _cli(
+        [
+            "evaluate",
+            str(root / "ref.npz"),
+            str(root / "sam.npz"),
+            "--inception-weights",
+            str(data["weights"]),
+            "--cache-dir",
+            str(root / "cache"),
+            "--out",
+            str(root / "run2"),
+            "--compare",
+            str(root / "other.json"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0, stderr
+    j = json.loads((root / "run2" / "metrics.json").read_text())
+    assert j["reference"]["cache"] == "hit"
+    assert j["metrics"] == first_run["json"]["metrics"]
+    assert any("50000 samples" in w and "not comparable" in w for w in j["warnings"])
+    assert "not comparable" in stderr
+    assert j["comparison"]["num_samples"] == 50_000
+    assert "compared" in stdout and "+0.0000" in stdout
+
+
+def test_corrupt_cache_is_recomputed(data: dict[str, Any], first_run: dict[str, Any]) -> None:
+    root = data["root"]
+    cached = Path(first_run["json"]["reference"]["cache_path"])
+    cache2 = root / "cache2"
+    cache2.mkdir()
+    target = cache2 / cached.name
+    shutil.copy(cached, target)
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the stored features
+    target.write_bytes(bytes(raw))
+    model = data["model"]
+    key = {"file_sha256": _sha(root / "ref.npz"), "weights_sha256": _sha(data["weights"])}
+    source = open_images(root / "ref.npz")
+    with pytest.warns(RuntimeWarning, match="invalid"):
+        feats, status, path = cached_features(
+            source, model, cache_dir=cache2, batch_size=2, progress=False, **key
+        )
+    assert status == "recomputed" and path == target
+    # Recomputed in batches of 2: the same features (to float32 round-off) and statistics
+    # equal to those of the stored rows.
+    np.testing.assert_allclose(feats.pool, data["ref_pool"], rtol=1e-5, atol=1e-7)
+    mu, sigma = _stats(feats.pool)
+    np.testing.assert_allclose(feats.pool_stats.mean, mu, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(feats.pool_stats.cov, sigma, rtol=1e-9, atol=1e-18)
+    # The rewritten file is valid again: the next read is a hit with the same features.
+    feats2, status2, _ = cached_features(source, model, cache_dir=cache2, progress=False, **key)
+    assert status2 == "hit"
+    np.testing.assert_array_equal(feats2.pool, feats.pool)
+    np.testing.assert_array_equal(feats2.spatial_stats.cov, feats.spatial_stats.cov)
+
+
+def _features(pool: np.ndarray, logits: np.ndarray, spatial: np.ndarray) -> BatchFeatures:
+    return BatchFeatures(pool, logits, FeatureStats().update(pool), FeatureStats().update(spatial))
+
+
+def test_precomputed_reference_statistics_are_used(
+    data: dict[str, Any], first_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Which statistics are used is under test here, not the features (first_run does those):
+    # the features come from the data fixture instead of a second Inception pass.
+    root = data["root"]
+    nan_logits = np.full((N, 1008), np.nan, np.float32)
+    feats = {
+        root / "ref_stats.npz": _features(data["ref_pool"], nan_logits, data["ref_spatial"]),
+        root / "sam.npz": _features(data["sam_pool"], data["sam_logits"], data["sam_spatial"]),
+    }
+    monkeypatch.setattr(fguide.evaluation, "extract_features", lambda src, *a, **k: feats[src.path])
+    rng = np.random.default_rng(1)
+    stats = {
+        "mu": rng.normal(0, 1e-3, 2048),
+        "sigma": np.diag(rng.uniform(1e-8, 1e-7, 2048)),
+        "mu_s": rng.normal(0, 1e-2, 2023),
+        "sigma_s": np.diag(rng.uniform(1e-4, 1e-3, 2023)),
+    }
+    np.savez(root / "ref_stats.npz", data["ref_images"], **stats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = evaluate(
+            root / "ref_stats.npz",
+            root / "sam.npz",
+            weights=data["weights"],
+            cache_dir=None,
+            progress=False,
+        )
+    fid = frechet_distance(*_stats(data["sam_pool"]), stats["mu"], stats["sigma"])
+    sfid = frechet_distance(*_stats(data["sam_spatial"]), stats["mu_s"], stats["sigma_s"])
+    assert r.metrics["fid"] == pytest.approx(fid, rel=1e-6)
+    assert r.metrics["sfid"] == pytest.approx(sfid, rel=1e-6)
+    assert r.metrics["fid"] != pytest.approx(first_run["json"]["metrics"]["fid"], rel=1e-3)
+    assert r.reference["statistics"] == {"fid": "file (mu, sigma)", "sfid": "file (mu_s, sigma_s)"}
+    # Precision/recall still use the reference images: unchanged.
+    assert r.metrics["precision"] == first_run["json"]["metrics"]["precision"]
+    assert r.metrics["recall"] == first_run["json"]["metrics"]["recall"]
+    assert r.reference["cache"] == "disabled"
+    # No rank warning about the reference: its statistics did not come from its 5 images.
+    assert not any(str(root / "ref_stats.npz") in w and "rank" in w for w in r.warnings)
+
+
+def test_folder_input_equals_npz(data: dict[str, Any], first_run: dict[str, Any]) -> None:
+    root = data["root"]
+    folder = root / "sam_png"
+    folder.mkdir()
+    for i, im in enumerate(data["sam_images"]):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    src = open_images(folder)
+    assert (src.kind, src.count, src.size, src.labels) == ("folder", N, (32, 32), None)
+    batches = list(src.batches(3))
+    assert [len(b) for b in batches] == [3, 1]
+    np.testing.assert_array_equal(np.concatenate(batches), data["sam_images"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = evaluate(
+            root / "ref.npz",
+            folder,
+            weights=data["weights"],
+            cache_dir=root / "cache",
+            progress=False,
+        )
+    assert r.reference["cache"] == "hit"
+    assert r.samples["kind"] == "folder" and r.samples["sha256"] is None
+    assert r.metrics == first_run["json"]["metrics"]
+
+
+def test_npz_batches_stream_arr_0(data: dict[str, Any]) -> None:
+    src = open_images(data["root"] / "sam.npz")
+    assert src.count == N and src.keys == ("arr_0", "arr_1")
+    np.testing.assert_array_equal(src.labels, np.arange(N))
+    np.testing.assert_array_equal(np.concatenate(list(src.batches(3))), data["sam_images"])
+    # A sampling run's folder means its samples.npz, not the images (grid.png) beside it.
+    run = data["root"] / "sample_run"
+    run.mkdir()
+    shutil.copy(data["root"] / "sam.npz", run / "samples.npz")
+    Image.fromarray(data["sam_images"][0]).save(run / "grid.png")
+    src = open_images(run)
+    assert (src.kind, src.path, src.count) == ("npz", run / "samples.npz", N)
+
+
+# -- bad input: clear errors and warnings --------------------------------------------------------
+
+
+def _evaluate_cli(data: dict[str, Any], ref: Path, sam: Path) -> tuple[int, str]:
+    code, _, err = _cli(
+        [
+            "evaluate",
+            str(ref),
+            str(sam),
+            "--inception-weights",
+            str(data["weights"]),
+            "--no-cache",
+            "--out",
+            str(data["root"] / "bad"),
+            "--no-progress",
+        ]
+    )
+    return code, err
+
+
+def test_missing_arr_0_names_file_and_keys(data: dict[str, Any]) -> None:
+    bad = data["root"] / "no_arr0.npz"
+    np.savez(bad, images=data["ref_images"])
+    code, err = _evaluate_cli(data, bad, data["root"] / "sam.npz")
+    assert code == 2
+    assert "fguide evaluate: error:" in err and str(bad) in err
+    assert "'arr_0'" in err and "images" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"mu": np.zeros(2048)}, "no 'sigma'"),
+        (
+            {"mu": np.zeros(100), "sigma": np.eye(100)},
+            "['mu'] must be a float array of shape [2048]",
+        ),
+        ({"mu_s": np.zeros(2023), "sigma_s": np.full((2023, 2023), np.nan)}, "['sigma_s']"),
+    ],
+)
+def test_bad_reference_statistics(data: dict[str, Any], extra: dict[str, Any], needle: str) -> None:
+    bad = data["root"] / "bad_stats.npz"
+    np.savez(bad, data["ref_images"], **extra)
+    with pytest.raises(ValueError, match="bad_stats.npz") as err:
+        read_reference_statistics(bad)
+    assert needle in str(err.value)
+    code, stderr = _evaluate_cli(data, bad, data["root"] / "sam.npz")
+    assert code == 2 and needle in stderr
+
+
+def test_wrong_arr_0_dtype_and_label_count(data: dict[str, Any]) -> None:
+    root = data["root"]
+    np.savez(root / "float.npz", data["ref_images"].astype(np.float32))
+    with pytest.raises(ValueError, match=r"float\.npz\['arr_0'\] must be uint8"):
+        open_images(root / "float.npz")
+    np.savez(root / "labels.npz", data["ref_images"], np.arange(N + 1))
+    with pytest.raises(ValueError, match=r"labels\.npz\['arr_1'\] must hold 4"):
+        open_images(root / "labels.npz")
+    (root / "notzip.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not an .npz file"):
+        open_images(root / "notzip.npz")
+
+
+def test_folder_with_mixed_sizes_is_an_error(data: dict[str, Any]) -> None:
+    folder = data["root"] / "mixed"
+    folder.mkdir()
+    Image.fromarray(data["ref_images"][0]).save(folder / "a.png")
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(folder / "b.jpg")
+    with pytest.raises(ValueError, match=r"different sizes .*b\.jpg is 20x24"):
+        open_images(folder)
+    # ADM-style centre crop makes them one size.
+    src = open_images(folder, image_size=16)
+    assert [b.shape for b in src.batches(8)] == [(2, 16, 16, 3)]
+
+
+def test_too_few_images_is_an_error(data: dict[str, Any]) -> None:
+    one = data["root"] / "one.npz"
+    np.savez(one, data["ref_images"][:1])
+    code, err = _evaluate_cli(data, data["root"] / "ref.npz", one)
+    assert code == 2 and str(one) in err and "at least 2" in err
+
+
+def test_compare_file_must_be_metrics_json(data: dict[str, Any]) -> None:
+    bad = data["root"] / "not_metrics.json"
+    bad.write_text(json.dumps({"fid": 3.0}))
+    with pytest.raises(ValueError, match="no 'metrics' section"):
+        evaluate(
+            data["root"] / "ref.npz", data["root"] / "sam.npz", weights=data["weights"], compare=bad
+        )
+
+
+def test_missing_weights_says_which_file(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FGUIDE_INCEPTION_WEIGHTS", raising=False)
+    code, _, err = _cli(["evaluate", str(data["root"] / "ref.npz"), str(data["root"] / "sam.npz")])
+    assert code == 2 and "pt_inception-2015-12-05-6726825d.pth" in err
+
+
+def test_non_finite_features_and_size_mismatch(data: dict[str, Any]) -> None:
+    root = data["root"]
+    sd = torch.load(data["weights"], weights_only=True)
+    # A negative variance: sqrt(var + eps) is NaN, and so is every feature after it.
+    sd["Mixed_6a.branch3x3.bn.running_var"][0] = -1.0
+    bad_weights = root / "nan_weights.pth"
+    torch.save(sd, bad_weights)
+    np.savez(root / "ref2.npz", data["ref_images"][:2])
+    big = np.zeros((2, 48, 48, 3), np.uint8)
+    np.savez(root / "sam48.npz", big)
+    with (
+        pytest.warns(EvaluationWarning, match="32x32 but samples are 48x48"),
+        pytest.warns(EvaluationWarning, match="2 reference images, not ADM's 10000"),
+        pytest.warns(FIDComparabilityWarning),
+        pytest.raises(
+            ValueError, match=r"non-finite Inception features .*ref2\.npz\['arr_0'\]\[0\]"
+        ),
+    ):
+        evaluate(root / "ref2.npz", root / "sam48.npz", weights=bad_weights, progress=False)
