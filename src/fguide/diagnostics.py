@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
 from fguide.metrics.calibration import TrajectoryCalibration
@@ -50,8 +51,6 @@ class TrajectoryRecorder:
         self.sums: dict[int, dict[str, float]] = {}
         self.confidences: dict[int, list[np.ndarray]] = {}
         self.t: dict[int, float] = {}
-        # logits kept per step so that recorders merge exactly (calibration bins included)
-        self._raw: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     def __call__(self, rec: StepRecord) -> None:
         res = rec.guidance
@@ -70,7 +69,6 @@ class TrajectoryRecorder:
         self.confidences.setdefault(rec.step, []).append(conf.cpu().numpy())
         self.t[rec.step] = float(rec.t.double().mean())
         self.calibration.update(rec.step, logits.double(), labels)
-        self._raw.setdefault(rec.step, []).append((logits.double().cpu(), labels.cpu()))
         if res is not None:
             norm = res.grad_norm().double()
             s["grad_sum"] += float(norm.sum())
@@ -84,16 +82,48 @@ class TrajectoryRecorder:
         return sorted(self.sums)
 
     def merge(self, other: TrajectoryRecorder) -> None:
-        """Add another recorder's observations (another batch, process or shard)."""
+        """Add another recorder's observations (another batch, shard or process)."""
         for k, o in other.sums.items():
             s = self.sums.setdefault(k, dict.fromkeys(_SUMS, 0.0))
             for key in _SUMS:
                 s[key] = max(s[key], o[key]) if key == "max_weight" else s[key] + o[key]
             self.confidences.setdefault(k, []).extend(other.confidences[k])
             self.t[k] = other.t[k]
-            for conf_logit in other._raw.get(k, []):
-                self.calibration.update(k, *conf_logit)
-                self._raw.setdefault(k, []).append(conf_logit)
+        self.calibration.merge(other.calibration)
+
+    def state(self) -> dict[str, NDArray[Any]]:
+        """Compact per-step sums and confidences as arrays (one row per step), for saving.
+
+        Memory is one float per sample and step (the confidences that top-25% needs), never
+        the logits.
+        """
+        steps = self.steps
+        if not steps:
+            return {"steps": np.zeros(0, dtype=np.int64)}
+        cal = {f"cal_{k}": v for k, v in self.calibration.state().items() if k != "steps"}
+        return {
+            "steps": np.asarray(steps, dtype=np.int64),
+            "t": np.asarray([self.t[k] for k in steps], dtype=np.float64),
+            "sums": np.asarray([[self.sums[k][n] for n in _SUMS] for k in steps]),
+            "target_conf": np.stack([np.concatenate(self.confidences[k]) for k in steps]),
+            **cal,
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, NDArray[Any]], vanish_threshold: float = 1e-3
+    ) -> TrajectoryRecorder:
+        """Inverse of :meth:`state`."""
+        rec = cls(vanish_threshold=vanish_threshold)
+        if len(state["steps"]) == 0:
+            return rec
+        for j, k in enumerate(state["steps"].tolist()):
+            rec.sums[k] = dict(zip(_SUMS, (float(v) for v in state["sums"][j]), strict=True))
+            rec.confidences[k] = [state["target_conf"][j]]
+            rec.t[k] = float(state["t"][j])
+        cal = {k[len("cal_") :]: v for k, v in state.items() if k.startswith("cal_")}
+        rec.calibration = TrajectoryCalibration.from_state({"steps": state["steps"], **cal})
+        return rec
 
     def curves(self) -> dict[str, list[float | None]]:
         """Per-step curves, one value per recorded step (None where undefined)."""

@@ -282,6 +282,54 @@ class TrajectoryCalibration:
     def steps(self) -> list[int]:
         return sorted(self._steps)
 
+    def merge(self, other: TrajectoryCalibration) -> None:
+        """Add another accumulator's observations (another batch, shard or process)."""
+        if other.n_bins != self.n_bins:
+            raise ValueError(f"cannot merge {other.n_bins} bins into {self.n_bins}")
+        for k, o in other._steps.items():
+            a = self._steps.get(k)
+            if a is None:
+                self._steps[k] = _StepAccum(
+                    o.count.copy(),
+                    o.sum_conf.copy(),
+                    o.sum_acc.copy(),
+                    o.sum_target,
+                    list(o.confidences),
+                )
+            else:
+                a.count += o.count
+                a.sum_conf += o.sum_conf
+                a.sum_acc += o.sum_acc
+                a.sum_target += o.sum_target
+                a.confidences.extend(o.confidences)
+
+    def state(self) -> dict[str, NDArray[Any]]:
+        """The per-step bin sums and confidences as arrays (one row per step), for saving."""
+        steps = self.steps
+        acc = [self._steps[k] for k in steps]
+        return {
+            "steps": np.asarray(steps, dtype=np.int64),
+            "count": np.stack([a.count for a in acc]).astype(np.int64),
+            "sum_conf": np.stack([a.sum_conf for a in acc]),
+            "sum_acc": np.stack([a.sum_acc for a in acc]),
+            "sum_target": np.asarray([a.sum_target for a in acc], dtype=np.float64),
+            "conf": np.stack([np.concatenate(a.confidences) for a in acc]),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, NDArray[Any]]) -> TrajectoryCalibration:
+        """Inverse of :meth:`state`."""
+        out = cls(int(state["count"].shape[1]))
+        for j, k in enumerate(state["steps"].tolist()):
+            out._steps[int(k)] = _StepAccum(
+                state["count"][j].copy(),
+                state["sum_conf"][j].copy(),
+                state["sum_acc"][j].copy(),
+                float(state["sum_target"][j]),
+                [state["conf"][j]],
+            )
+        return out
+
     def step_stats(self, step: int) -> dict[str, float | int]:
         a = self._steps[step]
         n = int(a.count.sum())

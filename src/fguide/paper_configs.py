@@ -1,0 +1,210 @@
+"""The paper's and EluCD's named sampling configurations (METHODS.md §7).
+
+Each configuration is a set of :class:`fguide.sampling.SampleConfig` field values: the model
+preset, the sampler and its steps, the classifier, the method and its parameters. File paths
+(the diffusion checkpoint, the classifier weights) are never part of a configuration; the
+user gives them. ``fguide sample --config NAME`` starts from these values and every flag given
+explicitly overrides them (:func:`apply_paper_config`).
+
+All ImageNet 128×128 configurations use ADM's ``128x128_diffusion`` with 250 DDPM steps in
+fp16 (the reference samples with ``--use_fp16 True``). The EluCD ones use torchvision's V2
+ResNet weights (``resnet50-11ad3fa6.pth``, ``resnet101-cd907fc2.pth``) on x̂0 in [−1, 1] at
+native size, every ReLU made Softplus(β = 3), τ1 = 1, τ2 = 0.5, γ = 1.0, γ_sine = 0.3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PAPER_CONFIGS", "PaperConfig", "apply_paper_config", "paper_config"]
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """One named configuration: :class:`~fguide.sampling.SampleConfig` values and its source."""
+
+    name: str
+    description: str
+    reference: str
+    """The result the configuration reproduces (FID and sample count), as published."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    """The classifier weight file the configuration expects (torchvision or ADM file name)."""
+
+
+_ELUCD: dict[str, Any] = {
+    "model_preset": "128x128_diffusion",
+    "sampler": "ddpm",
+    "steps": "250",
+    "precision": "fp16",
+    "classifier_input_mode": "elucd",
+    "softplus_beta": 3.0,
+    "tau1": 1.0,
+    "tau2": 0.5,
+    "scale": 1.0,
+    "sine_factor": 0.3,
+    "num_samples": 50000,
+}
+_R50 = {"classifier": "resnet50"}
+_R101 = {"classifier": "resnet101"}
+_R50_FILE = "resnet50-11ad3fa6.pth"
+_R101_FILE = "resnet101-cd907fc2.pth"
+
+# Methods that carry their own parameters: a config's values for them are dropped when the
+# user picks another method (they would not apply, and objective() refuses e.g. alpha on base).
+_METHOD_PARAMS = ("alpha", "eps", "lam_max", "lam_min", "lam_schedule", "t_tilt", "tilt_group")
+
+
+def _cfg(
+    name: str, description: str, reference: str, weights: str | None, **settings: Any
+) -> PaperConfig:
+    return PaperConfig(name, description, reference, settings, weights)
+
+
+PAPER_CONFIGS: dict[str, PaperConfig] = {
+    c.name: c
+    for c in (
+        _cfg(
+            "elucd-r50-128",
+            "EluCD: ResNet-50 V2 (Softplus 3) guiding 128x128_diffusion on x̂0, base score",
+            "EluCD",
+            _R50_FILE,
+            **_ELUCD,
+            **_R50,
+            method="base",
+        ),
+        _cfg(
+            "elucd-r101-128",
+            "EluCD: ResNet-101 V2 (Softplus 3) guiding 128x128_diffusion on x̂0, base score",
+            "EluCD FID 2.19 (50k)",
+            _R101_FILE,
+            **_ELUCD,
+            **_R101,
+            method="base",
+        ),
+        _cfg(
+            "rkl-r50-128",
+            "reverse-KL regularised guidance, ResNet-50 (α 0.1, ε 0.1)",
+            "paper FID 2.29 (50k)",
+            _R50_FILE,
+            **_ELUCD,
+            **_R50,
+            method="rkl",
+            alpha=0.1,
+            eps=0.1,
+        ),
+        _cfg(
+            "js-r101-128",
+            "Jensen–Shannon regularised guidance, ResNet-101 (α 0.09, ε 0.1)",
+            "paper FID 2.13 (50k)",
+            _R101_FILE,
+            **_ELUCD,
+            **_R101,
+            method="js",
+            alpha=0.09,
+            eps=0.1,
+        ),
+        _cfg(
+            "fkl-r101-128",
+            "forward-KL regularised guidance, ResNet-101 (α 0.09, ε 0.1)",
+            "paper FID 2.16–2.17 (50k)",
+            _R101_FILE,
+            **_ELUCD,
+            **_R101,
+            method="fkl",
+            alpha=0.09,
+            eps=0.1,
+        ),
+        _cfg(
+            "rkl-r101-128",
+            "reverse-KL regularised guidance, ResNet-101 (α 0.1, ε 0.1)",
+            "paper FID 2.14 (50k)",
+            _R101_FILE,
+            **_ELUCD,
+            **_R101,
+            method="rkl",
+            alpha=0.1,
+            eps=0.1,
+        ),
+        _cfg(
+            "hellinger-r101-128",
+            "squared-Hellinger regularised guidance, ResNet-101 (α 0.09, ε 0.1)",
+            "paper FID 2.15 (50k)",
+            _R101_FILE,
+            **_ELUCD,
+            **_R101,
+            method="hellinger",
+            alpha=0.09,
+            eps=0.1,
+        ),
+        _cfg(
+            "entropy-r50-128",
+            "entropy-regularised guidance, ResNet-50 (λ 0.2 → 0.05, linear in progress)",
+            "paper FID 5.30 (10k)",
+            _R50_FILE,
+            **{**_ELUCD, "num_samples": 10000},
+            **_R50,
+            method="entropy",
+            lam_max=0.2,
+            lam_min=0.05,
+            lam_schedule="linear",
+        ),
+        _cfg(
+            "tilted-r50-128",
+            "tilted batch weights on the base score, ResNet-50 (t_tilt −0.2)",
+            "paper FID 5.28 (10k)",
+            _R50_FILE,
+            **{**_ELUCD, "num_samples": 10000},
+            **_R50,
+            method="tilted",
+            t_tilt=-0.2,
+        ),
+        _cfg(
+            "adm-cg-128",
+            "classic classifier guidance: ADM's noise-aware 128x128_classifier on x_t, "
+            "log-softmax (τ1 = τ2 = 1), condition_mean without the sine boost",
+            "ADM's guided 128×128 setting (classifier scale 0.5)",
+            "128x128_classifier.pt",
+            model_preset="128x128_diffusion",
+            sampler="ddpm",
+            steps="250",
+            precision="fp16",
+            classifier="128x128_classifier",
+            method="logsoftmax",
+            tau1=1.0,
+            tau2=1.0,
+            scale=0.5,
+            sine_factor=0.0,
+            num_samples=50000,
+        ),
+    )
+}
+"""The named configurations of METHODS.md §7, by name."""
+
+
+def paper_config(name: str) -> PaperConfig:
+    """The configuration called ``name``; a ``ValueError`` lists the valid names."""
+    try:
+        return PAPER_CONFIGS[name]
+    except KeyError:
+        raise ValueError(
+            f"config: unknown configuration {name!r}; valid: {', '.join(PAPER_CONFIGS)}"
+        ) from None
+
+
+def apply_paper_config(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The configuration's settings with ``overrides`` (explicit user values) applied on top.
+
+    When ``overrides`` changes the method, the configuration's method parameters (α, ε, λ,
+    t_tilt, tilt group) are dropped: they belong to the configuration's method.
+    """
+    settings = dict(paper_config(name).settings)
+    method = overrides.get("method")
+    if method is not None and method != settings.get("method"):
+        for key in _METHOD_PARAMS:
+            settings.pop(key, None)
+    settings.update(overrides)
+    settings["config_name"] = name
+    return settings

@@ -1,0 +1,442 @@
+"""``fguide sample`` end to end on CPU with tiny random models: files, resume, corruption,
+batch-size invariance, torchrun (gloo), configuration mismatch and bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fguide.cli.main import main
+from fguide.models.presets import create_model
+from fguide.models.resnet import resnet
+from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
+from fguide.sampling import (
+    ConfigMismatchError,
+    SampleConfig,
+    plan_shards,
+    resolve_config,
+    run_sampling,
+    sample_labels,
+)
+
+TESTS = Path(__file__).resolve().parent
+FLAGS = (
+    "image_size=8 num_channels=32 num_res_blocks=1 channel_mult=1,2 attention_resolutions=4 "
+    "num_head_channels=32 class_cond=True learn_sigma=True"
+)
+SPEC = "test_sample:tiny_classifier"
+# The reference run most tests compare against: 7 samples in shards of 2, batch 2, JS guidance.
+REF = dict(num_samples=7, batch_size=2, shard_size=2)
+
+
+# -- tiny classifiers (import specs) ----------------------------------------------------------
+
+
+def tiny_classifier() -> nn.Module:
+    """x̂0 [B, 3, 8, 8] → 1000 logits; deterministic weights, no global RNG."""
+    g = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Softplus(), nn.Linear(32, 1000))
+    for p in net.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    return net
+
+
+def wrong_size_classifier() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1000))
+
+
+class _FailsLater(nn.Module):
+    """Finite logits whose gradient is infinite from forward call ``after + 1`` on."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.net, self.after, self.calls = tiny_classifier(), after, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = self.net(x)
+        if self.calls > self.after:  # sqrt(0) = 0, but d sqrt/dx = inf there
+            logits = logits + torch.sqrt(x - x.detach()).flatten(1).sum(1, keepdim=True)
+        return logits
+
+
+def fails_on_second_batch() -> nn.Module:
+    return _FailsLater(after=1 + 4)  # the probe, then 4 steps of the first batch
+
+
+# -- fixtures and helpers ------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from threads, and 2 threads on shared cores are ~10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    net = create_model(**dict(kv.split("=") for kv in FLAGS.split()))
+    for p in net.parameters():  # ADM zero-initialises output layers: make every layer matter
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def config(out: Path, ckpt: Path, **kw: Any) -> SampleConfig:
+    base: dict[str, Any] = dict(
+        out=out,
+        model=ckpt,
+        model_flags=FLAGS,
+        classifier=SPEC,
+        method="js",
+        steps="4",
+        seed=3,
+        device="cpu",
+        progress=False,
+        **REF,
+    )
+    base.update(kw)
+    return SampleConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, ckpt: Path) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_sampling(config(out, ckpt)).complete
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def load(out: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(out / "samples.npz") as z:
+        return z["arr_0"], z["arr_1"]
+
+
+def label_list(mode: str, seed: int, indices: Any, num_classes: int) -> list[int]:
+    out = sample_labels(mode, seed, indices, num_classes)
+    assert out is not None
+    return [int(v) for v in out]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cli_args(out: Path, ckpt: Path, *extra: str) -> list[str]:
+    return [
+        "sample", "--out", str(out), "--model", str(ckpt), "--model-flags", FLAGS,
+        "--classifier", SPEC, "--method", "js", "--steps", "4", "--seed", "3",
+        "--device", "cpu", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    return env
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "run"
+    args = cli_args(out, ckpt, "--num-samples", "5", "--batch-size", "2", "--shard-size", "2")
+    assert main(args) == 0
+    images, labels = load(out)
+    assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
+    assert labels.shape == (5,) and labels.dtype == np.int64
+    assert labels.tolist() == label_list("uniform", 3, range(5), 1000)
+    assert len({im.tobytes() for im in images}) == 5 and images.std() > 10
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["samples"]["sha256"] == sha(out / "samples.npz")
+    assert [s["samples"] for s in manifest["shards"]] == [[0, 2], [2, 4], [4, 5]]
+    shard_images = []
+    for s in manifest["shards"]:
+        assert s["sha256"] == sha(out / s["file"])
+        with np.load(out / s["file"]) as z:
+            shard_images.append(z["arr_0"])
+    np.testing.assert_array_equal(np.concatenate(shard_images), images)
+    ident = manifest["identity"]
+    assert (ident["method"], ident["alpha"], ident["eps"], ident["tau2"]) == ("js", 0.09, 0.1, 0.5)
+    assert ident["model_sha256"] == sha(ckpt)
+    assert manifest["provenance"]["torch_version"] == torch.__version__
+
+    traj = json.loads((out / "trajectory.json").read_text())
+    assert traj["curves"]["step"] == [0, 1, 2, 3] and traj["run"]["method"] == "js"
+    conf = traj["curves"]["confidence_mean"]
+    assert all(0 <= c <= 1 for c in conf) and conf[-1] > conf[0]  # guidance raises p_y
+    with Image.open(out / "grid.png") as im:
+        assert im.size == (5 * 8, 8)
+    assert oct((out / "samples.npz").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_other_samplers_classifiers_and_labels(tmp_path: Path, ckpt: Path) -> None:
+    weights = tmp_path / "r18.pth"
+    torch.save(resnet("resnet18").state_dict(), weights)
+    res = run_sampling(
+        config(
+            tmp_path / "ddim",
+            ckpt,
+            classifier="resnet18",
+            classifier_weights=weights,
+            sampler="ddim",
+            steps="ddim3",
+            labels="balanced",
+            precision="bf16",
+            num_samples=4,
+            batch_size=4,
+            shard_size=4,
+        )
+    )
+    images, labels = load(res.out)
+    assert labels.tolist() == label_list("balanced", 3, range(4), 1000)
+    assert len(set(labels.tolist())) == 4  # one block of a permutation: no repeats
+    ident = json.loads(res.manifest.read_text())["identity"]
+    assert (ident["softplus_beta"], ident["precision"], ident["eta"]) == (3.0, "bf16", 0.0)
+    assert ident["resolved"]["classifier"]["kind"] == "resnet"
+
+    heun = run_sampling(config(tmp_path / "heun", ckpt, sampler="heun", steps="3", num_samples=2))
+    assert json.loads(heun.manifest.read_text())["identity"]["scale"] == 0.004  # EluCD's G
+    assert np.isfinite(load(heun.out)[0]).all()
+
+    plain = run_sampling(
+        config(tmp_path / "none", ckpt, method="none", classifier=None, labels="7", num_samples=2)
+    )
+    images, labels = load(plain.out)
+    assert labels.tolist() == [7, 7]
+    traj = json.loads((plain.out / "trajectory.json").read_text())
+    assert traj["curves"]["step"] == []  # unguided, no classifier: nothing to record
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path: Path, ckpt: Path, reference: Path) -> None:
+    out = tmp_path / "run"
+    first = run_sampling(config(out, ckpt, max_shards=2))
+    assert not first.complete and first.generated == [(0, 2), (2, 4)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["missing_shards"] == [[4, 6], [6, 7]]
+    assert not (out / "samples.npz").exists()
+
+    second = run_sampling(config(out, ckpt, batch_size=3))  # another batch size is fine
+    assert second.complete and second.generated == [(4, 6), (6, 7)]
+    assert (out / "samples.npz").read_bytes() == (reference / "samples.npz").read_bytes()
+    ref_traj = json.loads((reference / "trajectory.json").read_text())["curves"]
+    traj = json.loads((out / "trajectory.json").read_text())["curves"]
+    np.testing.assert_allclose(traj["confidence_mean"], ref_traj["confidence_mean"], rtol=1e-6)
+    assert traj["ece"] == pytest.approx(ref_traj["ece"], rel=1e-6)
+
+
+def test_killed_process_resumes(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "run"
+    args = cli_args(out, ckpt, "--num-samples", "20", "--batch-size", "2", "--shard-size", "2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fguide.cli.main", *args],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while not list((out / "shards").glob("*.json")) and proc.poll() is None:
+            assert time.time() < deadline, "the sampling process wrote no shard"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    done_before = len(list((out / "shards").glob("*.json")))
+    assert 1 <= done_before < 10  # killed part-way
+
+    res = run_sampling(config(out, ckpt, num_samples=20))
+    assert res.complete and len(res.generated) == 10 - done_before
+    assert not list((out / "shards").glob(".*.tmp"))
+    ref = run_sampling(config(tmp_path / "ref", ckpt, num_samples=20))
+    assert sha(res.out / "samples.npz") == sha(ref.out / "samples.npz")
+
+
+def test_corrupt_shards_are_regenerated(tmp_path: Path, ckpt: Path, reference: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    shards = out / "shards"
+    truncated = shards / "shard-00000000-00000002.npz"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    flipped = shards / "shard-00000002-00000004.npz"
+    data = bytearray(flipped.read_bytes())
+    data[-10] ^= 0xFF  # same size, one pixel changed
+    flipped.write_bytes(bytes(data))
+    (shards / "shard-00000004-00000006.json").unlink()  # killed between npz and sidecar
+    (out / "samples.npz").unlink()
+
+    res = run_sampling(config(out, ckpt))
+    assert res.regenerated == [(0, 2), (2, 4), (4, 6)] and res.generated == res.regenerated
+    assert sha(out / "samples.npz") == sha(reference / "samples.npz")
+    for f in sorted(shards.glob("*.npz")):
+        assert f.read_bytes() == (reference / "shards" / f.name).read_bytes(), f.name
+
+
+def test_batch_size_invariance(tmp_path: Path, ckpt: Path, reference: Path) -> None:
+    res = run_sampling(config(tmp_path / "b3", ckpt, batch_size=3))
+    np.testing.assert_array_equal(load(res.out)[0], load(reference)[0])
+
+    # Tilting: groups are index blocks of 2, so batches of 2 or 4 and 5 or 6 samples agree.
+    tilted = dict(method="tilted", tilt_group=2)
+    a = run_sampling(config(tmp_path / "t5", ckpt, num_samples=5, batch_size=2, **tilted))
+    b = run_sampling(
+        config(tmp_path / "t6", ckpt, num_samples=6, batch_size=4, shard_size=4, **tilted)
+    )
+    np.testing.assert_array_equal(load(a.out)[0], load(b.out)[0][:5])
+    assert not np.array_equal(load(a.out)[0], load(reference)[0][:5])
+    summary = json.loads((a.out / "trajectory.json").read_text())["summary"]
+    assert summary["max_tilt_weight"] > 1.0  # the weights did tilt
+
+
+def test_torchrun_two_processes_match_one(tmp_path: Path, ckpt: Path, reference: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "fguide.cli.main",
+        *cli_args(out, ckpt, "--num-samples", "7", "--batch-size", "2", "--shard-size", "2"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sha(out / "samples.npz") == sha(reference / "samples.npz")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {s["rank"] for s in manifest["shards"]} == {0, 1}
+    assert manifest["provenance"]["world_size"] == 2
+    curves = json.loads((out / "trajectory.json").read_text())["curves"]
+    assert curves == json.loads((reference / "trajectory.json").read_text())["curves"]
+
+
+def test_other_configuration_is_refused_and_more_samples_extend(
+    tmp_path: Path, ckpt: Path, reference: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    with pytest.raises(ConfigMismatchError, match="seed: 3 -> 4"):
+        run_sampling(config(out, ckpt, seed=4))
+    args = cli_args(out, ckpt, "--num-samples", "7", "--shard-size", "2")
+    assert main([*args, "--alpha", "0.2"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert sha(out / "samples.npz") == sha(reference / "samples.npz")  # nothing was touched
+
+    res = run_sampling(config(out, ckpt, num_samples=9))
+    assert res.generated == [(6, 8), (8, 9)] and res.regenerated == []
+    images, _ = load(out)
+    np.testing.assert_array_equal(images[:7], load(reference)[0])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "missing.pt"], "not found: missing.pt"),
+        (["--model-preset", "128x128_difusion"], "unknown ADM preset '128x128_difusion'"),
+        (["--labels", "1000"], "class 1000 is out of range [0, 1000)"),
+        (["--image-size", "16"], "image_size: 16 does not match"),
+        (["--model-flags", FLAGS.replace("num_channels=32", "num_channels=64")], "does not fit"),
+        (["--classifier", "resnet18"], "--classifier-weights"),
+        (["--classifier-weights", "nope.pth"], "classifier_weights: file not found"),
+        (["--classifier", "test_sample:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
+        (["--method", "tilted", "--tilt-group", "3"], "multiple of tilt_group"),
+        (["--method", "base", "--alpha", "0.1"], "alpha is a divergence weight"),
+        (["--steps", "ddim999"], "cannot create exactly 999 steps"),
+    ],
+)
+def test_bad_inputs(
+    tmp_path: Path,
+    ckpt: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    args = cli_args(tmp_path / "run", ckpt, "--num-samples", "2", "--shard-size", "2", *extra)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "samples.npz").exists()
+
+
+def test_method_needs_classifier(tmp_path: Path, ckpt: Path) -> None:
+    with pytest.raises(ValueError, match="needs a classifier"):
+        run_sampling(config(tmp_path / "run", ckpt, classifier=None, method="rkl"))
+
+
+def test_non_finite_guidance_names_step_and_samples(
+    tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = cli_args(tmp_path / "run", ckpt, "--num-samples", "4", "--batch-size", "2")
+    args[args.index(SPEC)] = "test_sample:fails_on_second_batch"
+    assert main([*args, "--shard-size", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "sampling step 0" in err and "sample indices [2, 3]" in err
+
+
+def test_paper_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    expected = {
+        "elucd-r50-128": ("resnet50", "base", None),
+        "elucd-r101-128": ("resnet101", "base", None),
+        "rkl-r50-128": ("resnet50", "rkl", 0.1),
+        "js-r101-128": ("resnet101", "js", 0.09),
+        "fkl-r101-128": ("resnet101", "fkl", 0.09),
+        "rkl-r101-128": ("resnet101", "rkl", 0.1),
+        "hellinger-r101-128": ("resnet101", "hellinger", 0.09),
+        "entropy-r50-128": ("resnet50", "entropy", None),
+        "tilted-r50-128": ("resnet50", "tilted", None),
+        "adm-cg-128": ("128x128_classifier", "logsoftmax", None),
+    }
+    assert set(PAPER_CONFIGS) == set(expected)
+    for name, (clf, method, alpha) in expected.items():
+        s = resolve_config(
+            SampleConfig(out=Path("o"), model=Path("m"), **apply_paper_config(name, {}))
+        )
+        assert (s.classifier, s.method, s.alpha, s.steps, s.sampler) == (
+            clf, method, alpha, "250", "ddpm",
+        )  # fmt: skip
+        assert s.model_preset == "128x128_diffusion" and s.tau1 == 1.0
+        if clf.startswith("resnet"):
+            assert (s.tau2, s.scale, s.sine_factor, s.softplus_beta) == (0.5, 1.0, 0.3, 3.0)
+    adm = resolve_config(SampleConfig(Path("o"), Path("m"), **apply_paper_config("adm-cg-128", {})))
+    assert (adm.tau2, adm.scale, adm.sine_factor) == (1.0, 0.5, 0.0)
+    tilted = resolve_config(
+        SampleConfig(Path("o"), Path("m"), **apply_paper_config("tilted-r50-128", {}))
+    )
+    assert tilted.t_tilt == -0.2
+    entropy = apply_paper_config("entropy-r50-128", {})
+    assert (entropy["lam_max"], entropy["lam_min"]) == (0.2, 0.05)
+    assert apply_paper_config("rkl-r50-128", {"alpha": 0.2})["alpha"] == 0.2
+    assert "alpha" not in apply_paper_config("rkl-r50-128", {"method": "base"})
+    assert main(["sample", "--list-configs"]) == 0
+    assert "js-r101-128" in capsys.readouterr().out
+
+
+def test_labels_and_shards_depend_only_on_index() -> None:
+    full = label_list("uniform", 0, range(40), 10)
+    assert full[25:30] == label_list("uniform", 0, [25, 26, 27, 28, 29], 10)
+    assert label_list("uniform", 1, range(40), 10) != full
+    balanced = label_list("balanced", 0, range(30), 10)
+    assert np.bincount(balanced, minlength=10).tolist() == [3] * 10
+    assert sample_labels("uniform", 0, range(3), None) is None
+    assert plan_shards(7, 3) == [(0, 3), (3, 6), (6, 7)]
