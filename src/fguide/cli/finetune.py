@@ -1,15 +1,225 @@
-"""``fguide finetune``: placeholder, being written."""
+"""``fguide finetune``: calibrate a guidance classifier with CE + λ·Smooth ECE (METHODS.md 4).
+
+    fguide finetune --classifier 128x128_classifier --weights 128x128_classifier.pt \\
+        --data /data/imagenet/train --out runs/calib128 --batch-size 256 --microbatch 32
+
+``--classifier`` is an ADM classifier preset (noise-aware: trained on x_t with t uniform over
+the 1000 steps), a ResNet (``resnet50`` …: trained on clean images, or on a diffusion model's
+x̂0 with ``--input denoised --denoiser PRESET --denoiser-weights FILE``), or
+``module:function`` / ``file.py:function`` returning an ``nn.Module``. ``--data`` is a folder
+of class subfolders (labels = sorted folder names' indices) or an ``.npz`` with ``arr_0``
+(uint8 NHWC) and ``arr_1`` (labels). Rerunning the same command resumes from
+``OUT/checkpoint.pt``; Ctrl-C (or SIGTERM) saves a checkpoint first. The result is
+``OUT/model.pt`` (a plain state dict) and ``OUT/report.json`` (held-out ECE and accuracy
+before and after).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+from typing import TYPE_CHECKING
 
-HELP = "(not yet available)"
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fguide.finetune import X0Estimator
+
+HELP = "fine-tune a classifier with CE + lambda * Smooth ECE for calibrated guidance"
+
+
+def _holdout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a count, got {text!r}") from None
+    if value >= 1:
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"a held-out count must be an integer, got {text!r}")
+        return int(value)
+    return value
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    del p
+    from fguide.finetune import FinetuneConfig
+
+    d = FinetuneConfig()
+    D = " (default: %(default)s)"
+    g = p.add_argument_group("classifier and data")
+    g.add_argument(
+        "--classifier",
+        required=True,
+        help="ADM classifier preset (e.g. 128x128_classifier), resnet18..resnet152, or "
+        "module:function / file.py:function returning an nn.Module",
+    )
+    g.add_argument("--weights", help="initial weights (plain state dict, read weights_only)")
+    g.add_argument("--data", required=True, help="folder of class subfolders, or an .npz")
+    g.add_argument("--out", required=True, help="run folder (checkpoint, log, model, report)")
+    g.add_argument(
+        "--input",
+        choices=["noisy", "clean", "denoised"],
+        help="what the classifier sees: x_t and t (ADM presets' default), the clean image "
+        "(ResNets' and modules' default), or a diffusion model's x0 estimate",
+    )
+    g.add_argument("--image-size", type=int, help="default: the preset's, the npz's, or 128")
+    g.add_argument(
+        "--noise-schedule", choices=["linear", "cosine"], help="default: the classifier's"
+    )
+    g.add_argument("--softplus-beta", type=float, help="ResNets: Softplus(beta) for ReLU")
+    g.add_argument(
+        "--input-mode",
+        choices=["elucd", "imagenet"],
+        default="elucd",
+        help="ResNets: x in [-1, 1] as is (EluCD), or ImageNet-normalised" + D,
+    )
+    g.add_argument("--resize", type=int, help="ResNets: resize inputs to this size")
+    g.add_argument("--denoiser", help="ADM diffusion preset giving x0 for --input denoised")
+    g.add_argument("--denoiser-weights", help="weights of --denoiser")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--iterations", type=int, default=d.iterations, help="optimizer steps" + D)
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step" + D)
+    t.add_argument("--microbatch", type=int, help="forward/backward chunk; the same update")
+    t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate" + D)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW's" + D)
+    t.add_argument("--anneal-lr", action="store_true", help="lr * (1 - step/iterations), ADM's")
+    t.add_argument(
+        "--lambda",
+        "--ece-weight",
+        dest="ece_weight",
+        type=float,
+        default=d.ece_weight,
+        help="weight of the Smooth ECE term" + D,
+    )
+    t.add_argument("--beta", type=float, default=d.beta, help="Smooth ECE's beta" + D)
+    t.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default=d.precision,
+        help="autocast dtype; fp16 uses a grad scaler" + D,
+    )
+    t.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no random crop and flip (ADM's classifier augmentation)",
+    )
+    t.add_argument(
+        "--bn",
+        choices=["frozen", "train"],
+        default=d.bn,
+        help="batch-norm running statistics during training" + D,
+    )
+    t.add_argument(
+        "--holdout",
+        type=_holdout,
+        default=d.holdout,
+        help="held-out fraction (< 1) or count (>= 1), stratified by class" + D,
+    )
+    t.add_argument("--seed", type=int, default=d.seed, help="data order, crops, t, noise" + D)
+
+    r = p.add_argument_group("run")
+    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps" + D)
+    r.add_argument("--log-every", type=int, default=d.log_every, help="steps" + D)
+    r.add_argument("--eval-batch-size", type=int, help="default: --microbatch or --batch-size")
+    r.add_argument("--n-bins", type=int, default=d.n_bins, help="ECE bins" + D)
+    r.add_argument("--workers", type=int, default=d.workers, help="image loading threads" + D)
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ..." + D)
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+
+
+def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
+    """The diffusion model for ``--input denoised``: (UNet, x̂0 estimator, its schedule)."""
+    from fguide.finetune import adm_x0_estimator
+    from fguide.models.loading import load_model
+    from fguide.models.presets import preset_info
+    from fguide.schedules import make_process
+
+    if args.denoiser is None or args.denoiser_weights is None:
+        raise ValueError("--input denoised needs --denoiser PRESET and --denoiser-weights FILE")
+    info = preset_info(args.denoiser)
+    if info.kind != "diffusion" or info.diffusion_flags is None:
+        raise ValueError(f"--denoiser: {args.denoiser!r} is not an ADM diffusion preset")
+    # x_t must come from the process the diffusion model was trained on.
+    schedule = args.noise_schedule or str(info.diffusion_flags["noise_schedule"])
+    unet = load_model(args.denoiser, args.denoiser_weights)
+    for prm in unet.parameters():
+        prm.requires_grad_(False)
+    process = make_process(schedule, 1000)
+    return unet, adm_x0_estimator(unet, process, bool(info.flags["class_cond"])), schedule
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("fguide finetune is not implemented yet")
+    import torch
+
+    from fguide.finetune import FinetuneConfig, finetune, load_classifier, open_data
+
+    config = FinetuneConfig(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        anneal_lr=args.anneal_lr,
+        ece_weight=args.ece_weight,
+        beta=args.beta,
+        precision=args.precision,
+        augment=args.augment,
+        input=args.input,
+        noise_schedule=args.noise_schedule,
+        image_size=args.image_size,
+        holdout=args.holdout,
+        seed=args.seed,
+        bn=args.bn,
+        n_bins=args.n_bins,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        eval_batch_size=args.eval_batch_size,
+        workers=args.workers,
+    )
+    config.validate()
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    data = open_data(args.data)
+    classifier = load_classifier(
+        args.classifier,
+        args.weights,
+        softplus_beta=args.softplus_beta,
+        input_mode=args.input_mode,
+        resize=args.resize,
+    )
+    denoiser = None
+    if (args.input or classifier.default_input) == "denoised":
+        unet, denoiser, schedule = _denoiser(args)
+        unet.to(device)
+        config = dataclasses.replace(config, noise_schedule=schedule)
+    elif args.denoiser is not None:
+        raise ValueError("--denoiser is only used with --input denoised")
+    result = finetune(
+        classifier,
+        data,
+        args.out,
+        config,
+        denoiser=denoiser,
+        device=device,
+        progress=args.progress,
+    )
+    if result.status == "interrupted":
+        print(
+            f"fguide finetune: interrupted at step {result.step}; checkpoint saved in "
+            f"{result.out_dir}. Rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
+    assert result.report is not None
+    b, a = result.report["before"], result.report["after"]
+    done = "already complete" if result.status == "already_complete" else "done"
+    print(
+        f"fine-tuning {done}: {result.step} steps. Held-out ({b['n']} images): "
+        f"ECE {b['ece']:.4f} -> {a['ece']:.4f}, accuracy {b['accuracy']:.4f} -> "
+        f"{a['accuracy']:.4f}.\nmodel: {result.model_path}\nreport: "
+        f"{result.out_dir / 'report.json'}"
+    )
+    return 0
