@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -84,6 +84,22 @@ def main() -> None:
         print(f"{k:<18}{1000 * v:>10.1f}{v / base:>16.3f}")
     worst = max(v / base for k, v in med.items() if k != "base")
     print(f"largest ratio to base: {worst:.3f} (target <= 1.05)")
+
+    # The load-insensitive answer: what a method adds to the base is its coefficient
+    # computation c = dS/df (same forward, same single backward), timed on the logits alone.
+    with torch.no_grad():
+        logits = net(x)
+    coeff: dict[str, float] = {}
+    for k, obj in objs.items():
+        reps = 200
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            obj.coefficients(logits, y, 0.3)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        coeff[k] = (time.perf_counter() - t0) / reps
+    print("isolated cost of dS/df per call, as a share of one base guidance gradient:")
+    print("  " + ", ".join(f"{k} {100 * v / base:.3f}%" for k, v in coeff.items()))
 
     result: dict = {
         "arch": args.arch,
