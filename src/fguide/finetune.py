@@ -66,7 +66,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
-from fguide.io.images import ImageFolder, center_crop_arr, load_npz_images
+from fguide.io.images import ImageFolder, center_crop_arr, load_npz_images, resize_short_side
 from fguide.metrics.calibration import plot_reliability, reliability_diagram, smooth_ece_loss
 from fguide.schedules import Process, make_process
 
@@ -482,13 +482,7 @@ def random_crop_arr(
     halvings, then BICUBIC), then a uniform ``size`` × ``size`` crop."""
     lo, hi = math.ceil(size / 1.0), math.ceil(size / min_frac)
     short = int(rng.integers(lo, hi + 1))
-    while min(*image.size) >= 2 * short:
-        w, h = image.size
-        image = image.resize((w // 2, h // 2), resample=Image.Resampling.BOX)
-    scale = short / min(*image.size)
-    w, h = image.size
-    image = image.resize((round(w * scale), round(h * scale)), resample=Image.Resampling.BICUBIC)
-    arr = np.asarray(image, dtype=np.uint8)
+    arr = resize_short_side(image, short)
     top = int(rng.integers(0, arr.shape[0] - size + 1))
     left = int(rng.integers(0, arr.shape[1] - size + 1))
     return arr[top : top + size, left : left + size]

@@ -36,16 +36,22 @@ def load_image(path: str | Path) -> NDArray[np.uint8]:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
-def center_crop_arr(image: Image.Image, size: int) -> NDArray[np.uint8]:
-    """ADM's preprocessing: halve with BOX while the short side ≥ 2·size, BICUBIC-resize the
-    short side to ``size``, then centre-crop to size × size (uint8 [size, size, 3])."""
-    while min(*image.size) >= 2 * size:
+def resize_short_side(image: Image.Image, short: int) -> NDArray[np.uint8]:
+    """ADM's resize: halve with BOX while the short side ≥ 2·short, then BICUBIC-resize the
+    short side to ``short`` (uint8 RGB [H, W, 3])."""
+    while min(*image.size) >= 2 * short:
         w, h = image.size
         image = image.resize((w // 2, h // 2), resample=Image.Resampling.BOX)
-    scale = size / min(*image.size)
+    scale = short / min(*image.size)
     w, h = image.size
     image = image.resize((round(w * scale), round(h * scale)), resample=Image.Resampling.BICUBIC)
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def center_crop_arr(image: Image.Image, size: int) -> NDArray[np.uint8]:
+    """ADM's preprocessing: :func:`resize_short_side` to ``size``, then a centre size × size
+    crop (uint8 [size, size, 3])."""
+    arr = resize_short_side(image, size)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top : top + size, left : left + size]
 
