@@ -251,6 +251,7 @@ def heun(
     c_i = max(G/(n+1)·(n+1−i), 1e−5) + sin(π i/n)·G·γ_sine, G = ``guide.scale`` (EluCD's
     maximum guidance) and g the guidance gradient at x_in = x_i / max(1, rms(x_i))
     (``guidance_input="denoised"``: at D(x_i, σ_i) instead). ``noise`` is unused (no churn).
+    The step record's ``x`` is the displaced state x_i + Δ_i the Heun step starts from.
     """
     del noise  # deterministic sampler: kept for the shared signature
     n = len(sigmas) - 1
