@@ -776,10 +776,6 @@ def _merge_states(states: Iterable[TrajState]) -> TrajState:
     return _recorder_state(merged)
 
 
-def _recorder_from_state(state: TrajState) -> TrajectoryRecorder:
-    return TrajectoryRecorder.from_state(state)
-
-
 class _Kept:
     """Callback filter: passes the first ``keep`` samples of each record (drops tilt padding)."""
 
@@ -1224,7 +1220,7 @@ def _finalize(
     samples = atomic_write(out / "samples.npz", write)
     if first:
         atomic_write(out / "grid.png", _grid_png(np.concatenate(first)))
-    traj = _recorder_from_state(_merge_states(states)).to_dict()
+    traj = TrajectoryRecorder.from_state(_merge_states(states)).to_dict()
     traj["run"] = {
         "method": cfg.method,
         "config_name": cfg.config_name,
