@@ -52,6 +52,7 @@ from fguide.metrics.fid import FeatureStats, FIDComparabilityWarning, frechet_di
 from fguide.metrics.inception_score import inception_score_splits
 from fguide.metrics.precision_recall import DistanceMode, precision_recall
 from fguide.models.inception import INCEPTION_WEIGHTS_ENV, FIDInception, load_fid_inception
+from fguide.runtime import resolve_device
 
 __all__ = [
     "EVALUATOR_VERSION",
@@ -66,7 +67,6 @@ __all__ = [
     "feature_cache_path",
     "open_images",
     "read_reference_statistics",
-    "resolve_device",
 ]
 
 #: Identifies the definitions behind the numbers (recorded in ``metrics.json``).
@@ -93,19 +93,6 @@ class EvaluationWarning(UserWarning):
 
 
 # -- devices ----------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU; an unavailable device raises."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 @contextlib.contextmanager

@@ -44,13 +44,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import hashlib
-import importlib
-import importlib.util
 import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -68,6 +65,7 @@ from torch import Tensor, nn
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
 from fguide.io.images import ImageFolder, center_crop_arr, load_npz_images, resize_short_side
 from fguide.metrics.calibration import plot_reliability, reliability_diagram, smooth_ece_loss
+from fguide.runtime import import_module_spec, resolve_device
 from fguide.schedules import Process, make_process
 
 __all__ = [
@@ -245,33 +243,6 @@ def wrap_module(
     return Classifier(module, spec, "module", default_input)
 
 
-def _import_spec(spec: str) -> Callable[[], Any]:
-    """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
-    mod_name, sep, attr = spec.rpartition(":")
-    if not sep or not mod_name or not attr:
-        raise ValueError(f"classifier: expected 'module:function', got {spec!r}")
-    if mod_name.endswith(".py"):
-        path = Path(mod_name)
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier: module file not found: {path}")
-        name = f"_fguide_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise ValueError(f"classifier: cannot import {path}")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[name] = module
-        loader_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError as err:
-            raise ValueError(f"classifier: cannot import module {mod_name!r}: {err}") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"classifier: {mod_name!r} has no callable {attr!r}")
-    return fn
-
-
 def _adm_noise_schedule(image_size: int) -> str:
     """The schedule of the diffusion model of the same size (ADM trained them together)."""
     from fguide.models.presets import PRESETS
@@ -336,7 +307,7 @@ def load_classifier(
             + ", ".join(n for n, p in PRESETS.items() if p.kind == "classifier")
             + f"), a ResNet ({', '.join(ARCHS)}) or 'module:function'"
         )
-    built = _import_spec(spec)()
+    built = import_module_spec(spec)
     if not isinstance(built, nn.Module):
         raise ValueError(f"classifier: {spec!r} returned a {type(built).__name__}, not nn.Module")
     if path is not None:
@@ -989,11 +960,7 @@ def finetune(
     config = config or FinetuneConfig()
     config.validate()
     out = Path(out_dir)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = resolve_device(device)
     kind, schedule, size = _resolve(config, classifier, data)
     if kind == "denoised" and denoiser is None:
         raise ValueError("input 'denoised' needs a diffusion model (denoiser) for x̂0")

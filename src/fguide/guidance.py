@@ -63,9 +63,8 @@ def evaluate_guidance(
         if check:
             objective.check_inputs(logits.detach(), labels)
         with torch.no_grad():
-            coeff = objective.coefficients(logits.detach(), labels, progress)
+            coeff, weights = objective.coefficients_and_weights(logits.detach(), labels, progress)
         (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=coeff.to(logits.dtype))
-    weights = objective.weights(logits.detach(), labels)
     return GuidanceResult(grad=grad, logits=logits.detach(), labels=labels, weights=weights)
 
 

@@ -244,6 +244,12 @@ class Objective:
 
     def coefficients(self, logits: Tensor, labels: Tensor, progress: float = 0.0) -> Tensor:
         """c = ∂S/∂f (times the tilt weight w_i per row when tilted)."""
+        return self.coefficients_and_weights(logits, labels, progress)[0]
+
+    def coefficients_and_weights(
+        self, logits: Tensor, labels: Tensor, progress: float = 0.0
+    ) -> tuple[Tensor, Tensor | None]:
+        """(c, w): the coefficients of :meth:`coefficients` and the tilt weights they include."""
         logits = logits.detach()
         c = base_coefficients(logits, labels, self.tau1, self.tau2)
         if self.entropy is not None:
@@ -253,7 +259,7 @@ class Objective:
             q = target_distribution(labels, logits.shape[-1], d.eps, logits)
             c = c - d.alpha * divergence_coefficients(d.name, logits, q, d.generator)
         w = self.weights(logits, labels)
-        return c if w is None else c * w[:, None]
+        return (c if w is None else c * w[:, None]), w
 
     def check_inputs(self, logits: Tensor, labels: Tensor) -> None:
         """Raise a clear error for non-finite logits or labels outside [0, N)."""

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -76,6 +75,7 @@ from fguide.models.presets import (
 )
 from fguide.models.resnet import ARCHS, INPUT_MODES, InputMode, load_resnet
 from fguide.objectives import METHODS, Objective, objective
+from fguide.runtime import import_module_spec, resolve_device
 from fguide.samplers import NonFiniteGuidanceError, SampleNoise, StepRecord, ddim, ddpm, heun
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process
 
@@ -426,12 +426,8 @@ class Components:
 
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -493,23 +489,6 @@ def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module,
     return net, {"preset": preset, **flags}
 
 
-def _import_spec(spec: str) -> nn.Module:
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(
-            f"classifier: cannot import {module_name!r} from {spec!r}: {err}"
-        ) from None
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise ValueError(f"classifier: module {module_name!r} has no attribute {attr!r}")
-    net = obj if isinstance(obj, nn.Module) else obj() if callable(obj) else None
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"classifier: {spec!r} must be or return a torch.nn.Module")
-    return net
-
-
 def _load_classifier(
     cfg: SampleConfig, device: torch.device, image_size: int
 ) -> tuple[nn.Module, str, dict[str, Any]]:
@@ -559,7 +538,9 @@ def _load_classifier(
         kind = "adm"
         desc["flags"] = flags
     elif ":" in spec:
-        net = _import_spec(spec)
+        net = import_module_spec(spec)
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"classifier: {spec!r} must be or return a torch.nn.Module")
         if weights is not None:
             net = load_model(net, weights)
         kind = "import"

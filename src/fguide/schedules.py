@@ -124,6 +124,7 @@ class Process:
             "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac),
             "fixed_large_variance": np.append(post_var[1], b[1:]) if len(b) > 1 else b,
         }
+        self.arrays["fixed_large_log_variance"] = np.log(self.arrays["fixed_large_variance"])
 
     @property
     def num_steps(self) -> int:
@@ -134,8 +135,7 @@ class Process:
 
     def extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
         """arrays[name][t] broadcast to ``like``'s shape, in ``like``'s dtype and device."""
-        arr = torch.from_numpy(self.arrays[name]).to(device=like.device)[t.to(like.device)]
-        return arr.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+        return _extract_np(self.arrays[name], t, like)
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timestep the network receives: k_t (or k_t · 1000/T when rescaled)."""
@@ -189,13 +189,11 @@ class Process:
         else:
             eps = model_output[:, :c]
             if self.variance_type == "fixed_large":
-                var_arr = self["fixed_large_variance"]
-                log_arr = np.log(var_arr)
+                var_name, log_name = "fixed_large_variance", "fixed_large_log_variance"
             else:
-                var_arr = self["posterior_variance"]
-                log_arr = self["posterior_log_variance_clipped"]
-            var = _extract_np(var_arr, t, x_t).expand_as(x_t)
-            log_var = _extract_np(log_arr, t, x_t).expand_as(x_t)
+                var_name, log_name = "posterior_variance", "posterior_log_variance_clipped"
+            var = self.extract(var_name, t, x_t).expand_as(x_t)
+            log_var = self.extract(log_name, t, x_t).expand_as(x_t)
         x0 = self.x0_from_eps(x_t, t, eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)

@@ -19,10 +19,8 @@ classifier sees at a noise level):
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +34,9 @@ from fguide.calibration_report import (
     trajectory_json,
     write_reliability_diagrams,
 )
-from fguide.evaluation import open_images, resolve_device
+from fguide.evaluation import open_images
 from fguide.io.files import atomic_write_json, provenance, sha256_file
+from fguide.runtime import import_module_spec, resolve_device
 from fguide.schedules import make_process
 
 HELP = "Calibration diagnostics: Figure 1 from a sampling run, or ECE of a classifier on images."
@@ -95,28 +94,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _import_spec(spec: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--classifier {spec!r}: an import spec is 'package.module:name'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"--classifier {spec!r}: cannot import {module_name!r} ({err})") from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"--classifier {spec!r}: {module_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not isinstance(obj, nn.Module):
-        if not callable(obj):
-            raise ValueError(f"--classifier {spec!r} is neither an nn.Module nor a factory")
-        obj = obj()  # a factory (or an nn.Module class): called without arguments
-    if not callable(obj):
-        raise ValueError(f"--classifier {spec!r} is not callable")
-    return obj
-
-
 def resolve_classifier(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[Callable[..., Tensor], bool, str]:
@@ -147,7 +124,7 @@ def resolve_classifier(
     if ":" not in spec:
         names = ", ".join([*ARCHS, *(k for k, v in PRESETS.items() if v.kind == "classifier")])
         raise ValueError(f"--classifier {spec!r}: not one of {names}, nor 'module:name'")
-    obj = _import_spec(spec)
+    obj = import_module_spec(spec, f"--classifier {spec!r}")
     if weights is not None:
         if not isinstance(obj, nn.Module):
             raise ValueError(f"--classifier-weights needs an nn.Module; {spec} gives {type(obj)}")

@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with tqdm(total=total, desc="demo", unit="method") as bar:
             for d in config.dims:
-                summary, xs, _ = run_world(
+                summary, xs = run_world(
                     d,
                     config,
                     progress=lambda s: bar.set_postfix_str(s),

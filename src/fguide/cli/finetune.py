@@ -151,9 +151,9 @@ def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from fguide.finetune import FinetuneConfig, finetune, load_classifier, open_data
+    from fguide.runtime import resolve_device
 
     config = FinetuneConfig(
         iterations=args.iterations,
@@ -179,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     config.validate()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = resolve_device(args.device)
     data = open_data(args.data)
     classifier = load_classifier(
         args.classifier,

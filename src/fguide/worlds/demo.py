@@ -220,10 +220,10 @@ def run_world(
     config: DemoConfig,
     progress: Callable[[str], None] | None = None,
     on_method: Callable[[], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]], World]:
+) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
     """Sweep γ, then run every method in the world of dimension ``dim``.
 
-    Returns the JSON-able summary, the samples and targets per method, and the world.
+    Returns the JSON-able summary and the samples and targets per method.
     """
     c = config
     world = World(GaussianMixture.circle(c.num_classes, c.radius, c.s, dim, seed=c.seed), c)
@@ -249,4 +249,4 @@ def run_world(
         "plane": world.mixture.plane().tolist(),
         "means": world.mixture.means.tolist(),
     }
-    return summary, samples, world
+    return summary, samples
