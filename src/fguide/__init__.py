@@ -18,14 +18,8 @@ from fguide.objectives import (
     Tilt,
     objective,
 )
-from fguide.samplers import (
-    NonFiniteGuidanceError,
-    SampleNoise,
-    StepRecord,
-    ddim,
-    ddpm,
-    heun,
-)
+from fguide.rng import SampleNoise
+from fguide.samplers import NonFiniteGuidanceError, StepRecord, ddim, ddpm, heun
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process, space_timesteps
 
 __version__ = "0.1.0"

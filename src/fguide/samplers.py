@@ -18,11 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fguide.guidance import GuidanceResult, Guide
+from fguide.rng import SampleNoise
 from fguide.schedules import Process
 
 EpsModel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -75,41 +75,6 @@ class StepRecord:
 
 
 Callback = Callable[[StepRecord], None]
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The generator seed of sample ``index`` in a run with ``seed`` (well mixed, 63 bits)."""
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-class SampleNoise:
-    """Per-sample Gaussian draws: row b comes from its own generator seeded by (seed, indices[b]).
-
-    Draws are made on the CPU in float32 and moved to the target device and dtype, so a sample
-    is identical whatever the batch it is in, and on CPU and GPU alike.
-    """
-
-    def __init__(self, seed: int, indices: Sequence[int]):
-        self.indices = list(indices)
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
-
-    def __call__(self, like: Tensor) -> Tensor:
-        if like.shape[0] != len(self.generators):
-            raise ValueError(
-                f"noise source has {len(self.generators)} samples, state has {like.shape[0]}"
-            )
-        draws = [torch.randn(like.shape[1:], generator=g) for g in self.generators]
-        return torch.stack(draws).to(device=like.device, dtype=like.dtype)
-
-    def initial(
-        self,
-        shape: Sequence[int],
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> Tensor:
-        """The start z of shape [B, *shape] (the first draw of every sample)."""
-        return self(torch.empty(len(self.generators), *shape, device=device, dtype=dtype))
 
 
 def _check_finite(res: GuidanceResult, step: int, t: Tensor) -> None:
@@ -282,4 +247,3 @@ def heun(
     return x
 
 
-SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "heun": heun}
