@@ -17,6 +17,7 @@ from fguide.metrics import (
     reliability_diagram,
     smooth_ece_loss,
 )
+from fguide.metrics.calibration import calibration_loss_fn, soft_binned_ece_loss
 
 
 def _reference_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
@@ -180,3 +181,132 @@ def test_trajectory_calibration() -> None:
     assert d["integral_ece"] == traj.integral_ece
     # Sharper (later) steps are more confident.
     assert d["steps"][0]["mean_confidence"] > d["steps"][2]["mean_confidence"]
+
+
+# -- the soft-binned ECE loss (a loss whose minimiser is calibrated) ---------------------------
+
+
+def _constant_confidence_logits(p: torch.Tensor, n: int, n_classes: int = 10) -> torch.Tensor:
+    """Logits whose softmax is [p, (1−p)/(N−1), ...] for all n rows (differentiable in p)."""
+    rest = ((1 - p) / (n_classes - 1)).expand(n_classes - 1)
+    return torch.log(torch.cat([p.reshape(1), rest])).expand(n, n_classes)
+
+
+def _soft_ece_closed_form(p: float, acc: float, n_bins: int, softness: float, beta: float) -> float:
+    """Every sample at confidence p, a fraction acc correct: g_b = m_b (p − acc)."""
+    centres = (np.arange(n_bins) + 0.5) / n_bins
+    z = -((p - centres) ** 2) / (2 * (softness / n_bins) ** 2)
+    m = np.exp(z - z.max())
+    m /= m.sum()
+    return float(np.sum(np.sqrt((m * (p - acc)) ** 2 + beta) - np.sqrt(beta)))
+
+
+def test_soft_binned_ece_tends_to_binned_ece() -> None:
+    rng = np.random.default_rng(3)
+    n, n_bins = 400, 10
+    # Confidences away from the bin edges (the soft and hard bins differ only there).
+    conf = (rng.integers(1, n_bins, n) + rng.uniform(0.1, 0.9, n)) / n_bins
+    conf = np.clip(conf, 0.15, 0.99)
+    probs = np.zeros((n, 4))
+    probs[:, 0] = conf
+    probs[:, 1:] = ((1 - conf) / 3)[:, None]
+    labels = np.where(rng.uniform(size=n) < conf**2, 0, 1)  # miscalibrated: acc = conf²
+    logits = torch.log(torch.from_numpy(probs))
+    y = torch.from_numpy(labels)
+    hard = ece(probs, labels, n_bins, kind="probs")
+    assert hard > 0.05
+    sharp = soft_binned_ece_loss(logits, y, 0.0, n_bins=n_bins, softness=1e-3)
+    assert abs(sharp.item() - hard) < 1e-9
+    # beta -> 0 converges too, and a soft membership gives a different (smaller) value.
+    assert abs(soft_binned_ece_loss(logits, y, 1e-12, n_bins=n_bins, softness=1e-3) - hard) < 1e-4
+    soft = soft_binned_ece_loss(logits, y, 0.0, n_bins=n_bins, softness=1.0).item()
+    assert 0 < soft < hard - 1e-3
+
+
+def test_soft_binned_ece_constant_confidence_closed_form_and_gradient() -> None:
+    n, acc, beta, softness = 20, 0.7, 1e-6, 0.5
+    y = torch.tensor([0] * 14 + [1] * 6)
+    for p0 in (0.35, 0.62, 0.7, 0.83, 0.97):
+        p = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+        loss = soft_binned_ece_loss(_constant_confidence_logits(p, n), y, beta, softness=softness)
+        (grad,) = torch.autograd.grad(loss, p)
+        closed = _soft_ece_closed_form(p0, acc, 10, softness, beta)
+        h = 1e-6
+        fd = (
+            _soft_ece_closed_form(p0 + h, acc, 10, softness, beta)
+            - _soft_ece_closed_form(p0 - h, acc, 10, softness, beta)
+        ) / (2 * h)
+        assert abs(loss.item() - closed) < 1e-12
+        assert abs(grad.item() - fd) < 1e-6 * max(1.0, abs(fd))
+
+
+def test_calibrated_confidence_minimises_soft_ece_but_not_smooth_ece() -> None:
+    # 70 % of the samples correct at one constant confidence p: the calibrated p is 0.7.
+    y = torch.tensor([0] * 7 + [1] * 3)
+    grid = np.linspace(0.2, 0.995, 160)
+
+    def losses(p0: float) -> tuple[float, float, float, float]:
+        out = []
+        for fn in (soft_binned_ece_loss, smooth_ece_loss):
+            p = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+            loss = fn(_constant_confidence_logits(p, 10), y)
+            (g,) = torch.autograd.grad(loss, p)
+            out += [loss.item(), g.item()]
+        return out[0], out[1], out[2], out[3]
+
+    values = np.array([losses(p) for p in grid])
+    assert abs(grid[np.argmin(values[:, 0])] - 0.7) <= grid[1] - grid[0]
+    assert grid[np.argmin(values[:, 2])] == grid[-1]  # Smooth ECE: as confident as possible
+    soft_lo, soft_lo_g, smooth_lo, smooth_lo_g = losses(0.6)
+    _, soft_at_g, _, smooth_at_g = losses(0.7)
+    _, soft_hi_g, _, smooth_hi_g = losses(0.8)
+    assert soft_lo_g < 0 < soft_hi_g  # pushed towards 0.7 from both sides
+    assert abs(soft_at_g) < 1e-12  # stationary at calibration
+    assert smooth_lo_g < 0 and smooth_at_g < -0.3 and smooth_hi_g < 0  # pushed towards 1
+
+
+def test_calibrated_sample_is_stationary_for_soft_ece_only() -> None:
+    # Three groups of 10 samples at confidences 0.4, 0.6, 0.9 with exactly 4, 6, 9 correct:
+    # calibrated at every confidence, so every soft bin's gap is 0 whatever the softness.
+    rows, labels = [], []
+    for p, k in ((0.4, 4), (0.6, 6), (0.9, 9)):
+        probs = [p] + [(1 - p) / 4] * 4
+        rows += [probs] * 10
+        labels += [0] * k + [1] * (10 - k)
+    logits = torch.log(torch.tensor(rows, dtype=torch.float64)).requires_grad_(True)
+    y = torch.tensor(labels)
+    for softness in (0.3, 1.0, 3.0):
+        loss = soft_binned_ece_loss(logits, y, softness=softness)
+        (g,) = torch.autograd.grad(loss, logits)
+        assert abs(loss.item()) < 1e-15 and g.abs().max().item() < 1e-12
+    (g_smooth,) = torch.autograd.grad(smooth_ece_loss(logits, y), logits)
+    assert g_smooth.abs().max().item() > 1e-3
+    # Shift every confidence up (over-confident): the soft-ECE gradient is no longer zero and
+    # lowers the arg-max logit (descent lowers the confidence).
+    over = (
+        torch.log(
+            torch.tensor(
+                [[min(r[0] + 0.08, 0.99)] + [(1 - min(r[0] + 0.08, 0.99)) / 4] * 4 for r in rows]
+            )
+        )
+        .double()
+        .requires_grad_(True)
+    )
+    (g_over,) = torch.autograd.grad(soft_binned_ece_loss(over, y), over)
+    assert (g_over[:, 0] > 0).all()
+
+
+def test_calibration_loss_lookup_and_errors() -> None:
+    assert calibration_loss_fn("smooth_ece") is smooth_ece_loss
+    assert calibration_loss_fn("soft_binned_ece") is soft_binned_ece_loss
+    with pytest.raises(ValueError, match="calibration_loss"):
+        calibration_loss_fn("ece")
+    z, y = torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="softness"):
+        soft_binned_ece_loss(z, y, softness=0.0)
+    with pytest.raises(ValueError, match="n_bins"):
+        soft_binned_ece_loss(z, y, n_bins=0)
+    with pytest.raises(ValueError, match="beta"):
+        soft_binned_ece_loss(z, y, -1.0)
+    with pytest.raises(ValueError, match="labels"):
+        soft_binned_ece_loss(z, torch.zeros(2, dtype=torch.long))

@@ -7,7 +7,11 @@ correctness a = 1[argmax = y] (ties: the lowest index):
   in float64 (a confidence of exactly 0.3 is in (0.2, 0.3]; 0 goes in the first bin):
   ECE = Σ_b (|B_b|/n) |acc(B_b) − conf(B_b)| = (1/n) Σ_b |Σ_{i∈B_b} (a_i − p̂_i)|.
 - Smooth ECE loss (the paper's eq. 1 / Algorithm 2): L = (1/n) Σ_i sqrt((p̂_i − a_i)² + β),
-  β = 1e−4; a_i carries no gradient, the gradient flows through p̂_i.
+  β = 1e−4; a_i carries no gradient, the gradient flows through p̂_i. Per sample ≈ |p̂ − a|:
+  minimised at the median of correctness, not at calibration.
+- Soft-binned ECE loss (fguide's, a loss whose minimiser is calibrated): soft membership
+  m_ib = softmax_b(−(p̂_i − c_b)² / (2 (s/B)²)) in bins centred at c_b = (b − ½)/B,
+  g_b = (1/n) Σ_i m_ib (p̂_i − a_i), L = Σ_b (sqrt(g_b² + β) − sqrt(β)); → ECE as s, β → 0.
 - Trajectory calibration (EluCD Fig. 1): per sampling step, ECE and accuracy of the classifier
   on its guidance input against the target labels; integral ECE = mean over steps.
 """
@@ -15,6 +19,7 @@ correctness a = 1[argmax = y] (ties: the lowest index):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +37,9 @@ __all__ = [
     "reliability_diagram",
     "reliability_from_confidences",
     "smooth_ece_loss",
+    "soft_binned_ece_loss",
+    "CALIBRATION_LOSSES",
+    "calibration_loss_fn",
 ]
 
 InputKind = Literal["auto", "logits", "probs"]
@@ -196,6 +204,65 @@ def smooth_ece_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1e
     conf = torch.softmax(logits, dim=1).max(dim=1).values
     correct = (logits.detach().argmax(dim=1) == labels).to(logits.dtype)
     return torch.sqrt((conf - correct) ** 2 + beta).mean()
+
+
+def soft_binned_ece_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float = 1e-6,
+    *,
+    n_bins: int = 10,
+    softness: float = 0.5,
+) -> torch.Tensor:
+    """Soft-binned ECE L = Σ_b (sqrt(g_b² + β) − sqrt(β)), a loss whose minimiser is calibrated.
+
+    p̂_i = max_k softmax(f_i)_k (carries the gradient), a_i = 1[argmax f_i = y_i] (constant);
+    soft bin membership m_ib = softmax_b(−(p̂_i − c_b)² / (2 (s/B)²)), c_b = (b − ½)/B, s =
+    ``softness`` in bin widths; g_b = (1/n) Σ_i m_ib (p̂_i − a_i) = (W_b/n)(conf_b − acc_b)
+    with W_b = Σ_i m_ib. As s → 0 the membership becomes the bin ((b−1)/B, b/B] (up to the
+    edges) and with β → 0, L → the binned ECE Σ_b (|B_b|/n)|acc_b − conf_b|.
+
+    Why it targets calibration: L ≥ 0 and L = 0 exactly when every soft bin's mean confidence
+    equals its mean correctness; a predictor with E[a | p̂] = p̂ makes every g_b vanish in
+    expectation, and where every g_b = 0 the gradient is 0 (d sqrt(g² + β)/dg = 0 at g = 0).
+    The per-sample Smooth ECE (:func:`smooth_ece_loss`) instead pulls each p̂_i towards its own
+    a_i (the median of correctness). Computed in the logits' dtype.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [n, N], got shape {tuple(logits.shape)}")
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(f"labels must be [{logits.shape[0]}], got shape {tuple(labels.shape)}")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    _check_bins(n_bins)
+    if not (math.isfinite(softness) and softness > 0):
+        raise ValueError(f"softness must be > 0 (in bin widths), got {softness}")
+    conf = torch.softmax(logits, dim=1).max(dim=1).values
+    correct = (logits.detach().argmax(dim=1) == labels).to(logits.dtype)
+    centres = (torch.arange(n_bins, dtype=logits.dtype, device=logits.device) + 0.5) / n_bins
+    width = softness / n_bins
+    member = torch.softmax(-((conf[:, None] - centres) ** 2) / (2 * width**2), dim=1)
+    gap = (member * (conf - correct)[:, None]).sum(dim=0) / logits.shape[0]
+    return (torch.sqrt(gap**2 + beta) - math.sqrt(beta)).sum()
+
+
+CALIBRATION_LOSSES = {"smooth_ece": smooth_ece_loss, "soft_binned_ece": soft_binned_ece_loss}
+"""Calibration losses by name: ``smooth_ece`` (the paper's), ``soft_binned_ece`` (fguide's)."""
+
+
+def calibration_loss_fn(name: str) -> Callable[..., torch.Tensor]:
+    """The calibration loss called ``name``: ``loss(logits, labels, beta) -> scalar tensor``.
+
+    ``smooth_ece`` (:func:`smooth_ece_loss`, the paper's; β = 1e−4 smooths per-sample gaps) or
+    ``soft_binned_ece`` (:func:`soft_binned_ece_loss`; its default β = 1e−6 smooths per-bin
+    gaps, which are about B times smaller). Only the second is minimised by a calibrated
+    predictor.
+    """
+    if name not in CALIBRATION_LOSSES:
+        raise ValueError(
+            f"calibration_loss must be one of {', '.join(CALIBRATION_LOSSES)}; got {name!r}"
+        )
+    return CALIBRATION_LOSSES[name]
 
 
 def plot_reliability(
