@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 from fixture_utils import case_names, get_case
@@ -36,6 +37,10 @@ def _process(cfg: dict) -> fguide.Process:
 # ---------------------------------------------------------------- diffusion_schedules.pt
 
 SCHED = "diffusion_schedules.pt"
+_DERIVED = {
+    "alphas_cumprod_next": lambda ac: np.append(ac[1:], 0.0),
+    "log_one_minus_alphas_cumprod": lambda ac: np.log(1.0 - ac),
+}
 
 
 @pytest.mark.parametrize("case_name", case_names(SCHED))
@@ -63,8 +68,14 @@ def test_diffusion_schedules(case_name: str) -> None:
             )
             t = torch.arange(proc.num_steps)
             torch.testing.assert_close(rescaled.model_timesteps(t), value.double(), **F64)
+        elif key in _DERIVED:  # arrays fguide does not use: their closed form from ᾱ
+            torch.testing.assert_close(
+                torch.from_numpy(_DERIVED[key](proc.alphas_cumprod)), value, atol=1e-12, rtol=1e-10
+            )
         else:
-            torch.testing.assert_close(torch.from_numpy(proc[key]), value, atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(
+                torch.from_numpy(getattr(proc, key)), value, atol=1e-12, rtol=1e-10
+            )
         compared += 1
     assert compared == len(exp)
 

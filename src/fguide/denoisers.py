@@ -1,6 +1,7 @@
-"""Adapters that turn networks into what the samplers call (METHODS.md §1).
+"""What the samplers call, and adapters that turn networks into it (METHODS.md §1).
 
-- :class:`ADMModel`: an ADM UNet as an :data:`~fguide.samplers.EpsModel` (labels only when the
+- :data:`EpsModel`, :data:`Denoiser`, :data:`NoiseFn`: the model-facing types of the samplers.
+- :class:`ADMModel`: an ADM UNet as an :data:`EpsModel` (labels only when the
   network is class-conditional).
 - :class:`VPAsEDM`: a VP ε-model as an EDM denoiser D(x, σ) = x − σ ε(x/sqrt(1+σ²), t(σ)),
   with t(σ) interpolated in log σ over the discrete training steps (k-diffusion's discrete-ε
@@ -9,11 +10,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fguide.samplers import EpsModel
+EpsModel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""ADM-style network: (x_t, model timestep, labels) → ε (C channels) or [ε, v] (2C channels)."""
+Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+"""EDM-style denoiser: (x, σ per sample, labels) → D(x, σ), the estimate of the clean sample."""
+NoiseFn = Callable[[Tensor], Tensor]
+"""Returns a standard-normal draw shaped like its argument."""
 
 
 class ADMModel:
@@ -48,6 +56,7 @@ class VPAsEDM:
     def __init__(self, model: EpsModel, alphas_cumprod: np.ndarray):
         self.model = model
         self.log_sigmas = torch.from_numpy(np.log(vp_sigmas(alphas_cumprod)))
+        self._on_device: dict[torch.device, Tensor] = {}
 
     @property
     def sigma_min(self) -> float:
@@ -59,7 +68,9 @@ class VPAsEDM:
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Fractional training timestep whose σ is ``sigma`` (clamped to the trained range)."""
-        ls = self.log_sigmas.to(sigma.device)
+        ls = self._on_device.get(sigma.device)
+        if ls is None:  # cached: no host-to-device copy per call
+            ls = self._on_device[sigma.device] = self.log_sigmas.to(sigma.device)
         log_s = sigma.double().log().clamp(ls[0], ls[-1])
         hi = torch.searchsorted(ls, log_s).clamp(1, len(ls) - 1)
         lo = hi - 1

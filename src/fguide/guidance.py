@@ -9,7 +9,7 @@ with gradient and one backward: the regularisers cost a softmax, not a second ba
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -49,23 +49,50 @@ def evaluate_guidance(
     progress: float = 0.0,
     timesteps: Tensor | None = None,
     *,
-    check: bool = True,
+    check: bool | Literal["labels"] = True,
 ) -> GuidanceResult:
     """Logits f(x), coefficients c = ∂S/∂f (no grad), then g = Jᵀc by one backward pass.
 
     ``timesteps`` is passed as the classifier's second argument (noise-aware classifiers).
     ``check`` validates labels and logits (clear errors for out-of-range labels and
-    non-finite logits).
+    non-finite logits; this reads values back from the device); ``"labels"`` checks only the
+    shapes and the label range (the samplers check the gradient for non-finite values on the
+    device); ``False`` checks nothing.
     """
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         logits = classifier(x_in) if timesteps is None else classifier(x_in, timesteps)
-        if check:
+        if check == "labels":
+            check_labels(logits.detach(), labels)
+        elif check:
             objective.check_inputs(logits.detach(), labels)
         with torch.no_grad():
             coeff, weights = objective.coefficients_and_weights(logits.detach(), labels, progress)
         (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=coeff.to(logits.dtype))
     return GuidanceResult(grad=grad, logits=logits.detach(), labels=labels, weights=weights)
+
+
+def check_labels(logits: Tensor, labels: Tensor) -> None:
+    """Raise a ValueError naming ``labels`` unless they are [B] integers in [0, N) for logits
+    [B, N] (reads the label range back from the device once)."""
+    if logits.ndim != 2:
+        raise ValueError(
+            f"classifier must return logits of shape [B, N]; got {tuple(logits.shape)}"
+        )
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"labels must have shape [{logits.shape[0]}] to match the logits; "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}")
+    if labels.numel():
+        lo_i, hi_i = torch.stack(list(torch.aminmax(labels))).tolist()
+        if lo_i < 0 or hi_i >= logits.shape[-1]:
+            raise ValueError(
+                f"labels must lie in [0, {logits.shape[-1]}) for a classifier with "
+                f"{logits.shape[-1]} classes; got range [{lo_i}, {hi_i}]"
+            )
 
 
 def guidance_gradient(
@@ -116,16 +143,24 @@ class ClassifierGuide:
     scale: float = 1.0
     input: Literal["x0", "xt"] = "x0"
     time_aware: bool = False
+    _checked: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(
         self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
     ) -> GuidanceResult:
+        # Labels are validated on the first call with a given labels tensor (once per batch:
+        # the samplers pass the same tensor every step); later steps read nothing back from
+        # the device, and non-finite gradients are caught by the samplers' device-side check.
+        check: Literal["labels"] | bool = "labels" if labels is not self._checked else False
         x = x0 if self.input == "x0" else x_t
-        return evaluate_guidance(
+        res = evaluate_guidance(
             self.classifier,
             x,
             labels,
             self.objective,
             progress,
             timesteps=t if self.time_aware else None,
+            check=check,
         )
+        self._checked = labels
+        return res

@@ -9,6 +9,13 @@ All three share one signature::
 sampler in exactly one line, marked ``# guidance``; the sampler never knows which objective runs.
 ``noise`` supplies each step's Gaussian draw; :class:`SampleNoise` seeds it per sample so that
 sample i is the same whatever batch it runs in (per-sample objectives; tilting couples a group).
+
+The samplers run the diffusion model under ``torch.no_grad()`` (the guide turns gradients on
+for its own classifier pass), so no graph is kept across steps. The hot loop never reads a
+value back to the host: schedules are device tensors (:meth:`Process.tensors`), and the
+non-finite checks of the model output and the guidance gradient accumulate on the device the
+first bad step of each sample, read back once at the end of the batch (the error still names
+the step and the samples).
 """
 
 from __future__ import annotations
@@ -21,27 +28,49 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fguide.denoisers import Denoiser, EpsModel, NoiseFn
 from fguide.guidance import GuidanceResult, Guide
 from fguide.rng import SampleNoise
 from fguide.schedules import Process
 
-EpsModel = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-"""ADM-style network: (x_t, model timestep, labels) → ε (C channels) or [ε, v] (2C channels)."""
-Denoiser = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-"""EDM-style denoiser: (x, σ per sample, labels) → D(x, σ), the estimate of the clean sample."""
-NoiseFn = Callable[[Tensor], Tensor]
-"""Returns a standard-normal draw shaped like its argument."""
+__all__ = [
+    "Callback",
+    "Denoiser",
+    "EpsModel",
+    "NoiseFn",
+    "NonFiniteGuidanceError",
+    "NonFiniteModelOutputError",
+    "SampleNoise",
+    "StepRecord",
+    "ddim",
+    "ddpm",
+    "elucd_heun_scale",
+    "elucd_sine_boost",
+    "heun",
+]
 
 
 class NonFiniteGuidanceError(RuntimeError):
-    """The guidance gradient (or state) became non-finite; names the step and the samples."""
+    """The guidance gradient (or state) became non-finite; names the step and the samples.
+
+    The base class of the samplers' non-finite errors (:class:`NonFiniteModelOutputError`);
+    ``what`` says which tensor was non-finite.
+    """
 
     def __init__(self, step: int, t: float, samples: list[int], what: str = "guidance gradient"):
-        self.step, self.t, self.samples = step, t, samples
+        self.step, self.t, self.samples, self.what = step, t, samples, what
         super().__init__(
             f"non-finite {what} at sampling step {step} (t = {t:g}) for batch positions "
             f"{samples[:8]}{'…' if len(samples) > 8 else ''}"
         )
+
+
+class NonFiniteModelOutputError(NonFiniteGuidanceError):
+    """The diffusion model's output was non-finite (before any guidance at that step)."""
+
+    def __init__(self, step: int, t: float, samples: list[int], model: str):
+        self.model = model
+        super().__init__(step, t, samples, f"output of the diffusion model {model}")
 
 
 @dataclass
@@ -76,11 +105,71 @@ class StepRecord:
 
 Callback = Callable[[StepRecord], None]
 
+_NEVER = torch.iinfo(torch.int64).max
 
-def _check_finite(res: GuidanceResult, step: int, t: Tensor) -> None:
-    bad = ~torch.isfinite(res.grad.flatten(1)).all(dim=1)
-    if bad.any():
-        raise NonFiniteGuidanceError(step, float(t[0]), bad.nonzero().flatten().tolist())
+
+class _FirstNonFinite:
+    """Per sample, the first step at which the model output / guidance gradient was not finite.
+
+    Kept on the device and updated without reading anything back; :meth:`raise_if_any` reads it
+    once. At a step where both are bad the model output is blamed (the guidance was computed
+    from it).
+    """
+
+    def __init__(self, batch: int, device: torch.device, model: object):
+        self.model_step = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
+        self.guidance_step = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
+        self.model_name = _name(model)
+
+    @staticmethod
+    def _mark(first: Tensor, value: Tensor, step: int) -> None:
+        bad = ~torch.isfinite(value.flatten(1)).all(dim=1)
+        first.masked_fill_(bad & (first == _NEVER), step)
+
+    def model(self, out: Tensor, step: int) -> None:
+        self._mark(self.model_step, out, step)
+
+    def guidance(self, grad: Tensor, step: int) -> None:
+        self._mark(self.guidance_step, grad, step)
+
+    def raise_if_any(self, t_of_step: Callable[[int], float]) -> None:
+        both = torch.stack([self.model_step, self.guidance_step]).cpu()  # the one read-back
+        m, g = int(both[0].min()), int(both[1].min())
+        if m == _NEVER and g == _NEVER:
+            return
+        if m <= g:
+            rows = (both[0] == m).nonzero().flatten().tolist()
+            raise NonFiniteModelOutputError(m, t_of_step(m), rows, self.model_name)
+        rows = (both[1] == g).nonzero().flatten().tolist()
+        raise NonFiniteGuidanceError(g, t_of_step(g), rows)
+
+
+def _name(model: object) -> str:
+    inner = getattr(model, "net", None)
+    inner = getattr(model, "model", None) if inner is None else inner
+    outer = getattr(model, "__name__", None) or type(model).__name__
+    return f"{outer}({type(inner).__name__})" if inner is not None else outer
+
+
+def _check_labels(sampler: str, guide: Guide | None, labels: Tensor | None, batch: int) -> None:
+    """Shapes only (no device read): the guide validates their range once per batch."""
+    if guide is not None and labels is None:
+        raise ValueError(
+            f"{sampler}: a guide was given without labels; pass labels=<target class per "
+            "sample> (a LongTensor of shape [batch])"
+        )
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != batch):
+        raise ValueError(
+            f"{sampler}: labels must have shape [{batch}] (one per sample); "
+            f"got {tuple(labels.shape)}"
+        )
+
+
+def _guide(
+    guide: Guide, x: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
+) -> GuidanceResult:
+    with torch.enable_grad():  # the samplers run under no_grad; the guide may need autograd
+        return guide(x, x0, t, labels, progress)
 
 
 def _default_noise(seed: int = 0) -> NoiseFn:
@@ -88,11 +177,31 @@ def _default_noise(seed: int = 0) -> NoiseFn:
     return lambda like: torch.randn(like.shape, generator=gen).to(like)
 
 
-def _indices(n: int, start_step: int | None) -> range:
+def _first_step(n: int, start_step: int | None) -> int:
     start = n - 1 if start_step is None else start_step
     if not 0 <= start < n:
         raise ValueError(f"start_step must lie in [0, {n}); got {start_step}")
-    return range(start, -1, -1)
+    return start
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """A per-sample [B] tensor shaped [B, 1, ..., 1] to broadcast against ``like``."""
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def elucd_sine_boost(t: int, n: int, sigma2_max: Tensor, sine_factor: float) -> Tensor:
+    """EluCD's DDPM variance boost a_t = max(sin(π t/n) σ²_max γ_sine, 0), per sample.
+
+    ``t`` is the respaced step (n − 1 … 0), ``sigma2_max`` the running maximum of the
+    scalar variance Σ_t[b, 0, 0, 0] (METHODS.md §5).
+    """
+    return (math.sin(math.pi * t / n) * sigma2_max * sine_factor).clamp_min(0)
+
+
+def elucd_heun_scale(i: int, n: int, scale: float, sine_factor: float) -> float:
+    """EluCD's Heun guidance size c_i = max(G/(n+1)·(n+1−i), 1e−5) + sin(π i/n)·G·γ_sine."""
+    c = max(scale / (n + 1) * (n + 1 - i), 1e-5)
+    return c + math.sin(math.pi * i / n) * scale * sine_factor
 
 
 def ddpm(
@@ -112,35 +221,52 @@ def ddpm(
 ) -> Tensor:
     """DDPM ancestral sampling with EluCD's guided mean (METHODS.md §5).
 
-    μ' = μ + (Σ + a_t) ⊙ γ g with g the guidance gradient, γ = ``guide.scale`` and the sine
-    boost a_t = max(sin(π i/n) σ²_max γ_sine, 0), σ²_max the running maximum of the scalar
-    variance Σ[b, 0, 0, 0] (per sample; ``"first_sample"`` reproduces EluCD's batch coupling).
+    At respaced step t = n − 1 … 0: x̂0 = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε (clipped to
+    [−1, 1] when ``clip_denoised``), the posterior mean μ = c1_t x̂0 + c2_t x_t, and
+    x_{t−1} = μ' + [t > 0] exp(½ log Σ) z with the guided mean
+    μ' = μ + (Σ + a_t) ⊙ γ g, g the guidance gradient, γ = ``guide.scale`` and the sine boost
+    a_t (:func:`elucd_sine_boost`), σ²_max the running maximum of the scalar variance
+    Σ[b, 0, 0, 0] (per sample; ``"first_sample"`` reproduces EluCD's batch coupling).
     ``sine_factor=0`` gives ADM's ``condition_mean`` (classic classifier guidance).
     ``start_step`` and ``max_variance`` continue a trajectory part-way: the loop starts at
     respaced index ``start_step`` (default n − 1) with σ²_max = ``max_variance``.
     """
+    b, n = z.shape[0], process.num_steps
+    _check_labels("ddpm", guide, labels, b)
     noise = noise or _default_noise()
-    x, n = z, process.num_steps
-    max_var = torch.full((x.shape[0],), max_variance, dtype=x.dtype, device=x.device)
-    for i in _indices(n, start_step):
-        k = n - 1 - i
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        tm = process.model_timesteps(t)
-        out = process.p_mean_variance(model(x, tm, labels), x, t, clip_denoised)
-        mean, res = out.mean, None
-        if guide is not None and labels is not None:
-            res = guide(x, out.pred_xstart.detach(), tm, labels, k / max(n - 1, 1))
-            _check_finite(res, k, tm)
-            v = out.variance.flatten(1)[:, 0]
-            max_var = torch.maximum(max_var, v if variance_tracking == "per_sample" else v[:1])
-            a_t = (math.sin(math.pi * i / n) * max_var * sine_factor).clamp_min(0)
-            a_t = a_t.reshape(-1, *([1] * (x.ndim - 1)))
-            mean = mean + (out.variance + a_t) * guide.scale * res.grad  # guidance
-        draw = noise(x)
-        x_prev = mean + (0.0 if i == 0 else 1.0) * torch.exp(0.5 * out.log_variance) * draw
-        if callback is not None:
-            callback(StepRecord(k, n, tm, x, out.pred_xstart, res))
-        x = x_prev
+    sched = process.tensors(z.device, z.dtype)
+    checks = _FirstNonFinite(b, z.device, model)
+    x = z
+    sigma2_max = torch.full((b,), max_variance, dtype=z.dtype, device=z.device)
+    with torch.no_grad():
+        for t in range(_first_step(n, start_step), -1, -1):
+            step = n - 1 - t  # 0 is the noisiest step
+            t_model = sched.timesteps[t].expand(b)
+            out = model(x, t_model, labels)
+            checks.model(out, step)
+            eps, v = process.split_output(out, x)
+            var, log_var = process.variance(v, t, x)
+            x0 = sched.sqrt_recip_alphas_cumprod[t] * x - sched.sqrt_recipm1_alphas_cumprod[t] * eps
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+            # μ: the mean of the posterior q(x_{t−1} | x_t, x̂0)
+            mean = sched.posterior_mean_coef1[t] * x0 + sched.posterior_mean_coef2[t] * x
+            res = None
+            if guide is not None and labels is not None:
+                res = _guide(guide, x, x0, t_model, labels, step / max(n - 1, 1))
+                checks.guidance(res.grad, step)
+                v0 = var.flatten(1)[:, 0]
+                sigma2_max = torch.maximum(
+                    sigma2_max, v0 if variance_tracking == "per_sample" else v0[:1]
+                )
+                a_t = _bcast(elucd_sine_boost(t, n, sigma2_max, sine_factor), x)
+                mean = mean + (var + a_t) * guide.scale * res.grad  # guidance
+            draw = noise(x)
+            x_prev = mean + (0.0 if t == 0 else 1.0) * torch.exp(0.5 * log_var) * draw
+            if callback is not None:
+                callback(StepRecord(step, n, t_model, x, x0, res))
+            x = x_prev
+    checks.raise_if_any(lambda step: float(process.timestep_map[n - 1 - step]))
     return x
 
 
@@ -164,44 +290,55 @@ def ddim(
     σ = η sqrt((1 − ᾱ_{t−1})/(1 − ᾱ_t)) sqrt(1 − ᾱ_t/ᾱ_{t−1}).
     ``start_step`` starts the loop at that respaced index (default n − 1).
     """
+    b, n = z.shape[0], process.num_steps
+    _check_labels("ddim", guide, labels, b)
     noise = noise or _default_noise()
-    x, n = z, process.num_steps
-    for i in _indices(n, start_step):
-        k = n - 1 - i
-        t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        tm = process.model_timesteps(t)
-        out = process.p_mean_variance(model(x, tm, labels), x, t, clip_denoised)
-        x0 = out.pred_xstart
-        eps = process.eps_from_x0(x, t, x0)
-        res = None
-        if guide is not None and labels is not None:
-            res = guide(x, x0.detach(), tm, labels, k / max(n - 1, 1))
-            _check_finite(res, k, tm)
-            sqrt_1m_abar = process.extract("sqrt_one_minus_alphas_cumprod", t, x)
-            eps = eps - sqrt_1m_abar * guide.scale * res.grad  # guidance
+    sched = process.tensors(z.device, z.dtype)
+    checks = _FirstNonFinite(b, z.device, model)
+    x = z
+    with torch.no_grad():
+        for t in range(_first_step(n, start_step), -1, -1):
+            step = n - 1 - t
+            t_model = sched.timesteps[t].expand(b)
+            out = model(x, t_model, labels)
+            checks.model(out, step)
+            eps, _ = process.split_output(out, x)
             x0 = process.x0_from_eps(x, t, eps)
-        abar = process.extract("alphas_cumprod", t, x)
-        abar_prev = process.extract("alphas_cumprod_prev", t, x)
-        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-        draw = noise(x)
-        x_prev = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-        if i > 0:
-            x_prev = x_prev + sigma * draw
-        if callback is not None:
-            callback(StepRecord(k, n, tm, x, x0, res))
-        x = x_prev
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+            eps = process.eps_from_x0(x, t, x0)  # ε consistent with the clipped x̂0
+            res = None
+            if guide is not None and labels is not None:
+                res = _guide(guide, x, x0, t_model, labels, step / max(n - 1, 1))
+                checks.guidance(res.grad, step)
+                eps = (
+                    eps - sched.sqrt_one_minus_alphas_cumprod[t] * guide.scale * res.grad
+                )  # guidance
+                x0 = process.x0_from_eps(x, t, eps)
+            abar, abar_prev = sched.alphas_cumprod[t], sched.alphas_cumprod_prev[t]
+            sigma = (
+                eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            )
+            draw = noise(x)
+            x_prev = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+            if t > 0:
+                x_prev = x_prev + sigma * draw
+            if callback is not None:
+                callback(StepRecord(step, n, t_model, x, x0, res))
+            x = x_prev
+    checks.raise_if_any(lambda step: float(process.timestep_map[n - 1 - step]))
     return x
 
 
 def _rms(v: Tensor) -> Tensor:
     """sqrt(mean over C, H, W of v²), per sample, shaped for broadcasting."""
-    return v.pow(2).flatten(1).mean(1).sqrt().reshape(-1, *([1] * (v.ndim - 1)))
+    return _bcast(v.pow(2).flatten(1).mean(1).sqrt(), v)
 
 
 def heun(
     model: Denoiser,
     z: Tensor,
-    sigmas: Tensor,
+    sigmas: Tensor | Sequence[float],
     *,
     labels: Tensor | None = None,
     guide: Guide | None = None,
@@ -209,41 +346,77 @@ def heun(
     callback: Callback | None = None,
     sine_factor: float = 0.3,
     guidance_input: Literal["x", "denoised"] = "x",
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
 ) -> Tensor:
-    """EDM Heun sampling (no churn) with EluCD's guided displacement (EluCD Algorithm 2).
+    """EDM's Heun sampler (EDM Algorithm 2, ``edm_sampler``) with EluCD's guided displacement.
 
-    Before step i the state moves by Δ_i = g/rms(g) · rms(x_i) · c_i with
-    c_i = max(G/(n+1)·(n+1−i), 1e−5) + sin(π i/n)·G·γ_sine, G = ``guide.scale`` (EluCD's
-    maximum guidance) and g the guidance gradient at x_in = x_i / max(1, rms(x_i))
-    (``guidance_input="denoised"``: at D(x_i, σ_i) instead). ``noise`` is unused (no churn).
-    The step record's ``x`` is the displaced state x_i + Δ_i the Heun step starts from.
+    Step i = 0 … n−1 from σ_i to σ_{i+1} (σ_n = 0), x_0 = z σ_0:
+
+    1. churn: γ_i = min(S_churn/n, √2 − 1) if S_tmin ≤ σ_i ≤ S_tmax else 0; σ̂ = σ_i + γ_i σ_i
+       and x̂ = x_i + sqrt(σ̂² − σ_i²) S_noise ε_i (σ̂ is not rounded: EDM's ``round_sigma`` is
+       the identity for these float grids);
+    2. guidance (EluCD Algorithm 2) enters here, on x̂, before the ODE step: x̂ ← x̂ + Δ with
+       Δ = g/rms(g) · rms(x̂) · c_i (:func:`elucd_heun_scale`, G = ``guide.scale``) and g the
+       guidance gradient at x_in = x̂ / max(1, rms(x̂)) (``guidance_input="denoised"``: at
+       D(x̂, σ̂)), the guide receiving σ̂ as its t;
+    3. Euler: d = (x̂ − D(x̂, σ̂))/σ̂, x_{i+1} = x̂ + (σ_{i+1} − σ̂) d, and where σ_{i+1} > 0
+       Heun's correction x_{i+1} = x̂ + (σ_{i+1} − σ̂)(d + d')/2, d' = (x_{i+1} −
+       D(x_{i+1}, σ_{i+1}))/σ_{i+1}.
+
+    Noise draws: when ``s_churn > 0`` one ε_i = ``noise(x)`` per step, at every step (also
+    where γ_i = 0, and at the last), as the reference's ``randn_like`` schedule; when
+    ``s_churn == 0`` (the default, deterministic) ``noise`` is never called and the sampler is
+    EDM's deterministic Heun. The step record's ``x`` is the state the Heun step starts from
+    (x̂ + Δ), its ``t`` σ̂.
     """
-    del noise  # deterministic sampler: kept for the shared signature
-    n = len(sigmas) - 1
-    x = z * sigmas[0].to(z)
-    for i in range(n):
-        s, s_next = sigmas[i].to(x), sigmas[i + 1].to(x)
-        s_b = s.expand(x.shape[0])
-        res = None
-        if guide is not None and labels is not None:
-            if guidance_input == "x":
-                x_in = (x / _rms(x).clamp_min(1.0)).detach()
-            else:
-                x_in = model(x, s_b, labels).detach()
-            res = guide(x, x_in, s_b, labels, i / max(n - 1, 1))
-            _check_finite(res, i, s_b)
-            c_i = max(guide.scale / (n + 1) * (n + 1 - i), 1e-5)
-            c_i += math.sin(math.pi * i / n) * guide.scale * sine_factor
-            x = x + res.grad / _rms(res.grad) * _rms(x) * c_i  # guidance
-        denoised = model(x, s_b, labels)
-        d = (x - denoised) / s
-        x_next = x + (s_next - s) * d
-        if s_next > 0:
-            d_prime = (x_next - model(x_next, s_next.expand(x.shape[0]), labels)) / s_next
-            x_next = x + (s_next - s) * (0.5 * d + 0.5 * d_prime)
-        if callback is not None:
-            callback(StepRecord(i, n, s_b, x, denoised, res))
-        x = x_next
+    if s_churn < 0 or s_noise < 0:
+        raise ValueError(f"s_churn and s_noise must be >= 0; got {s_churn}, {s_noise}")
+    b = z.shape[0]
+    _check_labels("heun", guide, labels, b)
+    sig_t = torch.as_tensor(sigmas, dtype=torch.float64)
+    n = len(sig_t) - 1
+    sig = sig_t.to(z)  # the arithmetic on the device, in the state's dtype
+    sig_host = sig_t.tolist()  # control flow (churn window, last step) without device reads
+    if s_churn > 0:
+        noise = noise or _default_noise()
+    checks = _FirstNonFinite(b, z.device, model)
+    t_hat_host: list[float] = []
+    x = z * sig[0]
+    with torch.no_grad():
+        for i in range(n):
+            s, s_next = sig[i], sig[i + 1]
+            gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sig_host[i] <= s_tmax else 0.0
+            if s_churn > 0 and noise is not None:
+                s_hat = s + gamma * s
+                x = x + (s_hat**2 - s**2).sqrt() * s_noise * noise(x)
+                s = s_hat
+            t_hat_host.append(sig_host[i] * (1 + gamma))
+            s_b = s.expand(b)
+            res = None
+            if guide is not None and labels is not None:
+                if guidance_input == "x":
+                    x_in = x / _rms(x).clamp_min(1.0)
+                else:
+                    x_in = model(x, s_b, labels)
+                    checks.model(x_in, i)
+                res = _guide(guide, x, x_in, s_b, labels, i / max(n - 1, 1))
+                checks.guidance(res.grad, i)
+                c_i = elucd_heun_scale(i, n, guide.scale, sine_factor)
+                x = x + res.grad / _rms(res.grad) * _rms(x) * c_i  # guidance
+            denoised = model(x, s_b, labels)
+            checks.model(denoised, i)
+            d = (x - denoised) / s
+            x_next = x + (s_next - s) * d
+            if sig_host[i + 1] > 0:
+                second = model(x_next, s_next.expand(b), labels)
+                checks.model(second, i)
+                d_prime = (x_next - second) / s_next
+                x_next = x + (s_next - s) * (0.5 * d + 0.5 * d_prime)
+            if callback is not None:
+                callback(StepRecord(i, n, s_b, x, denoised, res))
+            x = x_next
+    checks.raise_if_any(lambda step: t_hat_host[step])
     return x
-
-

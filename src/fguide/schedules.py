@@ -1,14 +1,15 @@
 """Noise schedules, ADM respacing, the respaced VP process, and EDM sigmas (METHODS.md §1).
 
 Everything here is a pure function of its arguments; arrays are float64 numpy as in ADM, and
-:class:`Process` extracts them into tensors of the caller's dtype (ADM casts to float32; fguide
-keeps the caller's precision so float64 runs reproduce the references to ~1e-15).
+:meth:`Process.tensors` gives them as tensors of the caller's device and dtype, cached (ADM
+casts to float32; fguide keeps the caller's precision so float64 runs reproduce the references
+to ~1e-15; the samplers index them on the device, with no host copy per step).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -87,11 +88,41 @@ def space_timesteps(num_steps: int, section_counts: str) -> list[int]:
     return sorted(set(kept))
 
 
-@dataclass
+@dataclass(frozen=True)
+class ProcessTensors:
+    """The arrays of a :class:`Process` as tensors on one device and dtype (METHODS.md §1).
+
+    Index with the respaced step: ``sched.alphas_cumprod[i]`` is ᾱ_i (a 0-d tensor, broadcast
+    against the state; no host copy per step). ``timesteps[i]`` is what the network receives,
+    k_i (int64), or k_i · 1000/T (float64) when the process rescales timesteps.
+    """
+
+    betas: Tensor
+    alphas_cumprod: Tensor
+    alphas_cumprod_prev: Tensor
+    sqrt_alphas_cumprod: Tensor
+    sqrt_one_minus_alphas_cumprod: Tensor
+    sqrt_recip_alphas_cumprod: Tensor
+    sqrt_recipm1_alphas_cumprod: Tensor
+    posterior_variance: Tensor
+    posterior_log_variance_clipped: Tensor
+    posterior_mean_coef1: Tensor
+    posterior_mean_coef2: Tensor
+    fixed_large_variance: Tensor
+    fixed_large_log_variance: Tensor
+    timesteps: Tensor
+
+
+_ARRAYS = tuple(f.name for f in fields(ProcessTensors) if f.name != "timesteps")
+
+
+@dataclass(eq=False)
 class Process:
     """A (respaced) VP diffusion process with ADM's derived arrays, indexed by respaced step t.
 
-    ``timestep_map[t]`` is the original training timestep k_t passed to the model.
+    ``timestep_map[t]`` is the original training timestep k_t passed to the model. The derived
+    arrays are float64 numpy attributes (``process.alphas_cumprod``; ``process["name"]`` still
+    works); :meth:`tensors` gives them on a device, cached per (device, dtype).
     """
 
     betas: np.ndarray
@@ -99,110 +130,155 @@ class Process:
     variance_type: VarianceType = "learned_range"
     num_train_steps: int = 1000
     rescale_timesteps: bool = False
-    arrays: dict[str, np.ndarray] = field(init=False, repr=False)
+    alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    alphas_cumprod_prev: np.ndarray = field(init=False, repr=False)
+    sqrt_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    sqrt_one_minus_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    sqrt_recip_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    sqrt_recipm1_alphas_cumprod: np.ndarray = field(init=False, repr=False)
+    posterior_variance: np.ndarray = field(init=False, repr=False)
+    posterior_log_variance_clipped: np.ndarray = field(init=False, repr=False)
+    posterior_mean_coef1: np.ndarray = field(init=False, repr=False)
+    posterior_mean_coef2: np.ndarray = field(init=False, repr=False)
+    fixed_large_variance: np.ndarray = field(init=False, repr=False)
+    fixed_large_log_variance: np.ndarray = field(init=False, repr=False)
+    _cache: dict[tuple[torch.device, torch.dtype], ProcessTensors] = field(
+        init=False, repr=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
-        b = np.asarray(self.betas, dtype=np.float64)
+        b = self.betas = np.asarray(self.betas, dtype=np.float64)
         ac = np.cumprod(1.0 - b)
         ac_prev = np.append(1.0, ac[:-1])
-        ac_next = np.append(ac[1:], 0.0)
         post_var = b * (1.0 - ac_prev) / (1.0 - ac)
-        post_logvar = np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 else np.log(b)
-        self.arrays = {
-            "betas": b,
-            "alphas_cumprod": ac,
-            "alphas_cumprod_prev": ac_prev,
-            "alphas_cumprod_next": ac_next,
-            "sqrt_alphas_cumprod": np.sqrt(ac),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
-            "posterior_variance": post_var,
-            "posterior_log_variance_clipped": post_logvar,
-            "posterior_mean_coef1": b * np.sqrt(ac_prev) / (1.0 - ac),
-            "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac),
-            "fixed_large_variance": np.append(post_var[1], b[1:]) if len(b) > 1 else b,
-        }
-        self.arrays["fixed_large_log_variance"] = np.log(self.arrays["fixed_large_variance"])
+        self.alphas_cumprod = ac
+        self.alphas_cumprod_prev = ac_prev
+        self.sqrt_alphas_cumprod = np.sqrt(ac)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - ac)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
+        self.posterior_variance = post_var
+        # log of the posterior variance with its t = 0 entry (zero) replaced by t = 1's
+        self.posterior_log_variance_clipped = (
+            np.log(np.append(post_var[1], post_var[1:])) if len(b) > 1 else np.log(b)
+        )
+        self.posterior_mean_coef1 = b * np.sqrt(ac_prev) / (1.0 - ac)
+        self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - b) / (1.0 - ac)
+        self.fixed_large_variance = np.append(post_var[1], b[1:]) if len(b) > 1 else b
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
     @property
     def num_steps(self) -> int:
         return len(self.betas)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name]
+        if name not in _ARRAYS:
+            raise KeyError(f"Process has no array {name!r}; it has {', '.join(_ARRAYS)}")
+        arr: np.ndarray = getattr(self, name)
+        return arr
 
-    def extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
-        """arrays[name][t] broadcast to ``like``'s shape, in ``like``'s dtype and device."""
-        return _extract_np(self.arrays[name], t, like)
+    def tensors(
+        self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
+    ) -> ProcessTensors:
+        """The arrays as ``dtype`` tensors on ``device`` (cast from float64), built once."""
+        key = (torch.device(device), dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            k = torch.from_numpy(self.timestep_map.astype(np.int64))
+            steps = k.double() * (1000.0 / self.num_train_steps) if self.rescale_timesteps else k
+            cached = ProcessTensors(
+                **{
+                    n: torch.from_numpy(getattr(self, n)).to(device=key[0], dtype=dtype)
+                    for n in _ARRAYS
+                },
+                timesteps=steps.to(key[0]),
+            )
+            self._cache[key] = cached
+        return cached
 
     def model_timesteps(self, t: Tensor) -> Tensor:
         """The timestep the network receives: k_t (or k_t · 1000/T when rescaled)."""
-        k = torch.from_numpy(self.timestep_map).to(t.device)[t]
-        return k.double() * (1000.0 / self.num_train_steps) if self.rescale_timesteps else k
+        return self.tensors(t.device).timesteps[t]
 
-    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def q_sample(self, x0: Tensor, t: Tensor | int, noise: Tensor) -> Tensor:
         """x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε."""
+        s = self.tensors(x0.device, x0.dtype)
         return (
-            self.extract("sqrt_alphas_cumprod", t, x0) * x0
-            + self.extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+            _at(s.sqrt_alphas_cumprod, t, x0) * x0
+            + _at(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         )
 
-    def x0_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    def x0_from_eps(self, x_t: Tensor, t: Tensor | int, eps: Tensor) -> Tensor:
         """x̂0 = sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε."""
+        s = self.tensors(x_t.device, x_t.dtype)
         return (
-            self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-            - self.extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+            _at(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - _at(s.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
         )
 
-    def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+    def eps_from_x0(self, x_t: Tensor, t: Tensor | int, x0: Tensor) -> Tensor:
         """ε = (sqrt(1/ᾱ_t) x_t − x̂0) / sqrt(1/ᾱ_t − 1)."""
-        return (self.extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0) / self.extract(
-            "sqrt_recipm1_alphas_cumprod", t, x_t
+        s = self.tensors(x_t.device, x_t.dtype)
+        return (_at(s.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / _at(
+            s.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
-    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """μ = c1_t x̂0 + c2_t x_t."""
-        return (
-            self.extract("posterior_mean_coef1", t, x_t) * x0
-            + self.extract("posterior_mean_coef2", t, x_t) * x_t
-        )
+    def posterior_mean(self, x0: Tensor, x_t: Tensor, t: Tensor | int) -> Tensor:
+        """μ = c1_t x̂0 + c2_t x_t (the mean of q(x_{t−1} | x_t, x̂0))."""
+        s = self.tensors(x_t.device, x_t.dtype)
+        return _at(s.posterior_mean_coef1, t, x_t) * x0 + _at(s.posterior_mean_coef2, t, x_t) * x_t
 
-    def p_mean_variance(
-        self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = True
-    ) -> PMeanVariance:
-        """ADM's ``p_mean_variance`` for an ε-prediction model output (C or 2C channels)."""
-        c = x_t.shape[1]
+    def split_output(self, model_output: Tensor, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(ε, v) from an ε-model's output: v is the learned-range interpolation input (the
+        second C channels) or None for fixed variances."""
+        c = like.shape[1]
         if self.variance_type == "learned_range":
             if model_output.shape[1] != 2 * c:
                 raise ValueError(
                     f"learned-range variance needs a model output of {2 * c} channels "
                     f"(ε and v); got {model_output.shape[1]}"
                 )
-            eps, v = model_output[:, :c], model_output[:, c:]
-            min_log = self.extract("posterior_log_variance_clipped", t, x_t)
-            max_log = torch.log(self.extract("betas", t, x_t))
+            return model_output[:, :c], model_output[:, c:]
+        return model_output[:, :c], None
+
+    def variance(self, v: Tensor | None, t: Tensor | int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(Σ, log Σ) of p(x_{t−1} | x_t): for ``learned_range`` log Σ = frac log β_t +
+        (1 − frac) log β̃_t with frac = (v + 1)/2; else the fixed large (β_t, with β̃_1 at
+        t = 0) or small (β̃_t) variance, broadcast to ``like``."""
+        s = self.tensors(like.device, like.dtype)
+        if v is not None:
+            min_log = _at(s.posterior_log_variance_clipped, t, like)
+            max_log = torch.log(_at(s.betas, t, like))
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
-            var = torch.exp(log_var)
+            return torch.exp(log_var), log_var
+        if self.variance_type == "fixed_large":
+            var_t, log_var_t = s.fixed_large_variance, s.fixed_large_log_variance
         else:
-            eps = model_output[:, :c]
-            if self.variance_type == "fixed_large":
-                var_name, log_name = "fixed_large_variance", "fixed_large_log_variance"
-            else:
-                var_name, log_name = "posterior_variance", "posterior_log_variance_clipped"
-            var = self.extract(var_name, t, x_t).expand_as(x_t)
-            log_var = self.extract(log_name, t, x_t).expand_as(x_t)
+            var_t, log_var_t = s.posterior_variance, s.posterior_log_variance_clipped
+        return _at(var_t, t, like).expand_as(like), _at(log_var_t, t, like).expand_as(like)
+
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor | int, clip_denoised: bool = True
+    ) -> PMeanVariance:
+        """ADM's ``p_mean_variance`` for an ε-prediction model output (C or 2C channels).
+
+        ``t`` is the respaced step: an int (the whole batch) or a per-sample tensor.
+        """
+        eps, v = self.split_output(model_output, x_t)
+        var, log_var = self.variance(v, t, x_t)
         x0 = self.x0_from_eps(x_t, t, eps)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         return PMeanVariance(self.posterior_mean(x0, x_t, t), var, log_var, x0, eps)
 
 
-def _extract_np(arr: np.ndarray, t: Tensor, like: Tensor) -> Tensor:
-    out = torch.from_numpy(arr).to(like.device)[t.to(like.device)].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
+def _at(arr: Tensor, t: Tensor | int, like: Tensor) -> Tensor:
+    """arr[t] shaped to broadcast against ``like``: a 0-d tensor for an int t, [B, 1, ...] for
+    per-sample steps."""
+    if isinstance(t, int):
+        return arr[t]
+    return arr[t.to(arr.device)].reshape(-1, *([1] * (like.ndim - 1)))
 
 
 @dataclass
