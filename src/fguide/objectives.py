@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fguide import defaults
+
 Generator = Callable[[Tensor], Tensor]
 """A convex f-divergence generator f(t), elementwise on a tensor, with f(1) = 0."""
 
@@ -150,9 +152,9 @@ def _generator_derivative(generator: Generator, log_t: Tensor) -> Tensor:
 class EntropyRegularizer:
     """λ(u) H(p), with λ decreasing over sampling progress u ∈ [0, 1] (METHODS.md §3)."""
 
-    lam_max: float = 0.2
-    lam_min: float = 0.05
-    schedule: LambdaSchedule = "linear"
+    lam_max: float = defaults.LAM_MAX
+    lam_min: float = defaults.LAM_MIN
+    schedule: LambdaSchedule = defaults.LAM_SCHEDULE
 
     def lam(self, progress: float) -> float:
         """λ at progress u (u = 0 the first, noisiest step; u = 1 the last)."""
@@ -169,8 +171,8 @@ class DivergenceRegularizer:
     """−α D_f(q_y ‖ p), with q_y the ε-smoothed one-hot target."""
 
     name: str = "rkl"
-    alpha: float = 0.1
-    eps: float = 0.1
+    alpha: float = defaults.ALPHA["rkl"]
+    eps: float = defaults.EPS
     generator: Generator | None = None
 
 
@@ -182,7 +184,7 @@ class Tilt:
     base score s_i is low (the paper's best: −0.2). Tilting couples the samples of a group.
     """
 
-    t_tilt: float = -0.2
+    t_tilt: float = defaults.T_TILT
     group_size: int | None = None
 
     def weights(self, base_scores: Tensor) -> Tensor:
@@ -206,8 +208,8 @@ class Objective:
     by the tilt weight w_i when tilted, so that the guidance gradient is Jᵀc in one backward pass.
     """
 
-    tau1: float = 1.0
-    tau2: float = 0.5
+    tau1: float = defaults.TAU1
+    tau2: float = defaults.TAU2_RATIO * defaults.TAU1
     entropy: EntropyRegularizer | None = None
     divergence: DivergenceRegularizer | None = None
     tilt: Tilt | None = None
@@ -316,17 +318,18 @@ def _validate(obj: Objective) -> None:
 def objective(
     name: str = "base",
     *,
-    tau1: float = 1.0,
+    tau1: float = defaults.TAU1,
     tau2: float | None = None,
     alpha: float | None = None,
-    eps: float = 0.1,
+    eps: float = defaults.EPS,
     generator: Generator | None = None,
-    lam_max: float = 0.2,
-    lam_min: float = 0.05,
-    lam_schedule: LambdaSchedule = "linear",
+    lam_max: float = defaults.LAM_MAX,
+    lam_min: float = defaults.LAM_MIN,
+    lam_schedule: LambdaSchedule = defaults.LAM_SCHEDULE,
     entropy: bool = False,
     t_tilt: float | None = None,
     group_size: int | None = None,
+    sampler: str = "ddpm",
 ) -> Objective:
     """Build a guidance objective by method name with the paper's defaults (METHODS.md §3, §7).
 
@@ -343,8 +346,10 @@ def objective(
         raise ValueError(f"unknown guidance method {name!r}; choose one of {', '.join(METHODS)}")
     if generator is not None and name != "f":
         raise ValueError(f"generator= is for method 'f'; method {name!r} has its own generator")
+    if sampler not in defaults.SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(defaults.SAMPLERS)}; got {sampler!r}")
     if tau2 is None:
-        tau2 = tau1 if name == "logsoftmax" else 0.5 * tau1
+        tau2 = defaults.tau2(name, sampler, tau1)
     ent = (
         EntropyRegularizer(lam_max, lam_min, lam_schedule)
         if (entropy or name == "entropy")
@@ -354,16 +359,15 @@ def objective(
     if name in DIVERGENCES or name == "f":
         if name == "f" and generator is None:
             raise ValueError("method 'f' needs generator=, a function f(t) with f(1) = 0")
-        default_alpha = 0.1 if name == "rkl" else 0.09
         div = DivergenceRegularizer(
             name=name,
-            alpha=default_alpha if alpha is None else alpha,
+            alpha=defaults.alpha(name) if alpha is None else alpha,
             eps=eps,
             generator=generator if name == "f" else None,
         )
     elif alpha is not None:
         raise ValueError(f"alpha is a divergence weight; method {name!r} has no divergence term")
     if name == "tilted" and t_tilt is None:
-        t_tilt = -0.2
+        t_tilt = defaults.T_TILT
     tilt = Tilt(t_tilt, group_size) if t_tilt is not None else None
     return Objective(tau1=tau1, tau2=tau2, entropy=ent, divergence=div, tilt=tilt, name=name)

@@ -19,12 +19,9 @@ classifier sees at a noise level):
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
-
+from fguide import defaults as D
 from fguide.calibration_report import (
     classifier_calibration,
     load_trajectory_curves,
@@ -34,9 +31,11 @@ from fguide.calibration_report import (
     trajectory_json,
     write_reliability_diagrams,
 )
+from fguide.cli import add_hidden_alias
 from fguide.evaluation import open_images
 from fguide.io.files import atomic_write_json, provenance, sha256_file
-from fguide.runtime import import_module_spec, resolve_device
+from fguide.models.classifiers import load_classifier
+from fguide.runtime import resolve_device
 from fguide.schedules import make_process
 
 HELP = "Calibration diagnostics: Figure 1 from a sampling run, or ECE of a classifier on images."
@@ -72,13 +71,28 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="the classifier takes (x_t, t) (automatic for ADM presets)",
     )
     g.add_argument(
-        "--input-mode",
+        "--classifier-input-mode",
         choices=("elucd", "imagenet"),
         default="elucd",
-        help="ResNet input: elucd = images in [-1, 1] as is; imagenet = mean/std normalised",
+        help="ResNet input: elucd = images in [-1, 1] as is (default); imagenet = normalised",
     )
-    g.add_argument("--softplus-beta", type=float, default=None, help="ResNet Softplus β (EluCD 3)")
-    g.add_argument("--resize", type=int, default=None, help="resize ResNet inputs to this size")
+    g.add_argument(
+        "--softplus-beta",
+        type=D.parse_softplus_beta,
+        default=None,
+        metavar="BETA",
+        help=f"ResNet ReLU → Softplus(β) (default {D.softplus_beta('ddpm'):g}, EluCD's DDPM "
+        "value; 'relu' keeps ReLU)",
+    )
+    g.add_argument(
+        "--classifier-resize",
+        type=int,
+        default=None,
+        metavar="N",
+        help="resize ResNet inputs to N×N",
+    )
+    add_hidden_alias(g, "--input-mode", "classifier_input_mode", choices=("elucd", "imagenet"))
+    add_hidden_alias(g, "--resize", "classifier_resize", type=int)
     g.add_argument(
         "--noise-t",
         default="clean",
@@ -92,47 +106,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda:N")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def resolve_classifier(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[Callable[..., Tensor], bool, str]:
-    """(classifier, time_aware, description) from the command line."""
-    from fguide.models.loading import load_model
-    from fguide.models.presets import PRESETS
-    from fguide.models.resnet import ARCHS, load_resnet
-
-    spec: str = args.classifier
-    weights: Path | None = args.classifier_weights
-    if spec in ARCHS or (spec in PRESETS and PRESETS[spec].kind == "classifier"):
-        if weights is None:
-            raise ValueError(f"--classifier {spec} needs --classifier-weights (a state-dict file)")
-        if not weights.is_file():
-            raise FileNotFoundError(f"--classifier-weights: file not found: {weights}")
-        if spec in ARCHS:
-            net: nn.Module = load_resnet(
-                spec,
-                weights,
-                args.softplus_beta,
-                args.input_mode,
-                args.resize,
-                device=device,
-            )
-            return net, args.time_aware, f"{spec} ({weights})"
-        net = load_model(spec, weights).to(device)
-        return net, True, f"ADM {spec} ({weights})"  # ADM classifiers see (x_t, t)
-    if ":" not in spec:
-        names = ", ".join([*ARCHS, *(k for k, v in PRESETS.items() if v.kind == "classifier")])
-        raise ValueError(f"--classifier {spec!r}: not one of {names}, nor 'module:name'")
-    obj = import_module_spec(spec, f"--classifier {spec!r}")
-    if weights is not None:
-        if not isinstance(obj, nn.Module):
-            raise ValueError(f"--classifier-weights needs an nn.Module; {spec} gives {type(obj)}")
-        obj = load_model(obj, weights)
-    if isinstance(obj, nn.Module):
-        obj = obj.to(device).eval()
-    time_aware = bool(args.time_aware or getattr(obj, "time_aware", False))
-    return obj, time_aware, spec
 
 
 def _run_trajectory(args: argparse.Namespace) -> int:
@@ -173,7 +146,18 @@ def _run_classifier(args: argparse.Namespace) -> int:
     levels = parse_noise_levels(args.noise_t, args.diffusion_steps)
     source = open_images(args.images, image_size=args.image_size)
     device = resolve_device(args.device)
-    classifier, time_aware, description = resolve_classifier(args, device)
+    loaded = load_classifier(
+        args.classifier,
+        args.classifier_weights,
+        image_size=source.size[0],
+        device=device,
+        softplus_beta=args.softplus_beta,
+        input_mode=args.classifier_input_mode,
+        resize=args.classifier_resize,
+        time_aware=args.time_aware or None,
+        dtype=None,
+    )
+    classifier, time_aware = loaded.module, loaded.time_aware
     process = None
     if any(t is not None for t in levels):
         process = make_process(args.noise_schedule, args.diffusion_steps, "", "fixed_small")
@@ -196,7 +180,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
         ).name
     data = result.to_dict()
     data.update(
-        classifier=description,
+        classifier=loaded.description,
         classifier_weights_sha256=(
             sha256_file(args.classifier_weights) if args.classifier_weights else None
         ),

@@ -10,69 +10,32 @@ Rerunning the same command continues an interrupted run; see :mod:`fguide.sampli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
+from fguide import defaults as D
+from fguide.io import runs
 from fguide.objectives import METHODS
 from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.samplers import NonFiniteGuidanceError
-from fguide.sampling import (
-    DEFAULT_SHARD_SIZE,
-    DEFAULT_TILT_GROUP,
-    PRECISIONS,
-    SAMPLERS,
-    DistributedRunError,
-    SampleConfig,
-    run_sampling,
-)
+from fguide.sampling import DistributedRunError, run_sampling
+from fguide.sampling_config import DEFAULT_SHARD_SIZE, PRECISIONS, SampleConfig
 
 HELP = "Draw guided samples into resumable ADM-format shards (torchrun for several GPUs)."
 
-# Flags whose value is None unless given: a --config supplies them, explicit flags override.
-_OVERRIDABLE = (
-    "model_preset",
-    "model_flags",
-    "classifier",
-    "classifier_weights",
-    "classifier_flags",
-    "classifier_input_mode",
-    "classifier_resize",
-    "softplus_beta",
-    "method",
-    "tau1",
-    "tau2",
-    "alpha",
-    "eps",
-    "lam_max",
-    "lam_min",
-    "lam_schedule",
-    "entropy",
-    "t_tilt",
-    "tilt_group",
-    "scale",
-    "sine_factor",
-    "variance_tracking",
-    "guidance_input",
-    "sampler",
-    "steps",
-    "eta",
-    "clip_denoised",
-    "num_samples",
-    "batch_size",
-    "seed",
-    "labels",
-    "precision",
-    "device",
-    "shard_size",
-    "image_size",
-    "grid",
-    "max_shards",
-)
+# Every SampleConfig field but these is a flag whose value stays None unless given: a --config
+# supplies it, explicit flags override it.
+_NOT_FLAGS = {"out", "model", "progress", "config_name"}
+_OVERRIDABLE = tuple(f.name for f in dataclasses.fields(SampleConfig) if f.name not in _NOT_FLAGS)
+_CONFIG_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(SampleConfig) if f.name not in _NOT_FLAGS
+}
 
 
-def _softplus(text: str) -> float:
-    return 0.0 if text.lower() in ("relu", "none", "0") else float(text)
+def _default(name: str) -> Any:
+    return _CONFIG_DEFAULTS[name]
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -89,20 +52,33 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--list-configs", action="store_true", help="print the configurations")
     io.add_argument(
-        "--num-samples", type=int, metavar="N", help="number of samples (default 50000)"
+        "--num-samples",
+        type=int,
+        metavar="N",
+        help=f"number of samples (default {_default('num_samples')})",
     )
     io.add_argument(
-        "--batch-size", type=int, metavar="B", help="samples per forward pass (default 64)"
+        "--batch-size",
+        type=int,
+        metavar="B",
+        help=f"samples per forward pass (default {_default('batch_size')})",
     )
     io.add_argument(
-        "--seed", type=int, metavar="S", help="run seed; sample i depends on (seed, i) (default 0)"
+        "--seed",
+        type=int,
+        metavar="S",
+        help=f"run seed; sample i depends on (seed, i) (default {_default('seed')})",
     )
     io.add_argument(
         "--labels",
         metavar="MODE",
         help="'uniform' (default), 'balanced' (seeded class permutations) or one class id",
     )
-    io.add_argument("--precision", choices=list(PRECISIONS), help="UNet precision (default fp32)")
+    io.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help=f"UNet precision (default {_default('precision')})",
+    )
     io.add_argument("--device", metavar="DEV", help="'auto' (default), 'cpu', 'cuda', 'cuda:1'")
     io.add_argument(
         "--shard-size",
@@ -111,7 +87,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         help=f"samples per shard file (default {DEFAULT_SHARD_SIZE}); fixed for a run",
     )
     io.add_argument(
-        "--grid", type=int, metavar="N", help="samples in grid.png (default 64; 0: none)"
+        "--grid",
+        type=int,
+        metavar="N",
+        help=f"samples in grid.png (default {_default('grid')}; 0: none)",
     )
     io.add_argument(
         "--max-shards",
@@ -136,13 +115,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="create_model/diffusion flags over the preset's: 'image_size=16 num_channels=32'",
     )
     m.add_argument("--image-size", type=int, metavar="N", help="expected image size (checked)")
-    m.add_argument("--sampler", choices=SAMPLERS, help="default ddpm")
+    m.add_argument("--sampler", choices=D.SAMPLERS, help=f"default {_default('sampler')}")
     m.add_argument(
         "--steps",
         metavar="STEPS",
-        help="DDPM/DDIM respacing ('250', '10,10,5', 'ddim25'); Heun: steps (default 250)",
+        help=f"DDPM/DDIM respacing ('250', '10,10,5', 'ddim25'); Heun: steps (default {D.STEPS})",
     )
-    m.add_argument("--eta", type=float, metavar="X", help="DDIM η (default 0)")
+    m.add_argument("--eta", type=float, metavar="X", help=f"DDIM η (default {D.ETA:g})")
     m.add_argument(
         "--no-clip-denoised",
         dest="clip_denoised",
@@ -171,9 +150,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     c.add_argument("--classifier-resize", type=int, metavar="N", help="resize ResNet inputs to N×N")
     c.add_argument(
         "--softplus-beta",
-        type=_softplus,
+        type=D.parse_softplus_beta,
         metavar="BETA",
-        help="ResNet ReLU → Softplus(β) (default 3; Heun 5; 'relu' keeps ReLU)",
+        help=f"ResNet ReLU → Softplus(β) (default {D.softplus_beta('ddpm'):g}; Heun "
+        f"{D.softplus_beta('heun'):g}; 'relu' keeps ReLU)",
     )
 
     g = p.add_argument_group("guidance (defaults: METHODS.md)")
@@ -182,28 +162,54 @@ def configure(p: argparse.ArgumentParser) -> None:
         choices=["none", *(x for x in METHODS if x != "f")],
         help="guidance method (default base; none: unguided)",
     )
-    g.add_argument("--scale", type=float, metavar="X", help="classifier scale γ (Heun: EluCD's G)")
-    g.add_argument("--tau1", type=float, metavar="X", help="joint temperature τ1 (default 1)")
     g.add_argument(
-        "--tau2", type=float, metavar="X", help="marginal temperature τ2 (default 0.5 τ1)"
+        "--scale",
+        type=float,
+        metavar="X",
+        help=f"classifier scale γ (default {D.SCALE:g}; Heun: EluCD's G)",
     )
     g.add_argument(
-        "--alpha", type=float, metavar="X", help="divergence weight α (rkl 0.1, others 0.09)"
+        "--tau1", type=float, metavar="X", help=f"joint temperature τ1 (default {D.TAU1:g})"
     )
-    g.add_argument("--eps", type=float, metavar="X", help="target smoothing ε (default 0.1)")
+    g.add_argument(
+        "--tau2",
+        type=float,
+        metavar="X",
+        help=f"marginal temperature τ2 (default {D.TAU2_RATIO:g} τ1; logsoftmax τ1; Heun 0)",
+    )
+    g.add_argument(
+        "--alpha",
+        type=float,
+        metavar="X",
+        help=f"divergence weight α (rkl {D.ALPHA['rkl']:g}, others {D.ALPHA['js']:g})",
+    )
+    g.add_argument("--eps", type=float, metavar="X", help=f"target smoothing ε (default {D.EPS:g})")
     g.add_argument("--entropy", action="store_const", const=True, help="add the entropy term")
-    g.add_argument("--lam-max", type=float, metavar="X", help="entropy λ at the first step (0.2)")
-    g.add_argument("--lam-min", type=float, metavar="X", help="entropy λ at the last step (0.05)")
-    g.add_argument("--lam-schedule", choices=["linear", "cosine", "constant"])
-    g.add_argument("--t-tilt", type=float, metavar="X", help="tilt temperature (tilted: −0.2)")
+    g.add_argument(
+        "--lam-max", type=float, metavar="X", help=f"entropy λ at the first step ({D.LAM_MAX:g})"
+    )
+    g.add_argument(
+        "--lam-min", type=float, metavar="X", help=f"entropy λ at the last step ({D.LAM_MIN:g})"
+    )
+    g.add_argument(
+        "--lam-schedule",
+        choices=["linear", "cosine", "constant"],
+        help=f"default {D.LAM_SCHEDULE}",
+    )
+    g.add_argument(
+        "--t-tilt", type=float, metavar="X", help=f"tilt temperature (tilted: {D.T_TILT:g})"
+    )
     g.add_argument(
         "--tilt-group",
         type=int,
         metavar="G",
-        help=f"tilt group size G: index blocks [jG, (j+1)G) (default {DEFAULT_TILT_GROUP})",
+        help=f"tilt group size G: index blocks [jG, (j+1)G) (default {D.TILT_GROUP})",
     )
     g.add_argument(
-        "--sine-factor", type=float, metavar="X", help="γ_sine (default 0.3; ADM classifier 0)"
+        "--sine-factor",
+        type=float,
+        metavar="X",
+        help=f"γ_sine (default {D.SINE_FACTOR:g}; ADM classifier 0)",
     )
     g.add_argument(
         "--variance-tracking",
@@ -262,6 +268,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _missing(manifest: Path) -> list[Any]:
-    import json
-
-    return list(json.loads(manifest.read_text()).get("missing_shards", []))
+    return list(runs.read_run(manifest.parent).manifest.get("missing_shards", []))
