@@ -378,6 +378,9 @@ def sampler_cases(networks: Any, generate: Any) -> list[dict[str, Any]]:
         cases.append(
             {
                 "name": cfg["name"],
+                "net_kwargs": SAMPLER_NET,
+                "net_seed": SAMPLER_SEED,
+                "classifier": {"softplus_beta": 5.0, "num_classes": 4, "prefix": "classifier."},
                 "num_steps": cfg["num_steps"],
                 "max_guidance": cfg["max_guidance"],
                 "sine_factor": 0.3,
