@@ -1,0 +1,731 @@
+"""diffusers pipelines as fguide models: DiT with classifier-free guidance in a VAE's latent space,
+unconditional (or class-conditional) ``UNet2DModel`` pixel models, latent classifier guidance
+through the VAE decoder, and EluCD's Algorithm 3 (CFG + off-the-shelf classifier guidance).
+
+diffusers supplies the networks (``DiTTransformer2DModel``, ``AutoencoderKL``, ``UNet2DModel``);
+fguide supplies the schedule, the samplers, the guidance objectives and the diagnostics. A
+pipeline folder in the ``save_pretrained`` layout (``model_index.json`` and one subfolder per
+component) is read offline (``local_files_only``) and from safetensors only (never pickles).
+
+Conventions (METHODS.md notation; z the latent state, ẑ0 its clean estimate):
+
+- **DiT output** is [ε, v] (2C channels, ADM's ``learned_range``): log Σ = frac · log β_t +
+  (1 − frac) · log β̃_t with frac = (v + 1)/2, as the DiT reference (ADM's diffusion code) reads
+  it. ``DiTPipeline`` instead drops v and uses its scheduler's fixed variance; fguide samples as
+  the DiT reference does (learned variance, ADM respacing, ``clip_denoised=False``).
+- **CFG**: ε = ε_u + s (ε_c − ε_u) with ε_c = ε(z, t, y), ε_u = ε(z, t, ∅), ∅ the null class
+  (index ``num_embeds_ada_norm``); v is the conditional half's. diffusers guides every latent
+  channel; the DiT reference guides channels 0..2 only (``cfg_channels=3``).
+- **Decoding**: x = Dec(z / scaling_factor (+ shift_factor)), an image in about [−1, 1].
+- **Latent guidance**: g = ∇_{ẑ0} S(C(Dec(ẑ0)), y): the classifier C sees the decoded image
+  clipped to [−1, 1] (the gradient passes the clip unchanged, as EluCD's gradient with respect to
+  the clipped x̂0 does), then one vector-Jacobian product through classifier and decoder.
+- **Algorithm 3** (:class:`CFGClassifierGuidance`): at loop step k of n (k = 0 the noisiest),
+  d = ε_c − ε_u, ε_cfg = ε_u + s d, ẑ0 = x̂0(z_t, ε_cfg), g as above, and
+  ε̃ = ε_cfg − s c_k · g/rms(g) · rms(d) = ε_u + s (d − c_k ĝ rms(d)),
+  c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2's schedule),
+  rms per sample over C, H, W. The sampler then uses ε̃ (and v_c) as the model output.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fguide.guidance import ClassifierFn, ClassifierGuide, GuidanceResult, evaluate_guidance
+from fguide.objectives import Objective
+from fguide.schedules import Process, VarianceType, betas_for, space_timesteps
+
+__all__ = [
+    "CFGClassifierGuidance",
+    "DecodedClassifier",
+    "DiTEps",
+    "LatentDecoder",
+    "MicrobatchGuide",
+    "PipelineModel",
+    "PipelineSampling",
+    "UNetEps",
+    "build_pipeline_sampling",
+    "evaluate_guidance_microbatched",
+    "is_pipeline_dir",
+    "load_pipeline_model",
+    "process_from_betas",
+    "scheduler_betas",
+]
+
+ClipMode = Literal["straight_through", "clamp", "none"]
+
+
+# -- schedules ----------------------------------------------------------------------------------
+
+
+def scheduler_betas(config: dict[str, Any], where: str = "scheduler config") -> np.ndarray:
+    """β_1..β_T (float64) of a diffusers scheduler config, the way the model was trained.
+
+    ``linear``: linspace(β_start, β_end, T) (equal to ADM's linear schedule for the DiT and DDPM
+    defaults 1e−4, 0.02, T = 1000); ``scaled_linear``: linspace(√β_start, √β_end, T)²;
+    ``squaredcos_cap_v2``: the cosine schedule of METHODS.md §1 (β capped at 0.999);
+    ``trained_betas``: as given. diffusers builds these in float32; fguide keeps float64 like
+    ADM. Anything else (and ε-free parameterisations, thresholding, zero-terminal-SNR rescaling,
+    a clip range other than 1) is refused with the key that causes it.
+    """
+    t = int(config.get("num_train_timesteps", 1000))
+    if t < 2:
+        raise ValueError(f"{where}: num_train_timesteps must be >= 2; got {t}")
+    pred = config.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ValueError(f"{where}: prediction_type {pred!r} is not supported (only 'epsilon')")
+    for key in ("thresholding", "rescale_betas_zero_snr"):
+        if config.get(key):
+            raise ValueError(f"{where}: {key}=true is not supported")
+    if float(config.get("clip_sample_range", 1.0)) != 1.0:
+        raise ValueError(f"{where}: clip_sample_range must be 1.0 (fguide clips x̂0 to [-1, 1])")
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], dtype=np.float64)
+        if betas.shape != (t,):
+            raise ValueError(f"{where}: trained_betas has {betas.size} values, expected {t}")
+    else:
+        kind = config.get("beta_schedule", "linear")
+        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        if kind == "linear":
+            betas = np.linspace(start, end, t, dtype=np.float64)
+        elif kind == "scaled_linear":
+            betas = np.linspace(start**0.5, end**0.5, t, dtype=np.float64) ** 2
+        elif kind == "squaredcos_cap_v2":
+            betas = betas_for("cosine", t)
+        else:
+            raise ValueError(
+                f"{where}: beta_schedule {kind!r} is not supported "
+                "(linear, scaled_linear, squaredcos_cap_v2 or trained_betas)"
+            )
+    if not (np.all(betas > 0) and np.all(betas < 1)):
+        raise ValueError(f"{where}: betas must lie in (0, 1)")
+    return betas
+
+
+def process_from_betas(
+    betas: np.ndarray, respacing: str = "", variance_type: VarianceType = "learned_range"
+) -> Process:
+    """The ADM-respaced process of arbitrary training betas (``make_process`` for named ones).
+
+    Kept steps k_i from :func:`~fguide.schedules.space_timesteps`; β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    kept = space_timesteps(len(betas), respacing)
+    ac = np.cumprod(1.0 - betas)
+    prev = np.append(1.0, ac[kept][:-1])
+    return Process(
+        betas=1.0 - ac[kept] / prev,
+        timestep_map=np.asarray(kept, dtype=np.int64),
+        variance_type=variance_type,
+        num_train_steps=len(betas),
+    )
+
+
+# -- networks as EpsModels ----------------------------------------------------------------------
+
+
+def _param_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
+    p = next(iter(net.parameters()), None)
+    return default if p is None else p.dtype
+
+
+class DiTEps:
+    """A ``DiTTransformer2DModel`` as an EpsModel, with classifier-free guidance.
+
+    Returns [ε, v]: ε = ε_u + s (ε_c − ε_u) on the first ``cfg_channels`` channels (all when
+    None; the DiT reference uses 3) and ε_c elsewhere, v the conditional v. s = 1 runs the
+    conditional pass only. The input is cast to the network's dtype and the output back.
+    """
+
+    def __init__(
+        self,
+        net: Any,
+        null_class: int,
+        cfg_scale: float = 1.0,
+        cfg_channels: int | None = None,
+    ):
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be finite; got {cfg_scale}")
+        c = int(net.config.in_channels)
+        if cfg_channels is not None and not 1 <= cfg_channels <= c:
+            raise ValueError(f"cfg_channels must lie in [1, {c}]; got {cfg_channels}")
+        self.net, self.null_class = net, int(null_class)
+        self.cfg_scale, self.cfg_channels, self.channels = float(cfg_scale), cfg_channels, c
+
+    def raw(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        """The network's output for (x, t, labels), in x's dtype."""
+        dt = _param_dtype(self.net, x.dtype)
+        out = self.net(x.to(dt), timestep=t, class_labels=labels).sample
+        return out.to(x.dtype)
+
+    def cond_uncond(self, x: Tensor, t: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(ε_c with v_c, ε_u with v_u) from one network call on the doubled batch."""
+        null = torch.full_like(labels, self.null_class)
+        out = self.raw(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        return out[: len(x)], out[len(x) :]
+
+    def combine(self, cond: Tensor, uncond: Tensor) -> Tensor:
+        """[ε_u + s(ε_c − ε_u) on the guided channels, ε_c on the others, v_c]."""
+        k = self.channels if self.cfg_channels is None else self.cfg_channels
+        guided = uncond[:, :k] + self.cfg_scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided, cond[:, k:]], dim=1)
+
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        if labels is None:
+            raise ValueError("the DiT model is class-conditional: labels are required")
+        if self.cfg_scale == 1.0:
+            return self.raw(x, t, labels)
+        return self.combine(*self.cond_uncond(x, t, labels))
+
+
+class UNetEps:
+    """A ``UNet2DModel`` as an EpsModel (labels only when the network has class embeddings)."""
+
+    def __init__(self, net: Any):
+        self.net = net
+        self.class_cond = getattr(net.config, "num_class_embeds", None) is not None
+
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        dt = _param_dtype(self.net, x.dtype)
+        if self.class_cond:
+            if labels is None:
+                raise ValueError("the UNet2DModel is class-conditional: labels are required")
+            return self.net(x.to(dt), t, class_labels=labels).sample.to(x.dtype)
+        return self.net(x.to(dt), t).sample.to(x.dtype)
+
+
+# -- the decoder and the classifier on decoded latents ------------------------------------------
+
+
+class LatentDecoder(nn.Module):
+    """x = Dec(z / scaling_factor + shift_factor): an ``AutoencoderKL``'s decoder on latents."""
+
+    def __init__(self, vae: Any):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        shift = getattr(vae.config, "shift_factor", None)
+        self.shift_factor = None if shift is None else float(shift)
+
+    def forward(self, z: Tensor) -> Tensor:
+        dt = _param_dtype(self.vae, z.dtype)
+        # (1 / s) * z, not z / s: DiTPipeline's rounding, so that parity is exact
+        lat = 1 / self.scaling_factor * z.to(dt)
+        if self.shift_factor is not None:
+            lat = lat + self.shift_factor
+        vae: Any = self.vae  # a diffusers AutoencoderKL
+        return vae.decode(lat).sample.to(z.dtype)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, microbatch: int | None = None) -> Tensor:
+        """Dec of a batch of final latents, ``microbatch`` at a time (no gradient)."""
+        step = microbatch or len(z)
+        return torch.cat([self(z[s : s + step]) for s in range(0, len(z), step)])
+
+
+def _clip(x: Tensor, mode: ClipMode) -> Tensor:
+    if mode == "none":
+        return x
+    if mode == "clamp":
+        return x.clamp(-1, 1)
+    # forward: the clipped image; backward: identity (∂S/∂x at the clipped image, pulled back)
+    return x + (x.clamp(-1, 1) - x).detach()
+
+
+class DecodedClassifier(nn.Module):
+    """f(ẑ0) = C(clip(Dec(ẑ0))): an image classifier seen as a classifier of latents.
+
+    ``fguide.guidance_gradient(DecodedClassifier(decoder, clf), ẑ0, y, objective)`` is
+    ∇_{ẑ0} S(C(Dec(ẑ0)), y) by one backward pass through classifier and decoder. ``clip``:
+    ``"straight_through"`` (default; C sees the image clipped to [−1, 1], the gradient passes
+    the clip unchanged), ``"clamp"`` (zero gradient where clipped) or ``"none"``.
+    """
+
+    def __init__(
+        self, decoder: LatentDecoder, classifier: ClassifierFn, clip: ClipMode = "straight_through"
+    ):
+        super().__init__()
+        if clip not in ("straight_through", "clamp", "none"):
+            raise ValueError(f"clip must be straight_through, clamp or none; got {clip!r}")
+        self.decoder, self.clip = decoder, clip
+        # a plain callable is kept out of the module tree (it need not be an nn.Module)
+        self._classifier = [classifier]
+
+    @property
+    def classifier(self) -> ClassifierFn:
+        return self._classifier[0]
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = _clip(self.decoder(z), self.clip)
+        clf = self.classifier
+        if isinstance(clf, nn.Module):
+            x = x.to(_param_dtype(clf, x.dtype))
+        return clf(x)
+
+
+# -- micro-batched guidance ---------------------------------------------------------------------
+
+
+def evaluate_guidance_microbatched(
+    classifier: ClassifierFn,
+    x: Tensor,
+    labels: Tensor,
+    objective: Objective,
+    progress: float = 0.0,
+    microbatch: int | None = None,
+) -> GuidanceResult:
+    """g = Jᵀc as :func:`~fguide.guidance.evaluate_guidance`, ``microbatch`` samples per backward.
+
+    Per-sample objectives: one forward-with-grad and backward per micro-batch. Tilted ones: the
+    weights w come from the base scores of the whole group, so the logits of the full batch are
+    computed first without gradient (micro-batch by micro-batch), then c·w for the full batch,
+    then per micro-batch one forward with grad and the VJP with c·w restricted to it: the
+    gradient equals the full-batch one; the price is one extra forward pass.
+    """
+    n = len(x)
+    if microbatch is None or microbatch >= n:
+        return evaluate_guidance(classifier, x, labels, objective, progress)
+    if microbatch < 1:
+        raise ValueError(f"guidance_microbatch must be >= 1; got {microbatch}")
+    spans = [(s, min(s + microbatch, n)) for s in range(0, n, microbatch)]
+    if objective.tilt is None:
+        parts = [
+            evaluate_guidance(classifier, x[a:b], labels[a:b], objective, progress)
+            for a, b in spans
+        ]
+        return GuidanceResult(
+            grad=torch.cat([p.grad for p in parts]),
+            logits=torch.cat([p.logits for p in parts]),
+            labels=labels,
+        )
+    with torch.no_grad():
+        logits = torch.cat([classifier(x[a:b].detach()) for a, b in spans])
+    objective.check_inputs(logits, labels)
+    coeff, weights = objective.coefficients_and_weights(logits, labels, progress)
+    grads = []
+    with torch.enable_grad():
+        for a, b in spans:
+            x_in = x[a:b].detach().requires_grad_(True)
+            out = classifier(x_in)
+            (g,) = torch.autograd.grad(out, x_in, grad_outputs=coeff[a:b].to(out.dtype))
+            grads.append(g)
+    return GuidanceResult(grad=torch.cat(grads), logits=logits, labels=labels, weights=weights)
+
+
+@dataclass
+class MicrobatchGuide:
+    """:class:`~fguide.guidance.ClassifierGuide` (classifier on x̂0) with micro-batched backward."""
+
+    classifier: ClassifierFn
+    objective: Objective
+    scale: float = 1.0
+    microbatch: int | None = None
+
+    def __call__(
+        self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
+    ) -> GuidanceResult:
+        return evaluate_guidance_microbatched(
+            self.classifier, x0, labels, self.objective, progress, self.microbatch
+        )
+
+
+# -- EluCD Algorithm 3 --------------------------------------------------------------------------
+
+
+def _rms(v: Tensor) -> Tensor:
+    """sqrt(mean over C, H, W of v²) per sample, shaped for broadcasting."""
+    return v.pow(2).flatten(1).mean(1).sqrt().reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def guidance_weight(k: int, n: int, scale: float, sine_factor: float) -> float:
+    """c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2).
+
+    G = 0 gives c_k = 0 (no guidance at all), not the 1e−5 floor.
+    """
+    if scale == 0:
+        return 0.0
+    return (
+        max(scale / (n + 1) * (n + 1 - k), 1e-5) + math.sin(math.pi * k / n) * scale * sine_factor
+    )
+
+
+class CFGClassifierGuidance:
+    """EluCD Algorithm 3 as fguide reads it: the normalised classifier gradient joins the CFG
+    difference before the CFG scale.
+
+    ``self`` is the EpsModel and :attr:`guide` the Guide to pass to ``fguide.ddpm`` together.
+    At respaced index i (loop step k = n−1−i, progress u = k/(n−1)):
+    d = ε_c − ε_u, ε_cfg = ε_u + s d (on ``cfg_channels``), ẑ0 = x̂0(z_t, ε_cfg) (clipped only if
+    ``clip_denoised``), g = ∇_{ẑ0} S(f(ẑ0), y) with f the (decoded) classifier and S the
+    objective (tilt weights included), ĝ = g / rms(g), and the returned output is
+    [ε_cfg − s c_k ĝ rms(d), v_c] with c_k = :func:`guidance_weight` (G = ``scale``).
+    s = 1 is classifier guidance on the conditional model; G = 0 is CFG alone.
+
+    The shift is applied to ε inside the model call, so :attr:`guide` has scale 0: it hands the
+    sampler this step's :class:`~fguide.guidance.GuidanceResult` (g unnormalised, logits,
+    weights) for its finiteness check and the trajectory recorder, and moves nothing.
+    """
+
+    def __init__(
+        self,
+        dit: DiTEps,
+        process: Process,
+        classifier: ClassifierFn,
+        objective: Objective,
+        scale: float,
+        sine_factor: float = 0.3,
+        clip_denoised: bool = False,
+        microbatch: int | None = None,
+    ):
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"scale must be finite and >= 0; got {scale}")
+        self.dit, self.process = dit, process
+        self.classifier, self.objective = classifier, objective
+        self.scale, self.sine_factor = float(scale), float(sine_factor)
+        self.clip_denoised, self.microbatch = clip_denoised, microbatch
+        index = np.full(process.num_train_steps, -1, dtype=np.int64)
+        index[process.timestep_map] = np.arange(process.num_steps)
+        self._index = torch.from_numpy(index)
+        self.last: GuidanceResult | None = None
+        self.guide = _ReplayGuide(self)
+
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        if labels is None:
+            raise ValueError("Algorithm 3 needs class labels")
+        cond, uncond = self.dit.cond_uncond(x, t, labels)
+        out = self.dit.combine(cond, uncond)
+        c = x.shape[1]
+        eps, d = out[:, :c], cond[:, :c] - uncond[:, :c]
+        i = self._index.to(t.device)[t.long()]
+        n = self.process.num_steps
+        k = n - 1 - int(i[0])  # one scalar read per step: progress and c_k are per step
+        x0 = self.process.x0_from_eps(x, i, eps)
+        if self.clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        res = evaluate_guidance_microbatched(
+            self.classifier, x0.detach(), labels, self.objective, k / max(n - 1, 1), self.microbatch
+        )
+        self.last = res
+        g = res.grad.to(x.dtype)
+        g_hat = g / _rms(g).clamp_min(torch.finfo(g.dtype).tiny)
+        c_k = guidance_weight(k, n, self.scale, self.sine_factor)
+        eps = eps - self.dit.cfg_scale * c_k * g_hat * _rms(d)  # Algorithm 3's guidance
+        return torch.cat([eps, out[:, c:]], dim=1)
+
+
+@dataclass
+class _ReplayGuide:
+    """The Guide half of :class:`CFGClassifierGuidance`: reports, does not move (scale 0)."""
+
+    owner: CFGClassifierGuidance
+    scale: float = 0.0
+
+    def __call__(
+        self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
+    ) -> GuidanceResult:
+        res = self.owner.last
+        if res is None or res.grad.shape != x0.shape:
+            raise RuntimeError(
+                "CFGClassifierGuidance.guide must be passed to the sampler together with the "
+                "CFGClassifierGuidance object itself as the model"
+            )
+        self.owner.last = None
+        return res
+
+
+# -- pipeline folders ---------------------------------------------------------------------------
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    """True when ``path`` is a folder with a ``model_index.json`` (a diffusers pipeline)."""
+    return (Path(path) / "model_index.json").is_file()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _load_component(
+    cls: Any, root: Path, sub: str, device: torch.device, dtype: torch.dtype
+) -> Any:
+    folder = root / sub
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{folder}: no .safetensors weights (fguide never loads pickled .bin files; convert "
+            "them with safetensors first)"
+        )
+    net = cls.from_pretrained(
+        root,
+        subfolder=sub,
+        local_files_only=True,
+        use_safetensors=True,
+        torch_dtype=dtype,
+        low_cpu_mem_usage=False,  # no `accelerate` needed
+    )
+    return net.to(device=device).eval().requires_grad_(False)
+
+
+@dataclass
+class PipelineModel:
+    """A loaded diffusers pipeline folder: the network, the VAE decoder (latent models), the
+    training betas and what fguide needs to sample it."""
+
+    kind: Literal["dit", "unet"]
+    net: nn.Module
+    betas: np.ndarray
+    state_shape: tuple[int, int, int]
+    """(C, H, W) of the sampler state (latents for DiT, pixels for UNet2DModel)."""
+    image_size: int
+    variance_type: VarianceType
+    clip_denoised: bool
+    num_classes: int | None
+    decoder: LatentDecoder | None = None
+    null_class: int | None = None
+    path: str = ""
+    configs: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def process(self, respacing: str = "") -> Process:
+        """The ADM-respaced process (``"250"`` is DiT's sampling setting)."""
+        return process_from_betas(self.betas, respacing, self.variance_type)
+
+    def eps_model(
+        self, cfg_scale: float = 1.0, cfg_channels: int | None = None
+    ) -> DiTEps | UNetEps:
+        """The EpsModel: DiT with CFG scale s (1 = conditional only) or the UNet."""
+        if self.kind == "unet":
+            if cfg_scale != 1.0:
+                raise ValueError(f"cfg_scale applies to DiT pipelines only; {self.path} is a UNet")
+            return UNetEps(self.net)
+        assert self.null_class is not None
+        return DiTEps(self.net, self.null_class, cfg_scale, cfg_channels)
+
+    def guidance_classifier(
+        self, classifier: ClassifierFn, clip: ClipMode = "straight_through"
+    ) -> ClassifierFn:
+        """The classifier on the sampler's x̂0: C∘clip∘Dec for latent models, C for pixel ones."""
+        if self.decoder is None:
+            return classifier
+        return DecodedClassifier(self.decoder, classifier, clip)
+
+    def to_image(self, x: Tensor, microbatch: int | None = None) -> Tensor:
+        """Final state → image in about [−1, 1] (decoded for latent models)."""
+        return x if self.decoder is None else self.decoder.decode(x, microbatch)
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able description for manifests."""
+        return {
+            "kind": self.kind,
+            "path": self.path,
+            "state_shape": list(self.state_shape),
+            "image_size": self.image_size,
+            "variance_type": self.variance_type,
+            "clip_denoised": self.clip_denoised,
+            "num_classes": self.num_classes,
+            "null_class": self.null_class,
+            "num_train_steps": len(self.betas),
+            "scaling_factor": None if self.decoder is None else self.decoder.scaling_factor,
+            "configs": self.configs,
+        }
+
+
+def load_pipeline_model(
+    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> PipelineModel:
+    """Load a diffusers pipeline folder (``DiTPipeline`` or ``DDPMPipeline`` layout) offline.
+
+    DiT (``transformer/``, ``vae/``, ``scheduler/``): a ``DiTTransformer2DModel`` whose output
+    is [ε, v] when out_channels = 2 × in_channels (``learned_range``), class-conditional with
+    the null class ``num_embeds_ada_norm``, an ``AutoencoderKL`` decoder, ``clip_denoised``
+    False (latents are not in [−1, 1]). UNet (``unet/``, ``scheduler/``): a ``UNet2DModel``;
+    its variance is learned when out_channels = 2 × in_channels, else the scheduler's
+    ``variance_type`` (fixed_small, fixed_large); ``clip_denoised`` is the scheduler's
+    ``clip_sample``. The betas come from ``scheduler/scheduler_config.json``
+    (:func:`scheduler_betas`).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model: pipeline folder not found: {root}")
+    if not is_pipeline_dir(root):
+        raise ValueError(f"model: {root} has no model_index.json (not a diffusers pipeline folder)")
+    index = _read_json(root / "model_index.json")
+    sched_file = root / "scheduler" / "scheduler_config.json"
+    if not sched_file.is_file():
+        raise FileNotFoundError(f"{sched_file}: missing (the betas are read from it)")
+    sched = _read_json(sched_file)
+    betas = scheduler_betas(sched, str(sched_file))
+    dev = torch.device(device)
+    configs: dict[str, Any] = {"model_index": index, "scheduler": sched}
+    import diffusers  # deferred: importing diffusers takes seconds
+
+    if "transformer" in index:
+        net = _load_component(diffusers.DiTTransformer2DModel, root, "transformer", dev, dtype)
+        if "vae" not in index:
+            raise ValueError(f"{root}: a DiT pipeline needs a vae/ component")
+        vae = _load_component(diffusers.AutoencoderKL, root, "vae", dev, dtype)
+        cfg = net.config
+        c, size = int(cfg.in_channels), int(cfg.sample_size)
+        out_c = int(cfg.out_channels or c)
+        if out_c not in (c, 2 * c):
+            raise ValueError(f"{root}/transformer: out_channels {out_c} is neither {c} nor {2 * c}")
+        if int(vae.config.latent_channels) != c:
+            raise ValueError(
+                f"{root}: the VAE has {vae.config.latent_channels} latent channels, the "
+                f"transformer {c}"
+            )
+        num_classes = int(cfg.num_embeds_ada_norm)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        configs.update(transformer=dict(cfg), vae=dict(vae.config))
+        return PipelineModel(
+            kind="dit",
+            net=net,
+            betas=betas,
+            state_shape=(c, size, size),
+            image_size=size * factor,
+            variance_type="learned_range" if out_c == 2 * c else _fixed_variance(sched, sched_file),
+            clip_denoised=False,
+            num_classes=num_classes,
+            decoder=LatentDecoder(vae),
+            null_class=num_classes,
+            path=str(root),
+            configs=_jsonable(configs),
+        )
+    if "unet" in index:
+        net = _load_component(diffusers.UNet2DModel, root, "unet", dev, dtype)
+        cfg = net.config
+        c = int(cfg.in_channels)
+        size = cfg.sample_size
+        if not isinstance(size, int):
+            if len(set(size)) != 1:
+                raise ValueError(f"{root}/unet: non-square sample_size {size} is not supported")
+            size = int(size[0])
+        out_c = int(cfg.out_channels)
+        if out_c not in (c, 2 * c):
+            raise ValueError(f"{root}/unet: out_channels {out_c} is neither {c} nor {2 * c}")
+        n_cls = getattr(cfg, "num_class_embeds", None)
+        configs.update(unet=dict(cfg))
+        return PipelineModel(
+            kind="unet",
+            net=net,
+            betas=betas,
+            state_shape=(c, size, size),
+            image_size=size,
+            variance_type="learned_range" if out_c == 2 * c else _fixed_variance(sched, sched_file),
+            clip_denoised=bool(sched.get("clip_sample", True)),
+            num_classes=None if n_cls is None else int(n_cls),
+            path=str(root),
+            configs=_jsonable(configs),
+        )
+    raise ValueError(
+        f"{root}/model_index.json: neither a 'transformer' (DiT) nor a 'unet' component"
+    )
+
+
+def _fixed_variance(sched: dict[str, Any], where: Path) -> VarianceType:
+    v = sched.get("variance_type", "fixed_small")
+    mapping: dict[str, VarianceType] = {
+        "fixed_small": "fixed_small",
+        "fixed_small_log": "fixed_small",
+        "fixed_large": "fixed_large",
+    }
+    if v not in mapping:
+        raise ValueError(
+            f"{where}: variance_type {v!r} is not supported for a model without learned variance "
+            "(fixed_small, fixed_small_log, fixed_large)"
+        )
+    return mapping[v]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# -- one call for the sampling command ----------------------------------------------------------
+
+
+@dataclass
+class PipelineSampling:
+    """What ``fguide.ddpm`` needs for a pipeline model (see :func:`build_pipeline_sampling`)."""
+
+    model: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    process: Process
+    guide: Any
+    clip_denoised: bool
+    state_shape: tuple[int, int, int]
+    to_image: Callable[[Tensor], Tensor]
+
+
+def build_pipeline_sampling(
+    pm: PipelineModel,
+    *,
+    respacing: str = "250",
+    cfg_scale: float = 1.0,
+    cfg_channels: int | None = None,
+    classifier: ClassifierFn | None = None,
+    objective: Objective | None = None,
+    scale: float = 1.0,
+    guidance: Literal["algorithm3", "mean"] = "algorithm3",
+    sine_factor: float = 0.3,
+    microbatch: int | None = None,
+    clip: ClipMode = "straight_through",
+) -> PipelineSampling:
+    """Model, process and guide for ``fguide.ddpm(s.model, z, s.process, labels=y,
+    guide=s.guide, noise=..., clip_denoised=s.clip_denoised, sine_factor=...)``.
+
+    Without a classifier: CFG (DiT) or the plain UNet, no guide. With one: ``"algorithm3"``
+    (DiT only) is :class:`CFGClassifierGuidance` with G = ``scale``; ``"mean"`` is EluCD's DDPM
+    mean shift μ' = μ + (Σ + a_t) γ g with γ = ``scale`` and g the (decoded) classifier's
+    gradient at x̂0 of the CFG output, the sampler's ``sine_factor`` giving a_t. The final state
+    goes through ``s.to_image`` (the VAE decoder for latents).
+    """
+    proc = pm.process(respacing)
+    eps = pm.eps_model(cfg_scale, cfg_channels)
+    guide: Any = None
+    model: Callable[[Tensor, Tensor, Tensor | None], Tensor] = eps
+    if classifier is not None:
+        if objective is None:
+            raise ValueError("objective is required with a classifier")
+        clf = pm.guidance_classifier(classifier, clip)
+        if guidance == "algorithm3":
+            if not isinstance(eps, DiTEps):
+                raise ValueError("guidance 'algorithm3' needs a DiT pipeline (CFG); use 'mean'")
+            alg = CFGClassifierGuidance(
+                eps, proc, clf, objective, scale, sine_factor, pm.clip_denoised, microbatch
+            )
+            model, guide = alg, alg.guide
+        elif guidance == "mean":
+            guide = (
+                ClassifierGuide(clf, objective, scale)
+                if microbatch is None
+                else MicrobatchGuide(clf, objective, scale, microbatch)
+            )
+        else:
+            raise ValueError(f"guidance must be 'algorithm3' or 'mean'; got {guidance!r}")
+    return PipelineSampling(
+        model=model,
+        process=proc,
+        guide=guide,
+        clip_denoised=pm.clip_denoised,
+        state_shape=pm.state_shape,
+        to_image=lambda x: pm.to_image(x, microbatch),
+    )
