@@ -9,6 +9,7 @@ The public API a user with their own sampler needs::
 and the samplers (``fguide.ddpm``, ``fguide.ddim``, ``fguide.heun``) with their schedules.
 """
 
+from fguide._version import __version__
 from fguide.diagnostics import TrajectoryRecorder
 from fguide.guidance import ClassifierGuide, GuidanceResult, evaluate_guidance, guidance_gradient
 from fguide.objectives import (
@@ -21,8 +22,6 @@ from fguide.objectives import (
 from fguide.rng import SampleNoise
 from fguide.samplers import NonFiniteGuidanceError, StepRecord, ddim, ddpm, heun
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process, space_timesteps
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ClassifierGuide",

@@ -59,6 +59,7 @@ from fguide.io.images import to_uint8_nhwc
 from fguide.io.runs import (
     FORMAT,
     ConfigMismatchError,
+    FolderLock,
     TrajState,
     canonical,
     identity_sha256,
@@ -525,6 +526,14 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
 
 
 def _run(cfg: SampleConfig, dist: Dist) -> SampleResult:
+    lock = FolderLock(cfg.out)  # rank 0 holds it for the whole run
+    try:
+        return _run_locked(cfg, dist, lock)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult:
     comp: Components | None = None
     err: BaseException | None = None
     try:
@@ -538,6 +547,7 @@ def _run(cfg: SampleConfig, dist: Dist) -> SampleResult:
     payload: tuple[str, Any] = ("ok", None)
     if dist.rank == 0:
         try:
+            lock.acquire()
             hashes = {"model": sha256_file(cfg.model)}
             if cfg.classifier_weights is not None:
                 hashes["classifier"] = sha256_file(cfg.classifier_weights)

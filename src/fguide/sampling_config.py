@@ -140,6 +140,10 @@ def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
 
 def resolve_config(cfg: SampleConfig) -> SampleConfig:
     """Validate ``cfg`` and fill its derived defaults; parameters that do not apply are None."""
+    if not str(cfg.out).strip():
+        raise ValueError("out: the output folder is empty; give --out DIR")
+    if not str(cfg.model).strip():
+        raise ValueError("model: the diffusion checkpoint path is empty; give --model FILE")
     c = dataclasses.replace(
         cfg,
         out=Path(cfg.out),
@@ -152,6 +156,7 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
     _check_positive_int("batch_size", c.batch_size)
     _check_positive_int("shard_size", c.shard_size)
     _check_positive_int("grid", c.grid, 0)
+    _check_positive_int("seed", c.seed, 0)
     if c.max_shards is not None:
         _check_positive_int("max_shards", c.max_shards)
     if c.sampler not in defaults.SAMPLERS:
@@ -212,6 +217,8 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
         c.eta = None
     elif c.eta is None:
         c.eta = defaults.ETA
+    elif not 0.0 <= float(c.eta) <= 1.0:  # also refuses NaN
+        raise ValueError(f"eta must lie in [0, 1] (DDIM's η); got {c.eta}")
     if c.sampler == "heun":
         c.clip_denoised = True  # unused by Heun; fixed so it never makes runs differ
 
@@ -224,9 +231,7 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
 
     c.tau1 = defaults.TAU1 if c.tau1 is None else float(c.tau1)
     if c.tau2 is None:
-        c.tau2 = (
-            defaults.tau2(c.method, c.sampler, c.tau1)
-        )
+        c.tau2 = defaults.tau2(c.method, c.sampler, c.tau1)
     divergence = c.method in ("rkl", "fkl", "js", "hellinger")
     if divergence:
         c.alpha = defaults.alpha(c.method) if c.alpha is None else c.alpha
@@ -263,6 +268,8 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
             c.scale = defaults.SCALE
     if not math.isfinite(c.scale):
         raise ValueError(f"scale must be finite; got {c.scale}")
+    if c.sine_factor is not None and not (math.isfinite(c.sine_factor) and c.sine_factor >= 0):
+        raise ValueError(f"sine_factor must be finite and >= 0; got {c.sine_factor}")
     if c.sampler == "ddim":
         c.sine_factor = None
     elif c.sine_factor is None:

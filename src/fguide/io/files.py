@@ -96,10 +96,10 @@ def provenance(**extra: Any) -> dict[str, Any]:
     import numpy
     import torch
 
-    import fguide
+    from fguide._version import __version__
 
     info: dict[str, Any] = {
-        "fguide_version": fguide.__version__,
+        "fguide_version": __version__,
         "torch_version": torch.__version__,
         "numpy_version": numpy.__version__,
         "python_version": platform.python_version(),

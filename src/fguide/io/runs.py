@@ -41,6 +41,8 @@ __all__ = [
     "SHARDS",
     "TRAJECTORY",
     "ConfigMismatchError",
+    "FolderInUseError",
+    "FolderLock",
     "RunInfo",
     "ShardFiles",
     "canonical",
@@ -60,12 +62,69 @@ TRAJECTORY = "trajectory.json"
 MANIFEST = "manifest.json"
 GRID = "grid.png"
 SHARDS = "shards"
+LOCK = ".fguide.lock"
 FORMAT = "fguide-sample-run/1"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: equal runs give equal bytes
 
 
 class ConfigMismatchError(ValueError):
     """The output folder holds a run with another configuration."""
+
+
+class FolderInUseError(ValueError):
+    """Another process holds the output folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on a run folder, held by one process for the whole run.
+
+    ``flock`` on ``out/.fguide.lock``: the operating system releases it when the process ends
+    (a kill included), so a stale lock never blocks a rerun. The file names the holder.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self._fh: IO[str] | None = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> FolderLock:
+        """Take the lock, or raise :class:`FolderInUseError` naming its holder."""
+        import fcntl
+        import os
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is held
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise FolderInUseError(
+                f"{self.path.parent} is in use by {holder}; wait for that run to end or use "
+                "another --out"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n"
+        )
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing releases the lock
+            self._fh = None
 
 
 def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -257,6 +316,26 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return obj
 
 
+def _refuse_foreign_files(out: Path) -> None:
+    """A folder without a manifest may hold only what a run leaves before writing one."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NotADirectoryError(f"out: {out} exists and is not a folder")
+    foreign = [
+        p.name
+        for p in out.iterdir()
+        if not (p.name == LOCK or (p.name.startswith(".") and p.name.endswith(".tmp")))
+        and not (p.name == SHARDS and p.is_dir() and not any(p.iterdir()))
+    ]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:8]) + (" …" if len(foreign) > 8 else "")
+        raise ValueError(
+            f"out: {out} holds files that no fguide run wrote there ({shown}) and no "
+            f"{MANIFEST}; refusing to overwrite them. Use an empty or new folder."
+        )
+
+
 def prepare_folder(
     out: Path,
     identity: dict[str, Any],
@@ -272,7 +351,9 @@ def prepare_folder(
     found corrupt), corrupt and missing shards having been removed.
     """
     manifest_path = out / MANIFEST
-    if manifest_path.exists():
+    if not manifest_path.exists():
+        _refuse_foreign_files(out)
+    else:
         old = _read_json_object(manifest_path)
         if old.get("format") != FORMAT:
             raise ConfigMismatchError(f"{manifest_path} is not an fguide sample run manifest")

@@ -121,8 +121,8 @@ def probe_num_classes(
     except Exception as err:  # any failure here means the classifier does not fit the images
         call = "f(x_t, t)" if time_aware else "f(x)"
         raise ValueError(
-            f"classifier {spec!r}: a forward pass {call} on a [1, 3, {image_size}, {image_size}] "
-            f"image batch failed: {type(err).__name__}: {err}"
+            f"classifier {spec!r} fails on a [1, 3, {image_size}, {image_size}] image batch "
+            f"(called as {call}; check the image size): {type(err).__name__}: {err}"
         ) from None
     finally:
         if isinstance(module, nn.Module) and was is not None:
@@ -169,7 +169,7 @@ def load_classifier(
     size_required: int | None = None
     if spec in ARCHS:
         if path is None and require_weights:
-            raise ValueError(f"classifier {spec}: give its weight file with --classifier-weights")
+            raise ValueError(f"classifier {spec} needs --classifier-weights (its weight file)")
         if input_mode not in INPUT_MODES:
             raise ValueError(
                 f"input_mode must be one of {', '.join(INPUT_MODES)}; got {input_mode!r}"
@@ -189,7 +189,7 @@ def load_classifier(
         desc.update(softplus_beta=beta if beta else "relu", input_mode=input_mode, resize=resize)
     elif is_adm_classifier(spec):
         if path is None and require_weights:
-            raise ValueError(f"classifier {spec}: give its checkpoint with --classifier-weights")
+            raise ValueError(f"classifier {spec} needs --classifier-weights (its checkpoint)")
         if spec == "adm":
             base = {**classifier_defaults(), "image_size": image_size or 64}
         else:
