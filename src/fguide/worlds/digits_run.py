@@ -1,0 +1,444 @@
+"""The digits world's experiment: every method through ``fguide sample``'s run code, measured.
+
+:func:`run_digits_world` trains (or reuses) the networks, chooses the guidance scale by a sweep
+of the base method on a validation seed, samples every method over the seeds with
+:func:`fguide.sampling.run_sampling`, measures the samples with the independent feature
+network (:class:`DigitsEvaluator`, fguide's metric functions), fine-tunes the off-the-shelf
+classifier with :func:`fguide.finetune.finetune` and guides with it (the paper's Table 1 in
+miniature), compares the calibration losses (:mod:`fguide.worlds.digits_calib`) and writes
+``results.json``, ``report.md`` and PNGs (:mod:`fguide.worlds.digits_report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from fguide.diagnostics import load_trajectory
+from fguide.io.files import atomic_write_json, provenance
+from fguide.metrics.fid import frechet_distance_from_features
+from fguide.metrics.precision_recall import precision_recall
+from fguide.models.loading import load_model
+from fguide.worlds.digits import (
+    CLEAN_CLASSIFIER_SPEC,
+    NUM_CLASSES,
+    DigitsConfig,
+    DigitsData,
+    FeatureNet,
+    load_digits_data,
+    to_model_input,
+)
+from fguide.worlds.digits_train import TrainedWorld, load_or_train, unet_model_flags
+
+__all__ = ["DigitsEvaluator", "run_digits_world", "sample_method"]
+
+_METRICS = (
+    "accuracy",
+    "fd",
+    "fd_class",
+    "precision",
+    "recall",
+    "integral_ece",
+    "vanished_mean",
+    "final_confidence",
+)
+
+
+class DigitsEvaluator:
+    """Metrics of samples against the held-out split in the feature network's space.
+
+    accuracy = mean 1[argmax feature_net(x) = target]; ``fd`` = Fréchet distance of all
+    samples' features to all held-out features; ``fd_class`` = mean over classes k of the
+    Fréchet distance between the samples with target k and the held-out images of class k;
+    precision/recall (k = 3) against the held-out features (fguide.metrics).
+    """
+
+    def __init__(self, feature_net: FeatureNet, data: DigitsData) -> None:
+        self.net = feature_net.eval().requires_grad_(False)
+        self.ref = self.features(data.images[data.held])
+        self.ref_labels = data.labels[data.held]
+
+    def features(self, images: NDArray[np.uint8]) -> NDArray[np.float64]:
+        with torch.no_grad():
+            return self.net.features(to_model_input(images)).double().numpy()
+
+    def evaluate(self, images: NDArray[np.uint8], labels: NDArray[np.int64]) -> dict[str, float]:
+        x = to_model_input(images)
+        with torch.no_grad():
+            feats = self.net.features(x)
+            pred = self.net.head(feats).argmax(dim=1).numpy()
+        f = feats.double().numpy()
+        per_class = [
+            frechet_distance_from_features(f[labels == k], self.ref[self.ref_labels == k])
+            for k in range(NUM_CLASSES)
+            if (labels == k).sum() >= 2
+        ]
+        pr = precision_recall(self.ref, f, k=3, mode="float64")
+        return {
+            "accuracy": float((pred == labels).mean()),
+            "fd": frechet_distance_from_features(f, self.ref),
+            "fd_class": float(np.mean(per_class)),
+            "precision": pr.precision,
+            "recall": pr.recall,
+        }
+
+
+def _sample_config_kwargs(
+    world: TrainedWorld, config: DigitsConfig, method: str, weights: Path | None
+) -> dict[str, Any]:
+    """``SampleConfig`` fields of one table method (see :data:`fguide.worlds.digits.METHODS`)."""
+    kw: dict[str, Any] = {
+        "model": world.files["unet"],
+        "model_flags": dict(config.unet),
+        "classifier": CLEAN_CLASSIFIER_SPEC,
+        "classifier_weights": weights or world.files["classifier"],
+        "method": method,
+    }
+    if method == "adm_cg":  # ADM's classic guidance: ∇ log p(y | x_t) of the noisy classifier
+        kw.update(
+            classifier="adm",
+            classifier_weights=world.files["noisy_classifier"],
+            classifier_flags=dict(config.adm_classifier),
+            method="logsoftmax",
+        )
+    elif method == "tilted":
+        kw["tilt_group"] = config.tilt_group
+    return kw
+
+
+def sample_method(
+    run_dir: Path,
+    world: TrainedWorld,
+    config: DigitsConfig,
+    method: str,
+    scale: float,
+    seed: int,
+    num_samples: int,
+    weights: Path | None = None,
+) -> tuple[NDArray[np.uint8], NDArray[np.int64], dict[str, Any]]:
+    """Run ``method`` through :func:`fguide.sampling.run_sampling` into ``run_dir``.
+
+    Returns (uint8 NHWC samples, target labels, the run's trajectory.json). A finished run
+    with the same configuration is reused (run_sampling's own resume); one with another
+    configuration (e.g. retrained networks) is replaced.
+    """
+    from fguide.sampling import ConfigMismatchError, SampleConfig, run_sampling
+
+    kw = _sample_config_kwargs(world, config, method, weights)
+    cfg = SampleConfig(
+        out=run_dir,
+        scale=None if kw["method"] == "none" else scale,
+        steps=str(config.sample_steps),
+        num_samples=num_samples,
+        batch_size=config.batch_size,
+        seed=seed,
+        labels="balanced",
+        device="cpu",
+        progress=False,
+        grid=min(64, num_samples),
+        **kw,
+    )
+    try:
+        res = run_sampling(cfg)
+    except ConfigMismatchError:  # our own run folder, made with other networks or settings
+        shutil.rmtree(run_dir)
+        res = run_sampling(cfg)
+    assert res.samples is not None
+    with np.load(res.samples) as z:
+        images, labels = z["arr_0"], z["arr_1"].astype(np.int64)
+    return images, labels, load_trajectory(run_dir / "trajectory.json")
+
+
+def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Mean and sample standard deviation (ddof 1; 0 for one seed) of each metric."""
+    mean: dict[str, float | None] = {}
+    std: dict[str, float | None] = {}
+    for k in _METRICS:
+        vals = [r[k] for r in per_seed if r.get(k) is not None]
+        mean[k] = float(np.mean(vals)) if vals else None
+        std[k] = float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)
+    return {"mean": mean, "std": std}
+
+
+def _sweep(
+    out: Path,
+    world: TrainedWorld,
+    config: DigitsConfig,
+    evaluator: DigitsEvaluator,
+    method: str,
+    grid: tuple[float, ...],
+) -> dict[str, Any]:
+    scores = []
+    for g in grid:
+        images, labels, _ = sample_method(
+            out / f"{method}-scale{g:g}",
+            world,
+            config,
+            method,
+            g,
+            config.validation_seed,
+            config.sweep_samples,
+        )
+        scores.append(evaluator.evaluate(images, labels)["fd_class"])
+    best = int(np.nanargmin(scores))
+    return {
+        "method": method,
+        "grid": list(grid),
+        "fd_class": scores,
+        "chosen": grid[best],
+        "seed": config.validation_seed,
+        "num_samples": config.sweep_samples,
+    }
+
+
+def _finetune(
+    world: TrainedWorld, data: DigitsData, config: DigitsConfig, loss: str, progress: bool
+) -> tuple[Path, dict[str, Any] | None] | None:
+    """CE + λ·loss fine-tuning of the off-the-shelf classifier on x̂0 (``fguide finetune``'s
+    code, input ``denoised``), into the cache folder; None when ``finetune`` lacks the loss."""
+    from fguide.finetune import FinetuneConfig, adm_x0_estimator, finetune, wrap_module
+    from fguide.io.images import from_arrays
+    from fguide.models.presets import create_model
+    from fguide.schedules import make_process
+    from fguide.worlds.digits import clean_classifier
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    extra: dict[str, Any] = {}
+    if "calibration_loss" in fields:
+        extra["calibration_loss"] = loss
+    elif loss != "smooth_ece":
+        return None  # an fguide without the option: only the paper's loss
+    ft = FinetuneConfig(
+        iterations=config.finetune_iters,
+        batch_size=config.train_batch,
+        lr=config.finetune_lr,
+        augment=False,  # ADM's crops and flips do not suit 8 × 8 digits
+        input="denoised",
+        holdout=0.1,
+        seed=config.seed,
+        workers=0,
+        checkpoint_every=max(1, config.finetune_iters),
+        log_every=10,
+        **extra,
+    )
+    net = load_model(clean_classifier(), world.files["classifier"])
+    unet = load_model(create_model(**unet_model_flags(config)), world.files["unet"]).eval()
+    unet.requires_grad_(False)
+    process = make_process("linear", int(config.unet["diffusion_steps"]), "", "fixed_large")
+    source = from_arrays(data.images[data.train], data.labels[data.train], "digits-train")
+    key = f"finetune-{loss}-{config.finetune_iters}-{config.finetune_lr:g}"
+    res = finetune(
+        wrap_module(net, "clean", CLEAN_CLASSIFIER_SPEC),
+        source,
+        world.folder / key,
+        ft,
+        denoiser=adm_x0_estimator(unet, process, False),
+        device="cpu",
+        progress=progress,
+    )
+    report = res.report
+    if report is None and (world.folder / key / "report.json").is_file():
+        import json
+
+        report = json.loads((world.folder / key / "report.json").read_text())
+    return res.model_path, report
+
+
+def _run_methods(
+    out: Path,
+    world: TrainedWorld,
+    config: DigitsConfig,
+    evaluator: DigitsEvaluator,
+    runs: Mapping[str, tuple[str, float, Path | None]],
+    bar: Any,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every (row, seed): metrics per seed, mean ± std, the first seed's curves and samples."""
+    table: dict[str, Any] = {}
+    extras: dict[str, Any] = {"curves": {}, "samples": {}}
+    for row, (method, scale, weights) in runs.items():
+        per_seed = []
+        for s in config.seeds:
+            bar.set_description(f"sampling {row} seed {s}")
+            images, labels, traj = sample_method(
+                out / "runs" / row / f"seed{s}",
+                world,
+                config,
+                method,
+                scale,
+                s,
+                config.num_samples,
+                weights,
+            )
+            m: dict[str, Any] = {"seed": s, **evaluator.evaluate(images, labels)}
+            summ = traj.get("summary", {})
+            m["integral_ece"] = summ.get("integral_ece")
+            m["vanished_mean"] = summ.get("vanished_mean")
+            m["final_confidence"] = summ.get("final_confidence_mean")
+            per_seed.append(m)
+            if s == config.seeds[0]:
+                extras["curves"][row] = traj.get("curves", {})
+                extras["samples"][row] = (images, labels)
+            bar.update(1)
+        table[row] = {
+            "method": method,
+            "scale": scale,
+            "per_seed": per_seed,
+            **_aggregate(per_seed),
+        }
+    return table, extras
+
+
+def run_digits_world(
+    out: str | Path,
+    config: DigitsConfig | None = None,
+    *,
+    quick: bool = False,
+    cache_root: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole digits experiment into ``out``; returns the results (also results.json).
+
+    ``config`` defaults to :class:`DigitsConfig` (or :meth:`DigitsConfig.quick_config` with
+    ``quick``). ``cache_root`` overrides the network cache folder (see
+    :func:`fguide.worlds.digits_train.cache_dir`). Writes ``results.json``, ``report.md``,
+    ``table.png``, ``curves.png``, ``samples.png``, ``calibration.png`` and the sampling runs
+    under ``runs/`` and ``sweep/``.
+    """
+    from tqdm import tqdm
+
+    from fguide.worlds.digits_calib import compare_calibration_losses
+    from fguide.worlds.digits_report import write_report
+
+    t_start = time.perf_counter()
+    config = config or (DigitsConfig.quick_config() if quick else DigitsConfig())
+    bad = [m for m in config.methods if m not in ("none", "adm_cg", "logsoftmax", "base")]
+    from fguide.objectives import METHODS as OBJECTIVES
+
+    bad = [m for m in bad if m not in OBJECTIVES or m == "f"]
+    if bad:
+        raise ValueError(f"methods: unknown {bad}; valid: see fguide.worlds.digits.METHODS")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    torch.set_grad_enabled(True)
+
+    data = load_digits_data(config.held_fraction, config.seed)
+    t0 = time.perf_counter()
+    world = load_or_train(data, config, cache_root, progress=progress, log=say)
+    t_train = time.perf_counter() - t0
+    feature_net = load_model(FeatureNet(), world.files["feature_net"])
+    evaluator = DigitsEvaluator(feature_net, data)  # type: ignore[arg-type]
+    held_metrics = _held_out_accuracies(world, data)
+
+    t0 = time.perf_counter()
+    say("digits world: choosing the guidance scale on the validation seed")
+    sweeps = {"base": _sweep(out / "sweep", world, config, evaluator, "base", config.scale_grid)}
+    if "adm_cg" in config.methods:
+        sweeps["adm_cg"] = _sweep(
+            out / "sweep", world, config, evaluator, "adm_cg", config.adm_scale_grid
+        )
+    scale = float(sweeps["base"]["chosen"])
+    t_sweep = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("digits world: fine-tuning the off-the-shelf classifier (fguide finetune, on x̂0)")
+    finetuned: dict[str, Any] = {}
+    for loss in ("smooth_ece", "soft_binned_ece"):
+        got = _finetune(world, data, config, loss, progress)
+        if got is None:
+            finetuned[loss] = {"skipped": "fguide.finetune has no calibration_loss option yet"}
+        else:
+            finetuned[loss] = {"model": str(got[0]), "report": _finetune_summary(got[1])}
+    t_finetune = time.perf_counter() - t0
+
+    runs: dict[str, tuple[str, float, Path | None]] = {}
+    for m in config.methods:
+        runs[m] = (m, float(sweeps["adm_cg"]["chosen"]) if m == "adm_cg" else scale, None)
+    for loss, info in finetuned.items():
+        if "model" in info:
+            runs[f"base+ft-{loss}"] = ("base", scale, Path(info["model"]))
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=len(runs) * len(config.seeds),
+        unit="run",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    try:
+        table, extras = _run_methods(out, world, config, evaluator, runs, bar)
+    finally:
+        bar.close()
+    t_sample = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("digits world: comparing the calibration losses at low and high accuracy")
+    calib = compare_calibration_losses(world, data, config)
+    t_calib = time.perf_counter() - t0
+
+    results: dict[str, Any] = {
+        "world": "digits",
+        "config": asdict(config),
+        "cache": {
+            "folder": str(world.folder),
+            "key": world.key,
+            "trained_now": world.trained,
+            "train_seconds": world.meta.get("train_seconds"),
+        },
+        "held_out": held_metrics,
+        "guidance_scale": scale,
+        "scale_sweep": sweeps,
+        "methods": table,
+        "finetuned": finetuned,
+        "calibration_comparison": calib,
+        "curves": extras["curves"],
+        "timing_seconds": {
+            "training_or_cache": round(t_train, 1),
+            "sweep": round(t_sweep, 1),
+            "finetune": round(t_finetune, 1),
+            "sampling_and_metrics": round(t_sample, 1),
+            "calibration_comparison": round(t_calib, 1),
+            "total": round(time.perf_counter() - t_start, 1),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+    results["provenance"] = provenance(world="digits", cache_key=world.key)
+    write_report(out, results, extras["samples"])
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _finetune_summary(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    keep = ("before", "after", "heldout", "held_out", "eval_before", "eval_after")
+    return {k: v for k, v in report.items() if k in keep} or {"keys": sorted(report)}
+
+
+def _held_out_accuracies(world: TrainedWorld, data: DigitsData) -> dict[str, float]:
+    """Clean held-out accuracy and ECE of the off-the-shelf classifier and the feature net."""
+    from fguide.metrics.calibration import ece
+    from fguide.worlds.digits import clean_classifier
+
+    x, y = data.x(data.held), data.labels[data.held]
+    out: dict[str, float] = {}
+    for name, net in (
+        ("classifier", clean_classifier()),
+        ("feature_net", FeatureNet()),
+    ):
+        load_model(net, world.files[name]).eval()
+        with torch.no_grad():
+            logits = net(x).double().numpy()
+        out[f"{name}_accuracy"] = float((logits.argmax(1) == y).mean())
+        out[f"{name}_ece"] = ece(logits, y, kind="logits")
+    return out

@@ -1,0 +1,277 @@
+"""Training and caching the digits world's four networks (see :mod:`fguide.worlds.digits`).
+
+Every network is a function of (training settings, seed, code): the cache folder is named by
+the SHA-256 of the canonical JSON of :meth:`DigitsConfig.training_key`, fguide's version,
+torch's major.minor version and the source of this module and :mod:`fguide.worlds.digits`
+(content addressing: a change to the training code trains anew). It lives under
+``$FGUIDE_CACHE_DIR/digits/`` or ``~/.cache/fguide/digits/``. Each network is written
+atomically as a plain state dict; ``meta.json`` is written last and marks the folder
+complete, so an interrupted training leaves no half-valid cache.
+
+Determinism: every draw (initialisation, batch order, shifts, t, ε, dropout) comes from
+generators seeded by (seed, network tag), so a seed gives the same weights in one
+environment (same torch build and thread count; float summation order may differ across).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fguide.io.files import atomic_write, atomic_write_json
+from fguide.models.presets import create_classifier, create_model, model_defaults
+from fguide.schedules import Process, make_process
+from fguide.worlds.digits import DigitsCNN, DigitsConfig, DigitsData, FeatureNet
+
+__all__ = [
+    "TrainedWorld",
+    "cache_dir",
+    "cache_key",
+    "load_or_train",
+    "unet_model_flags",
+]
+
+FILES = {
+    "unet": "unet.pt",
+    "classifier": "clean_classifier.pt",
+    "noisy_classifier": "noisy_classifier.pt",
+    "feature_net": "feature_net.pt",
+}
+_TAGS = {"unet": 1, "classifier": 2, "noisy_classifier": 3, "feature_net": 4}
+_FORMAT = "fguide-digits-cache/1"
+
+
+@dataclass
+class TrainedWorld:
+    """The cached networks' files, the folder, and what this call trained."""
+
+    folder: Path
+    key: str
+    files: dict[str, Path]
+    trained: list[str]
+    """Networks trained by this call (empty when the cache was reused)."""
+    meta: dict[str, Any]
+
+
+def unet_model_flags(config: DigitsConfig) -> dict[str, Any]:
+    """The ``create_model`` subset of the UNet's flags (the rest are diffusion flags)."""
+    return {k: v for k, v in config.unet.items() if k in model_defaults()}
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for mod in ("fguide.worlds.digits", "fguide.worlds.digits_train"):
+        path = Path(sys.modules[mod].__file__ or "")
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(config: DigitsConfig) -> str:
+    """SHA-256 (hex, first 16) of the training settings, seed and code version."""
+    import fguide
+
+    content = {
+        "format": _FORMAT,
+        "training": config.training_key(),
+        "fguide": fguide.__version__,
+        "torch": ".".join(torch.__version__.split(".")[:2]),
+        "code": _code_hash(),
+    }
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_dir(root: str | os.PathLike[str] | None = None) -> Path:
+    """``root``, else ``$FGUIDE_CACHE_DIR/digits``, else ``~/.cache/fguide/digits``."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("FGUIDE_CACHE_DIR")
+    return (Path(env) if env else Path.home() / ".cache" / "fguide") / "digits"
+
+
+def _gen(seed: int, tag: int) -> torch.Generator:
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
+    )
+
+
+def _batches(n: int, batch: int, steps: int, seed: int, tag: int) -> list[np.ndarray]:
+    """Indices of each step: concatenated seeded permutations of range(n)."""
+    rng = np.random.default_rng([seed, tag, 0xBA7C])
+    order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * batch // n) + 1)])
+    return [order[k * batch : (k + 1) * batch] for k in range(steps)]
+
+
+def _shift(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Random translations by −1, 0 or +1 pixel per axis (zero-padded = background −1)."""
+    n = x.shape[0]
+    padded = F.pad(x, (1, 1, 1, 1), value=-1.0)
+    dx = torch.randint(0, 3, (n,), generator=gen)
+    dy = torch.randint(0, 3, (n,), generator=gen)
+    h, w = x.shape[-2:]
+    return torch.stack(
+        [padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)]
+    ).contiguous()
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, file=sys.stderr)
+
+
+def _train_unet(
+    data: DigitsData, config: DigitsConfig, process: Process, show: bool
+) -> dict[str, Tensor]:
+    """ε-prediction MSE (ADM's L_simple) with t uniform over T, Adam; returns the EMA weights."""
+    tag = _TAGS["unet"]
+    torch.manual_seed(int(np.random.SeedSequence([config.seed, tag, 1]).generate_state(1)[0]))
+    net = create_model(**unet_model_flags(config)).train()  # init and dropout: global RNG
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=config.diffusion_lr)
+    x_all = data.x(data.train)
+    gen = _gen(config.seed, tag)
+    T = process.num_steps
+    bar = _progress(config.diffusion_steps, "training the diffusion model", show)
+    for idx in _batches(len(x_all), config.train_batch, config.diffusion_steps, config.seed, tag):
+        x0 = x_all[idx]
+        t = torch.randint(0, T, (len(idx),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        loss = F.mse_loss(net(process.q_sample(x0, t, eps), t), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                pe.lerp_(p, 1.0 - config.ema)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return ema.state_dict()
+
+
+def _train_classifier(
+    net: nn.Module,
+    data: DigitsData,
+    config: DigitsConfig,
+    name: str,
+    steps: int,
+    process: Process | None,
+    show: bool,
+) -> dict[str, Tensor]:
+    """Cross-entropy with Adam on the training split: clean images with ±1-pixel shifts, or
+    (``process`` given) x_t with t uniform over T and the timestep passed (ADM's classifier)."""
+    tag = _TAGS[name]
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=config.classifier_lr)
+    x_all, y_all = data.x(data.train), data.y(data.train)
+    gen = _gen(config.seed, tag)
+    bar = _progress(steps, f"training the {name.replace('_', ' ')}", show)
+    for idx in _batches(len(x_all), config.train_batch, steps, config.seed, tag):
+        x, y = _shift(x_all[idx], gen), y_all[idx]
+        if process is None:
+            logits = net(x)
+        else:
+            t = torch.randint(0, process.num_steps, (len(idx),), generator=gen)
+            logits = net(process.q_sample(x, t, torch.randn(x.shape, generator=gen)), t)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return net.eval().state_dict()
+
+
+def _save(path: Path, sd: dict[str, Tensor]) -> None:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, buf)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def _init_seed(config: DigitsConfig, name: str) -> None:
+    torch.manual_seed(
+        int(np.random.SeedSequence([config.seed, _TAGS[name], 1]).generate_state(1)[0])
+    )
+
+
+def load_or_train(
+    data: DigitsData,
+    config: DigitsConfig,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainedWorld:
+    """The four networks of ``config``: read from the cache, or trained and cached.
+
+    Returns their files; ``trained`` lists what this call trained (empty: cache reused).
+    """
+    key = cache_key(config)
+    folder = cache_dir(root) / key
+    files = {name: folder / fname for name, fname in FILES.items()}
+    meta_path = folder / "meta.json"
+    if meta_path.is_file() and all(p.is_file() for p in files.values()):
+        meta = json.loads(meta_path.read_text())
+        if log:
+            log(f"digits world: using the cached networks in {folder}")
+        return TrainedWorld(folder, key, files, [], meta)
+    if log:
+        log(f"digits world: training the networks into {folder} (once per configuration)")
+    process = make_process("linear", int(config.unet["diffusion_steps"]), "", "fixed_large")
+    seconds: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    _save(files["unet"], _train_unet(data, config, process, progress))
+    seconds["unet"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _init_seed(config, "classifier")
+    sd = _train_classifier(
+        DigitsCNN(), data, config, "classifier", config.classifier_steps, None, progress
+    )
+    _save(files["classifier"], sd)
+    seconds["classifier"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _init_seed(config, "noisy_classifier")
+    noisy = create_classifier(**config.adm_classifier)
+    sd = _train_classifier(
+        noisy, data, config, "noisy_classifier", config.noisy_classifier_steps, process, progress
+    )
+    _save(files["noisy_classifier"], sd)
+    seconds["noisy_classifier"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _init_seed(config, "feature_net")
+    sd = _train_classifier(
+        FeatureNet(), data, config, "feature_net", config.feature_steps, None, progress
+    )
+    _save(files["feature_net"], sd)
+    seconds["feature_net"] = time.perf_counter() - t0
+
+    meta = {
+        "format": _FORMAT,
+        "key": key,
+        "training": config.training_key(),
+        "train_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "torch_threads": threads,
+        "files": {name: p.name for name, p in files.items()},
+    }
+    atomic_write_json(meta_path, meta)
+    return TrainedWorld(folder, key, files, list(FILES), meta)
