@@ -7,6 +7,7 @@ import torch
 
 import fguide
 from fguide.guidance import GuidanceResult
+from fguide.samplers import NonFiniteModelOutputError
 from fguide.schedules import make_process
 from fguide.worlds.gmm import BayesClassifier, ExactDenoiser, ExactEpsModel, GaussianMixture
 
@@ -134,3 +135,234 @@ def test_callback_records_every_step_with_guidance_diagnostics() -> None:
         assert r.confidence is not None and r.confidence.shape == (2,)
         assert r.grad_norm is not None and (r.grad_norm > 0).all()
     assert records[0].progress == 0.0 and records[-1].progress == 1.0
+
+
+# ---------------------------------------------------------------- errors, grad, host syncs
+
+
+class _TinyEps(torch.nn.Module):
+    """A small ε-network with parameters (so a sampler that kept autograd on would build a
+    graph); optionally NaN for one sample from one timestep down."""
+
+    def __init__(self, nan_below: int | None = None, nan_row: int = 1):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1).double()
+        self.nan_below, self.nan_row = nan_below, nan_row
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        out = 0.1 * torch.tanh(self.conv(x)) * (t.to(x) / 1000).reshape(-1, 1, 1, 1)
+        if self.nan_below is not None:
+            mask = torch.zeros_like(out)
+            mask[self.nan_row] = float("nan")
+            out = out + torch.where((t < self.nan_below).reshape(-1, 1, 1, 1), mask, 0.0)
+        return out
+
+
+def _tiny_guide(scale: float = 1.0) -> fguide.ClassifierGuide:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5)).double()
+    return fguide.ClassifierGuide(net, fguide.objective("js", alpha=0.09, eps=0.1), scale)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_guide_without_labels_is_an_error(sampler: str) -> None:
+    proc = make_process("linear", 1000, "5", "fixed_small")
+    fn = fguide.ddpm if sampler == "ddpm" else fguide.ddim
+    with pytest.raises(ValueError, match="labels"):
+        fn(_TinyEps(), torch.zeros(2, 3, 4, 4, dtype=torch.float64), proc, guide=_tiny_guide())
+    with pytest.raises(ValueError, match="labels"):
+        fguide.heun(
+            ExactDenoiser(MIX), torch.zeros(2, 2), fguide.karras_sigmas(4), guide=_tiny_guide()
+        )
+
+
+def test_non_finite_model_output_names_the_model_and_step_not_the_classifier() -> None:
+    proc = make_process("linear", 1000, "10", "fixed_small")
+    # timesteps 999, 888, ..., 0: NaN from the model at model timestep < 500, i.e. step 5
+    model = _TinyEps(nan_below=500, nan_row=2)
+    with pytest.raises(fguide.NonFiniteGuidanceError) as info:
+        fguide.ddpm(
+            model,
+            torch.randn(3, 3, 4, 4, dtype=torch.float64),
+            proc,
+            labels=torch.tensor([0, 1, 2]),
+            guide=_tiny_guide(),
+        )
+    err = info.value
+    assert isinstance(err, NonFiniteModelOutputError)
+    step = next(k for k, t in enumerate(reversed(proc.timestep_map.tolist())) if t < 500)
+    assert err.step == step and err.samples == [2]
+    assert "_TinyEps" in str(err) and f"step {step}" in str(err) and "guidance" not in str(err)
+
+
+def test_samplers_keep_no_graph_when_called_with_grad_enabled() -> None:
+    proc = make_process("linear", 1000, "5", "fixed_small")
+    model = _TinyEps()
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert torch.is_grad_enabled()
+    for fn in (fguide.ddpm, fguide.ddim):
+        out = fn(model, z, proc, labels=torch.tensor([0, 3]), guide=_tiny_guide())
+        assert out.grad_fn is None and not out.requires_grad
+    # the guide still differentiates its classifier: the guided run differs from the unguided
+    assert not torch.allclose(out, fguide.ddim(model, z, proc))
+
+
+_SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    counts = dict.fromkeys(_SYNC_METHODS, 0)
+    for name in _SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _orig=original, **kw):  # type: ignore[no-untyped-def]
+            counts[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "heun"])
+def test_the_hot_loop_reads_nothing_back_per_step(
+    sampler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host reads (item, tolist, cpu, numpy, bool/float/int of a tensor) during a guided run
+    with a trajectory recorder: a constant per batch, independent of the number of steps."""
+    labels = torch.tensor([0, 3, 1])
+    z = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+
+    def run(steps: int) -> int:
+        guide = _tiny_guide(0.5)
+        rec = fguide.TrajectoryRecorder()
+        counts = _count_host_reads(monkeypatch)
+        if sampler == "heun":
+            fguide.heun(
+                lambda x, s, y: torch.tanh(x / torch.sqrt(1 + s.reshape(-1, 1, 1, 1) ** 2)),
+                z,
+                fguide.karras_sigmas(steps),
+                labels=labels,
+                guide=guide,
+                callback=rec,
+                s_churn=1.0,
+                noise=fguide.SampleNoise(0, [0, 1, 2]),
+            )
+        else:
+            fn = fguide.ddpm if sampler == "ddpm" else fguide.ddim
+            proc = make_process("linear", 1000, str(steps), "fixed_small")
+            noise = fguide.SampleNoise(0, [0, 1, 2])
+            fn(_TinyEps(), z, proc, labels=labels, guide=guide, callback=rec, noise=noise)
+        rec.finalize()
+        total = sum(counts.values())
+        monkeypatch.undo()
+        return total
+
+    few, many = run(4), run(12)
+    assert few == many, f"host reads grow with the number of steps: {few} vs {many}"
+    assert many <= 8
+
+
+# ---------------------------------------------------------------- EDM stochastic churn
+
+
+def _edm_denoiser(
+    x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
+) -> torch.Tensor:
+    s = sigma.to(x).reshape(-1, *([1] * (x.ndim - 1)))
+    return torch.tanh(x / torch.sqrt(1 + s**2))
+
+
+def _edm_algorithm2(
+    z: torch.Tensor,
+    sigmas: list[float],
+    draws: torch.Tensor,
+    churn: float,
+    tmin: float,
+    tmax: float,
+) -> torch.Tensor:
+    """EDM (Karras et al. 2022) Algorithm 2, written out from the paper with Python floats for
+    the σ arithmetic; ``draws[i]`` is ε_i ~ N(0, I) of step i (S_noise = 1.007)."""
+    n, s_noise = len(sigmas) - 1, 1.007
+    x = z * sigmas[0]
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        gamma = min(churn / n, 2**0.5 - 1) if tmin <= s <= tmax else 0.0
+        s_hat = s * (1 + gamma)
+        x_hat = x + (s_hat**2 - s**2) ** 0.5 * s_noise * draws[i]
+        d = (x_hat - _edm_denoiser(x_hat, torch.tensor([s_hat], dtype=torch.float64), None)) / s_hat
+        x = x_hat + (s_next - s_hat) * d
+        if s_next != 0:
+            d2 = (x - _edm_denoiser(x, torch.tensor([s_next], dtype=torch.float64), None)) / s_next
+            x = x_hat + (s_next - s_hat) * (d + d2) / 2
+    return x
+
+
+def test_heun_churn_matches_edm_algorithm_2_and_draws_once_per_step() -> None:
+    sig = fguide.karras_sigmas(8, 0.002, 80.0)
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    draws = torch.randn(8, 2, 3, 4, 4, dtype=torch.float64)
+    replay, calls = _Replay(draws), []
+    out = fguide.heun(
+        _edm_denoiser,
+        z,
+        sig,
+        noise=lambda like: calls.append(1) or replay(like),
+        s_churn=40.0,
+        s_tmin=0.05,
+        s_tmax=10.0,
+        s_noise=1.007,
+    )
+    assert len(calls) == 8  # one ε per step, also outside the churn window (as EDM draws)
+    expected = _edm_algorithm2(z, sig.tolist(), draws, 40.0, 0.05, 10.0)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    # the churn noise only enters inside [S_tmin, S_tmax]: other draws do not change the result
+    inside = [(0.05 <= s <= 10.0) for s in sig[:-1].tolist()]
+    assert any(inside) and not all(inside)
+    changed = draws.clone()
+    changed[[i for i, ins in enumerate(inside) if not ins]] = 7.0
+    same = fguide.heun(
+        _edm_denoiser,
+        z,
+        sig,
+        noise=_Replay(changed),
+        s_churn=40.0,
+        s_tmin=0.05,
+        s_tmax=10.0,
+        s_noise=1.007,
+    )
+    torch.testing.assert_close(same, out, atol=0, rtol=0)
+    changed[[i for i, ins in enumerate(inside) if ins][0]] += 1.0
+    other = fguide.heun(
+        _edm_denoiser,
+        z,
+        sig,
+        noise=_Replay(changed),
+        s_churn=40.0,
+        s_tmin=0.05,
+        s_tmax=10.0,
+        s_noise=1.007,
+    )
+    assert not torch.allclose(other, out)
+
+
+def test_heun_without_churn_never_draws_and_equals_the_deterministic_sampler() -> None:
+    sig = fguide.karras_sigmas(6)
+    z = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+
+    def no_draw(like: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("s_churn = 0 must not draw noise")
+
+    out = fguide.heun(_edm_denoiser, z, sig, noise=no_draw, s_tmin=0.0, s_tmax=1e9)
+    zeros = torch.zeros(6, 2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(out, _edm_algorithm2(z, sig.tolist(), zeros, 0.0, 0, 1e9))
+    with pytest.raises(ValueError, match="s_churn"):
+        fguide.heun(_edm_denoiser, z, sig, s_churn=-1.0)
+
+
+class _Replay:
+    def __init__(self, draws: torch.Tensor):
+        self.draws, self.k = draws, 0
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        self.k += 1
+        return self.draws[self.k - 1]

@@ -21,7 +21,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from fguide.metrics.calibration import TrajectoryCalibration
+from fguide.guidance import GuidanceResult
+from fguide.metrics.calibration import TrajectoryCalibration, _bin_sums, _StepAccum
 from fguide.samplers import StepRecord
 
 _SUMS = ("n", "conf_sum", "grad_sum", "grad_n", "vanished", "max_weight")
@@ -35,6 +36,11 @@ class TrajectoryRecorder:
     classifier on the step's x0 estimate, at every step: unguided runs then have curves too,
     and every method is measured by the same yardstick. ``vanish_threshold`` defines "guidance
     vanished": ‖∇S_i‖ < threshold.
+
+    Each step's statistics are computed on the logits' device (softmax(f)_y, max_k softmax(f)_k,
+    1[argmax f = y], ‖∇S‖, max w) and kept there; :meth:`finalize` reads all pending steps
+    back in one transfer. Every reading method finalizes first, so a batch costs one host read
+    whatever its number of steps.
     """
 
     def __init__(
@@ -51,6 +57,7 @@ class TrajectoryRecorder:
         self.sums: dict[int, dict[str, float]] = {}
         self.confidences: dict[int, list[np.ndarray]] = {}
         self.t: dict[int, float] = {}
+        self._pending: list[tuple[int, Tensor, bool, bool]] = []
 
     def __call__(self, rec: StepRecord) -> None:
         res = rec.guidance
@@ -62,27 +69,48 @@ class TrajectoryRecorder:
             logits, labels = res.logits, res.labels
         else:
             return
-        conf = torch.softmax(logits.double(), -1).gather(-1, labels[:, None]).squeeze(-1)
-        s = self.sums.setdefault(rec.step, dict.fromkeys(_SUMS, 0.0))
-        s["n"] += len(conf)
-        s["conf_sum"] += float(conf.sum())
-        self.confidences.setdefault(rec.step, []).append(conf.cpu().numpy())
-        self.t[rec.step] = float(rec.t.double().mean())
-        self.calibration.update(rec.step, logits.double(), labels)
-        if res is not None:
-            norm = res.grad_norm().double()
-            s["grad_sum"] += float(norm.sum())
-            s["grad_n"] += len(norm)
-            s["vanished"] += float((norm < self.vanish_threshold).sum())
-            if res.weights is not None:
-                s["max_weight"] = max(s["max_weight"], float(res.weights.max()))
+        self._pending.append((rec.step, *_step_stats(logits, labels, rec.t, res)))
+
+    def finalize(self) -> None:
+        """Fold the pending steps' device statistics into the host sums (one transfer)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rows = torch.cat([p[1].flatten() for p in pending]).cpu().numpy()  # the one read
+        at = 0
+        for step, stats, has_grad, has_weights in pending:
+            b = (stats.numel() - 2) // 4
+            v = rows[at : at + stats.numel()]
+            at += stats.numel()
+            conf, conf_max, correct, norm = (
+                v[:b],
+                v[b : 2 * b],
+                v[2 * b : 3 * b] > 0.5,
+                v[3 * b : 4 * b],
+            )
+            t_mean, max_weight = float(v[4 * b]), float(v[4 * b + 1])
+            s = self.sums.setdefault(step, dict.fromkeys(_SUMS, 0.0))
+            s["n"] += b
+            s["conf_sum"] += float(conf.sum())
+            self.confidences.setdefault(step, []).append(conf)
+            self.t[step] = t_mean
+            _calibration_update(self.calibration, step, conf_max, correct, float(conf.sum()))
+            if has_grad:
+                s["grad_sum"] += float(norm.sum())
+                s["grad_n"] += b
+                s["vanished"] += float((norm < self.vanish_threshold).sum())
+                if has_weights:
+                    s["max_weight"] = max(s["max_weight"], max_weight)
 
     @property
     def steps(self) -> list[int]:
+        self.finalize()
         return sorted(self.sums)
 
     def merge(self, other: TrajectoryRecorder) -> None:
         """Add another recorder's observations (another batch, shard or process)."""
+        self.finalize()
+        other.finalize()
         for k, o in other.sums.items():
             s = self.sums.setdefault(k, dict.fromkeys(_SUMS, 0.0))
             for key in _SUMS:
@@ -156,6 +184,7 @@ class TrajectoryRecorder:
 
     def summary(self) -> dict[str, float | None]:
         """Integral ECE, mean vanished fraction, largest tilt weight over the run."""
+        self.finalize()
         c = self.curves()
         van = [v for v in c["vanished_fraction"] if v is not None]
         weights = [w for w in c["max_tilt_weight"] if w is not None]
@@ -178,6 +207,55 @@ class TrajectoryRecorder:
         from fguide.io.files import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
+
+
+def _step_stats(
+    logits: Tensor, labels: Tensor, t: Tensor, res: GuidanceResult | None
+) -> tuple[Tensor, bool, bool]:
+    """One step's statistics as one device tensor [4B + 2]: softmax(f)_y, max_k softmax(f)_k,
+    1[argmax f = y], ‖∇S‖ (0 without guidance), mean t, max w (0 without tilt).
+
+    Softmax in float64 where the device has it (the per-step sums are then those of the host
+    implementation to round-off); no host read.
+    """
+    with torch.no_grad():
+        wide = torch.float32 if logits.device.type == "mps" else torch.float64
+        logp = torch.log_softmax(logits.detach().to(wide), -1)
+        labels = labels.to(logits.device)
+        conf = logp.gather(-1, labels[:, None]).squeeze(-1).exp()
+        conf_max = logp.max(-1).values.exp()
+        correct = (logits.detach().argmax(-1) == labels).to(wide)
+        zero = conf.new_zeros(())
+        norm = res.grad_norm().to(wide) if res is not None else torch.zeros_like(conf)
+        weight = (
+            res.weights.detach().max().to(wide)
+            if res is not None and res.weights is not None
+            else zero
+        )
+        t_mean = t.detach().to(device=logits.device, dtype=wide).mean()
+        stats = torch.cat([conf, conf_max, correct, norm, t_mean[None], weight[None]])
+    return stats, res is not None, res is not None and res.weights is not None
+
+
+def _calibration_update(
+    cal: TrajectoryCalibration,
+    step: int,
+    conf_max: NDArray[Any],
+    correct: NDArray[Any],
+    target: float,
+) -> None:
+    """What ``TrajectoryCalibration.update`` does after its softmax, from the statistics read
+    back from the device (it has no public entry point taking them)."""
+    count, sum_conf, sum_acc = _bin_sums(conf_max.astype(np.float64), correct, cal.n_bins)
+    acc = cal._steps.get(int(step))
+    if acc is None:
+        cal._steps[int(step)] = _StepAccum(count, sum_conf, sum_acc, target, [conf_max])
+    else:
+        acc.count += count
+        acc.sum_conf += sum_conf
+        acc.sum_acc += sum_acc
+        acc.sum_target += target
+        acc.confidences.append(conf_max)
 
 
 def load_trajectory(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,113 @@
+"""TrajectoryRecorder: device-side per-step statistics against a host recomputation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fguide
+from fguide.schedules import make_process
+from fguide.worlds.gmm import BayesClassifier, ExactEpsModel, GaussianMixture
+
+MIX = GaussianMixture.circle()
+
+
+def _host_curves(records: list[fguide.StepRecord], threshold: float) -> dict[str, list]:
+    """The curves recomputed from the step records in numpy float64 (independent code)."""
+    out: dict[str, list] = {k: [] for k in ("conf", "top", "grad", "van", "w", "ece", "acc", "t")}
+    for r in records:
+        assert r.guidance is not None
+        f = r.guidance.logits.numpy().astype(np.float64)
+        y = r.guidance.labels.numpy()
+        p = np.exp(f - f.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        conf = p[np.arange(len(y)), y]
+        out["conf"].append(conf.mean())
+        out["top"].append(np.sort(conf)[::-1][: math.ceil(len(y) / 4)].mean())
+        norm = np.sqrt((r.guidance.grad.numpy().reshape(len(y), -1) ** 2).sum(1))
+        out["grad"].append(norm.mean())
+        out["van"].append((norm < threshold).mean())
+        out["w"].append(r.guidance.weights.max().item() if r.guidance.weights is not None else None)
+        top1, correct = p.max(1), p.argmax(1) == y
+        ece = 0.0
+        for b in range(10):  # bins (b/10, (b+1)/10], the first also taking 0
+            inside = (top1 > b / 10) & (top1 <= (b + 1) / 10) | ((b == 0) & (top1 == 0))
+            ece += abs(correct[inside].sum() - top1[inside].sum()) / len(y)
+        out["ece"].append(ece)
+        out["acc"].append(correct.mean())
+        out["t"].append(r.t.double().mean().item())
+    return out
+
+
+@pytest.mark.parametrize("method", ["js", "tilted"])
+def test_recorder_curves_equal_a_host_recomputation(method: str) -> None:
+    proc = make_process("linear", 1000, "8", "fixed_small")
+    abar = make_process("linear", 1000, "")["alphas_cumprod"]
+    labels = torch.tensor([0, 3, 5, 1, 2, 7, 4])
+    kw = {"t_tilt": -0.5} if method == "tilted" else {"entropy": True}
+    guide = fguide.ClassifierGuide(BayesClassifier(MIX), fguide.objective(method, **kw), 0.05)
+    records: list[fguide.StepRecord] = []
+    rec = fguide.TrajectoryRecorder(vanish_threshold=20.0)
+
+    def both(r: fguide.StepRecord) -> None:
+        records.append(r)
+        rec(r)
+
+    fguide.ddpm(
+        ExactEpsModel(MIX, abar),
+        torch.randn(7, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)),
+        proc,
+        labels=labels,
+        guide=guide,
+        callback=both,
+        clip_denoised=False,
+    )
+    assert len(rec._pending) == 8  # nothing read back during the loop
+    c = rec.curves()
+    assert not rec._pending
+    host = _host_curves(records, 20.0)
+    assert c["step"] == list(range(8))
+    np.testing.assert_allclose(c["t"], host["t"], rtol=1e-15)
+    np.testing.assert_allclose(c["confidence_mean"], host["conf"], rtol=1e-12)
+    np.testing.assert_allclose(c["confidence_top25"], host["top"], rtol=1e-12)
+    np.testing.assert_allclose(c["grad_norm"], host["grad"], rtol=1e-6)
+    np.testing.assert_allclose(c["vanished_fraction"], host["van"], rtol=1e-12)
+    assert 0 < sum(host["van"]) < 8  # the threshold splits the samples at some steps
+    np.testing.assert_allclose(c["ece"], host["ece"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(c["accuracy"], host["acc"], rtol=1e-12)
+    if method == "tilted":
+        np.testing.assert_allclose(c["max_tilt_weight"], host["w"], rtol=1e-6)
+        assert all(w > 1 for w in host["w"])
+    else:
+        assert c["max_tilt_weight"] == [None] * 8
+
+
+def test_recorder_state_round_trip_and_merge_after_deferred_reads() -> None:
+    proc = make_process("linear", 1000, "5", "fixed_small")
+    abar = make_process("linear", 1000, "")["alphas_cumprod"]
+    guide = fguide.ClassifierGuide(BayesClassifier(MIX), fguide.objective("base"), 0.05)
+    recs = []
+    for seed in (0, 1):
+        rec = fguide.TrajectoryRecorder()
+        fguide.ddpm(
+            ExactEpsModel(MIX, abar),
+            torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
+            proc,
+            labels=torch.tensor([0, 1, 2, 3]),
+            guide=guide,
+            callback=rec,
+            clip_denoised=False,
+        )
+        recs.append(rec)
+    merged = fguide.TrajectoryRecorder()
+    merged.merge(recs[0])  # merging finalizes the pending steps of both sides
+    merged.merge(recs[1])
+    mean = [
+        (a + b) / 2 for a, b in zip(*(r.curves()["confidence_mean"] for r in recs), strict=True)
+    ]
+    np.testing.assert_allclose(merged.curves()["confidence_mean"], mean, rtol=1e-12)
+    again = fguide.TrajectoryRecorder.from_state(merged.state())
+    assert again.to_dict() == merged.to_dict()
