@@ -23,7 +23,7 @@ import torch
 from fixture_utils import fixture_init
 from PIL import Image
 
-import fguide.evaluation
+import fguide.io.features
 from fguide.cli.main import main
 from fguide.evaluation import (
     EVALUATOR_VERSION,
@@ -243,7 +243,8 @@ def test_precomputed_reference_statistics_are_used(
         root / "ref_stats.npz": _features(data["ref_pool"], nan_logits, data["ref_spatial"]),
         root / "sam.npz": _features(data["sam_pool"], data["sam_logits"], data["sam_spatial"]),
     }
-    monkeypatch.setattr(fguide.evaluation, "extract_features", lambda src, *a, **k: feats[src.path])
+    fake = lambda src, *a, **k: feats[src.path]  # noqa: E731
+    monkeypatch.setattr(fguide.io.features, "extract_features", fake)
     rng = np.random.default_rng(1)
     stats = {
         "mu": rng.normal(0, 1e-3, 2048),

@@ -28,11 +28,11 @@ from fguide.finetune import (
     accumulate_gradients,
     adm_x0_estimator,
     finetune,
-    load_classifier,
     random_crop_arr,
     split_holdout,
     wrap_module,
 )
+from fguide.models.classifiers import LoadedClassifier, load_classifier
 from fguide.models.loading import load_model
 from fguide.models.presets import create_model
 from fguide.models.resnet import load_resnet, resnet
@@ -114,6 +114,12 @@ def module_file(tmp_path: Path) -> Path:
     return path
 
 
+def _load(spec: str, weights: Path | None = None) -> LoadedClassifier:
+    """The one classifier loader, as ``fguide finetune`` calls it on 8x8 images."""
+    aware = True if "noisy" in spec else None
+    return load_classifier(spec, weights, image_size=8, time_aware=aware, require_weights=False)
+
+
 def _small_images(seed: int, n: int, k: int) -> ArraySource:
     rng = np.random.default_rng(seed)
     return ArraySource(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % k)
@@ -178,7 +184,7 @@ def test_resume_after_sigint_equals_uninterrupted_run(tmp_path: Path, module_fil
     )
     spec = f"{module_file}:noisy4"
 
-    full = finetune(load_classifier(spec), source, tmp_path / "full", cfg, progress=False)
+    full = finetune(_load(spec), source, tmp_path / "full", cfg, progress=False)
     assert full.status == "completed" and full.step == 6
 
     def interrupt_at_3(step: int, metrics: dict[str, float]) -> None:
@@ -186,20 +192,18 @@ def test_resume_after_sigint_equals_uninterrupted_run(tmp_path: Path, module_fil
             signal.raise_signal(signal.SIGINT)
 
     out = tmp_path / "resumed"
-    first = finetune(
-        load_classifier(spec), source, out, cfg, progress=False, on_step=interrupt_at_3
-    )
+    first = finetune(_load(spec), source, out, cfg, progress=False, on_step=interrupt_at_3)
     assert first.status == "interrupted" and first.step == 3
     assert not (out / "model.pt").exists()
     assert _state(out / "checkpoint.pt")["step"] == 3
-    second = finetune(load_classifier(spec), source, out, cfg, progress=False)
+    second = finetune(_load(spec), source, out, cfg, progress=False)
     assert second.status == "completed" and second.report is not None
     assert second.report["training"]["steps_this_call"] == 3
 
     a, b = _state(full.model_path), _state(second.model_path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], load_classifier(spec).module.state_dict()[k]) for k in a)
+    assert not all(torch.equal(a[k], _load(spec).module.state_dict()[k]) for k in a)
     strip = lambda p: [  # noqa: E731
         {k: v for k, v in json.loads(s).items() if k != "steps_per_s"}
         for s in p.read_text().splitlines()
@@ -217,17 +221,17 @@ def test_resume_after_sigint_equals_uninterrupted_run(tmp_path: Path, module_fil
 
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated"):
-        finetune(load_classifier(spec), source, crashed, cfg, progress=False, on_step=crash_at_5)
+        finetune(_load(spec), source, crashed, cfg, progress=False, on_step=crash_at_5)
     assert _state(crashed / "checkpoint.pt")["step"] == 4
-    resumed = finetune(load_classifier(spec), source, crashed, cfg, progress=False)
+    resumed = finetune(_load(spec), source, crashed, cfg, progress=False)
     c = _state(resumed.model_path)
     assert all(torch.equal(a[k], c[k]) for k in a)
     assert strip(crashed / "log.jsonl") == strip(tmp_path / "full" / "log.jsonl")
 
-    again = finetune(load_classifier(spec), source, out, cfg, progress=False)
+    again = finetune(_load(spec), source, out, cfg, progress=False)
     assert again.status == "already_complete"
     with pytest.raises(ValueError, match="lr"):  # a different run's settings are refused
-        finetune(load_classifier(spec), source, out, dataclasses.replace(cfg, lr=1e-2))
+        finetune(_load(spec), source, out, dataclasses.replace(cfg, lr=1e-2))
 
 
 def test_microbatches_give_the_full_batch_gradient() -> None:
@@ -258,7 +262,7 @@ def test_resnet_microbatched_run_matches_full_batch_and_loads(tmp_path: Path) ->
         cfg = FinetuneConfig(
             iterations=2, batch_size=6, microbatch=micro, lr=1e-4, holdout=4, workers=0
         )
-        clf = load_classifier("resnet18", weights)
+        clf = _load("resnet18", weights)
         runs[micro] = finetune(clf, source, tmp_path / f"m{micro}", cfg, progress=False)
     a, b = _state(runs[None].model_path), _state(runs[3].model_path)
     for k in a:  # frozen batch norm: the micro-batched update is the full batch's
@@ -470,13 +474,13 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, module_file: Path, capsys)
     np.savez(good, np.zeros((6, 8, 8, 3), np.uint8), np.array([0, 1, 2, 0, 1, 2]))
     assert "batch_size" in error(_cli(tmp_path, good, linear3, "--batch-size", "0"))
     assert "lambda" in error(_cli(tmp_path, good, linear3, "--lambda", "-1"))
-    assert "unknown" in error(_cli(tmp_path, good, "resnet7"))
+    assert "'resnet7' is none of" in error(_cli(tmp_path, good, "resnet7"))
     assert "no callable" in error(_cli(tmp_path, good, f"{module_file}:nothing"))
     assert "weights" in error(_cli(tmp_path, good, linear3, "--weights", str(tmp_path / "w.pt")))
     msg = error(_cli(tmp_path, good, "128x128_diffusion"))
-    assert "diffusion model" in msg and "128x128_classifier" in msg
+    assert "'128x128_diffusion' is none of" in msg and "128x128_classifier" in msg
     msg = error(_cli(tmp_path, good, linear3, "--image-size", "16"))
-    assert "16x16" in msg
+    assert "[1, 3, 16, 16]" in msg and "image size" in msg
     assert "--denoiser" in error(_cli(tmp_path, good, linear3, "--input", "denoised"))
     msg = error(
         _cli(

@@ -46,16 +46,21 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fguide.diagnostics import load_trajectory
-from fguide.evaluation import ImageSource
-from fguide.io.files import save_figure, sha256_file
-from fguide.io.images import from_uint8_nhwc
+from fguide.io.files import sha256_file
+from fguide.io.images import ImageSource, from_uint8_nhwc
+from fguide.io.runs import TRAJECTORY
 from fguide.metrics.calibration import (
     ReliabilityStats,
-    plot_reliability,
     reliability_from_confidences,
     smooth_ece_loss,
 )
-from fguide.samplers import SampleNoise
+from fguide.plots import (
+    plot_calibration_vs_noise,
+    plot_trajectory_figures,
+    reliability_png_name,
+    write_reliability_diagrams,
+)
+from fguide.rng import SampleNoise
 from fguide.schedules import Process
 
 __all__ = [
@@ -69,10 +74,13 @@ __all__ = [
     "parse_noise_levels",
     "plot_calibration_vs_noise",
     "plot_trajectory_figures",
+    "reliability_png_name",
+    "trajectory_json",
+    "write_reliability_diagrams",
 ]
 
 #: The file a sampling run's diagnostics are saved to (``TrajectoryRecorder.save``).
-TRAJECTORY_FILE = "trajectory.json"
+TRAJECTORY_FILE = TRAJECTORY
 #: Curves a trajectory file must have (one value per recorded step; None where undefined).
 REQUIRED_CURVES = ("step", "confidence_mean", "confidence_top25", "grad_norm", "ece")
 OPTIONAL_CURVES = ("t", "accuracy", "vanished_fraction", "max_tilt_weight")
@@ -139,85 +147,6 @@ def load_trajectory_curves(
         label = file.parent.name if file.name == TRAJECTORY_FILE else file.stem
     kept = {k: list(curves[k]) for k in (*REQUIRED_CURVES, *OPTIONAL_CURVES) if k in curves}
     return TrajectoryCurves(label, file, kept, dict(data.get("summary") or {}))
-
-
-def _values(c: list[float | None]) -> NDArray[np.float64]:
-    return np.array([np.nan if v is None else float(v) for v in c], dtype=np.float64)
-
-
-def _new_figure(ncols: int, width: float = 4.6, height: float = 3.6) -> tuple[Any, list[Any]]:
-    # Figure + Agg canvas directly: no pyplot global state, no backend switch for the caller.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * ncols, height), dpi=120)
-    FigureCanvasAgg(fig)
-    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
-
-
-def _panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> None:
-    """Draw one of the three Figure-1 panels (``ece``, ``confidence``, ``grad_norm``)."""
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
-        x = _values(run.curves["step"])
-        if kind == "ece":
-            ece_curve = _values(run.curves["ece"])
-            integral = float(np.nanmean(ece_curve)) if np.isfinite(ece_curve).any() else math.nan
-            ax.plot(x, ece_curve, color=color, label=f"{run.label} (integral {integral:.3f})")
-        elif kind == "confidence":
-            ax.plot(x, _values(run.curves["confidence_mean"]), color=color, label=run.label)
-            ax.plot(x, _values(run.curves["confidence_top25"]), color=color, ls="--", lw=1)
-        else:
-            g = _values(run.curves["grad_norm"])
-            if np.isfinite(g).any():
-                ax.plot(x, g, color=color, label=run.label)
-    ax.set_xlabel("sampling step (0 = noisiest)")
-    if kind == "ece":
-        ax.set_ylabel("ECE (10 bins)")
-        ax.set_title("calibration along the trajectory")
-        ax.set_ylim(bottom=0)
-    elif kind == "confidence":
-        ax.set_ylabel("confidence in the target p_y")
-        ax.set_title("confidence: mean (solid), top 25% (dashed)")
-        ax.set_ylim(0, 1.02)
-    else:
-        ax.set_ylabel("guidance-gradient norm ‖∇S‖")
-        ax.set_title("guidance-gradient norm")
-        lines = ax.get_lines()
-        if not lines:
-            msg = "no guidance gradient recorded\n(unguided run)"
-            ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes)
-        elif all(np.nanmin(np.asarray(ln.get_ydata(), float)) > 0 for ln in lines):
-            ax.set_yscale("log")  # vanishing gradients span orders of magnitude
-    if ax.get_lines():
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-
-
-FIGURE_FILES = {
-    "ece": "ece_vs_step.png",
-    "confidence": "confidence_vs_step.png",
-    "grad_norm": "grad_norm_vs_step.png",
-}
-
-
-def plot_trajectory_figures(
-    runs: Sequence[TrajectoryCurves], out_dir: str | os.PathLike[str]
-) -> dict[str, Path]:
-    """Write the three curves as separate PNGs and side by side (``figure1.png``)."""
-    out = Path(out_dir)
-    written: dict[str, Path] = {}
-    for kind, name in FIGURE_FILES.items():
-        fig, (ax,) = _new_figure(1)
-        _panel(ax, runs, kind)
-        fig.tight_layout()
-        written[kind] = save_figure(fig, out / name)
-    fig, axes = _new_figure(3)
-    for ax, kind in zip(axes, FIGURE_FILES, strict=True):
-        _panel(ax, runs, kind)
-    fig.tight_layout()
-    written["figure1"] = save_figure(fig, out / "figure1.png")
-    return written
 
 
 def trajectory_json(runs: Sequence[TrajectoryCurves]) -> dict[str, Any]:
@@ -436,42 +365,3 @@ def classifier_calibration(
             )
         )
     return ClassifierCalibration(results, n_bins, beta, time_aware, seed)
-
-
-def plot_calibration_vs_noise(result: ClassifierCalibration, path: str | os.PathLike[str]) -> Path:
-    """ECE, Smooth ECE, accuracy and mean confidence against the noise level."""
-    fig, (ax,) = _new_figure(1, width=5.5)
-    labels = ["clean" if lv.t is None else str(lv.t) for lv in result.levels]
-    x = np.arange(len(labels))
-    for key, name, style in (
-        ("ece", "ECE", "-o"),
-        ("smooth_ece", "Smooth ECE", "-s"),
-        ("accuracy", "accuracy", "--^"),
-        ("mean_confidence", "mean confidence", "--v"),
-    ):
-        ax.plot(x, [getattr(lv, key) for lv in result.levels], style, label=name)
-    ax.set_xticks(x, labels)
-    ax.set_xlabel("noise level (training timestep t of x_t)")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("classifier calibration on forward-noised images")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, Path(path))
-
-
-def reliability_png_name(level: LevelCalibration) -> str:
-    return "reliability_clean.png" if level.t is None else f"reliability_t{level.t:04d}.png"
-
-
-def write_reliability_diagrams(
-    result: ClassifierCalibration, out_dir: str | os.PathLike[str]
-) -> dict[str, Path]:
-    """One reliability diagram PNG per noise level."""
-    out = Path(out_dir)
-    written = {}
-    for lv in result.levels:
-        title = f"{lv.label}: ECE {lv.ece:.4f}, acc {lv.accuracy:.3f} (n = {lv.n})"
-        path = out / reliability_png_name(lv)
-        written[lv.label] = plot_reliability(lv.reliability, path, title=title)
-    return written

@@ -1,6 +1,7 @@
 """``fguide finetune``: calibrate a guidance classifier with CE + λ·Smooth ECE (METHODS.md 4).
 
-    fguide finetune --classifier 128x128_classifier --weights 128x128_classifier.pt \\
+    fguide finetune --classifier 128x128_classifier \\
+        --classifier-weights 128x128_classifier.pt \\
         --data /data/imagenet/train --out runs/calib128 --batch-size 256 --microbatch 32
 
 ``--classifier`` is an ADM classifier preset (noise-aware: trained on x_t with t uniform over
@@ -20,6 +21,8 @@ import argparse
 import dataclasses
 import sys
 from typing import TYPE_CHECKING
+
+from fguide.cli import add_hidden_alias
 
 if TYPE_CHECKING:
     from torch import nn
@@ -42,7 +45,9 @@ def _holdout(text: str) -> float:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from fguide import defaults
     from fguide.finetune import FinetuneConfig
+    from fguide.metrics.calibration import CALIBRATION_LOSSES
 
     d = FinetuneConfig()
     D = " (default: %(default)s)"
@@ -53,7 +58,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="ADM classifier preset (e.g. 128x128_classifier), resnet18..resnet152, or "
         "module:function / file.py:function returning an nn.Module",
     )
-    g.add_argument("--weights", help="initial weights (plain state dict, read weights_only)")
+    g.add_argument(
+        "--classifier-weights", help="initial weights (plain state dict, read weights_only)"
+    )
+    add_hidden_alias(g, "--weights", "classifier_weights")
     g.add_argument("--data", required=True, help="folder of class subfolders, or an .npz")
     g.add_argument("--out", required=True, help="run folder (checkpoint, log, model, report)")
     g.add_argument(
@@ -66,14 +74,24 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--noise-schedule", choices=["linear", "cosine"], help="default: the classifier's"
     )
-    g.add_argument("--softplus-beta", type=float, help="ResNets: Softplus(beta) for ReLU")
     g.add_argument(
-        "--input-mode",
+        "--softplus-beta",
+        type=defaults.parse_softplus_beta,
+        metavar="BETA",
+        help=f"ResNets: ReLU → Softplus(β) (default {defaults.softplus_beta('ddpm'):g}, EluCD's "
+        f"DDPM value; Heun {defaults.softplus_beta('heun'):g}; 'relu' keeps ReLU)",
+    )
+    g.add_argument(
+        "--classifier-input-mode",
         choices=["elucd", "imagenet"],
         default="elucd",
         help="ResNets: x in [-1, 1] as is (EluCD), or ImageNet-normalised" + D,
     )
-    g.add_argument("--resize", type=int, help="ResNets: resize inputs to this size")
+    g.add_argument(
+        "--classifier-resize", type=int, metavar="N", help="ResNets: resize inputs to N×N"
+    )
+    add_hidden_alias(g, "--input-mode", "classifier_input_mode", choices=("elucd", "imagenet"))
+    add_hidden_alias(g, "--resize", "classifier_resize", type=int)
     g.add_argument("--denoiser", help="ADM diffusion preset giving x0 for --input denoised")
     g.add_argument("--denoiser-weights", help="weights of --denoiser")
 
@@ -90,9 +108,17 @@ def configure(p: argparse.ArgumentParser) -> None:
         dest="ece_weight",
         type=float,
         default=d.ece_weight,
-        help="weight of the Smooth ECE term" + D,
+        help="weight of the calibration term" + D,
     )
-    t.add_argument("--beta", type=float, default=d.beta, help="Smooth ECE's beta" + D)
+    t.add_argument(
+        "--calibration-loss",
+        choices=list(CALIBRATION_LOSSES),
+        default=d.calibration_loss,
+        help="the calibration term: the paper's Smooth ECE, or the soft-binned ECE" + D,
+    )
+    t.add_argument(
+        "--beta", type=float, default=d.beta, help="smoothing β of the calibration term" + D
+    )
     t.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],
@@ -123,7 +149,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps" + D)
     r.add_argument("--log-every", type=int, default=d.log_every, help="steps" + D)
     r.add_argument("--eval-batch-size", type=int, help="default: --microbatch or --batch-size")
-    r.add_argument("--n-bins", type=int, default=d.n_bins, help="ECE bins" + D)
+    r.add_argument("--bins", type=int, default=d.n_bins, help="ECE bins" + D)
+    add_hidden_alias(r, "--n-bins", "bins", type=int)
     r.add_argument("--workers", type=int, default=d.workers, help="image loading threads" + D)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ..." + D)
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
@@ -151,43 +178,35 @@ def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-
-    from fguide.finetune import FinetuneConfig, finetune, load_classifier, open_data
+    from fguide.finetune import Classifier, FinetuneConfig, finetune, open_data
+    from fguide.finetune_data import default_image_size
+    from fguide.models.classifiers import is_adm_classifier, load_classifier
     from fguide.runtime import resolve_device
 
-    config = FinetuneConfig(
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        anneal_lr=args.anneal_lr,
-        ece_weight=args.ece_weight,
-        beta=args.beta,
-        precision=args.precision,
-        augment=args.augment,
-        input=args.input,
-        noise_schedule=args.noise_schedule,
-        image_size=args.image_size,
-        holdout=args.holdout,
-        seed=args.seed,
-        bn=args.bn,
-        n_bins=args.n_bins,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        eval_batch_size=args.eval_batch_size,
-        workers=args.workers,
-    )
+    # Every configuration field that has a flag (``--bins`` is ``n_bins``).
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    config = FinetuneConfig(**given, n_bins=args.bins)
     config.validate()
     device = resolve_device(args.device)
     data = open_data(args.data)
-    classifier = load_classifier(
+    # The loader probes the classifier on images of the training size; an ADM preset has its
+    # own (the data are then cropped to it).
+    size = args.image_size
+    if size is None and not is_adm_classifier(args.classifier):
+        size = default_image_size(data)
+    loaded = load_classifier(
         args.classifier,
-        args.weights,
+        args.classifier_weights,
+        image_size=size,
+        device=device,
         softplus_beta=args.softplus_beta,
-        input_mode=args.input_mode,
-        resize=args.resize,
+        input_mode=args.classifier_input_mode,
+        resize=args.classifier_resize,
+        time_aware=None if args.input is None else args.input == "noisy",
+        require_weights=False,
     )
+    classifier = Classifier.from_loaded(loaded)
     denoiser = None
     if (args.input or classifier.default_input) == "denoised":
         unet, denoiser, schedule = _denoiser(args)

@@ -5,7 +5,6 @@ from fguide.metrics.calibration import (
     TrajectoryCalibration,
     confidence_and_correct,
     ece,
-    plot_reliability,
     reliability_diagram,
     smooth_ece_loss,
 )
@@ -40,7 +39,6 @@ __all__ = [
     "inception_score",
     "inception_score_splits",
     "manifold_radii",
-    "plot_reliability",
     "precision_recall",
     "reliability_diagram",
     "smooth_ece_loss",

@@ -1,0 +1,295 @@
+"""Inception features of an image batch, streamed, and their on-disk cache (METHODS.md 6).
+
+:func:`extract_features` streams an :class:`~fguide.io.images.ImageSource` through the FID
+Inception (:mod:`fguide.models.inception`): images are read in batches, the next batch is read
+while the network runs, and the statistics are accumulated as the features arrive. Per image it
+keeps the 2048-d ``pool`` features (precision/recall) and the 1008-way logits (Inception Score);
+the 2048-d pool and the 2023-d spatial features are folded into
+:class:`~fguide.metrics.fid.FeatureStats` (μ, Σ with N − 1).
+
+:func:`cached_features` keeps a batch's features on disk, keyed by the file's sha256 and the
+Inception weight file's sha256 (atomic writes; every array carries a checksum, and an unreadable
+or mismatched cache file is recomputed with a warning). Cached features are float32 results of
+whatever device made them: devices and batch sizes differ only by float32 round-off, far below
+FID's sampling noise, so the device is recorded in the cache but is not part of its key.
+
+On CUDA the convolutions and matmuls run in IEEE float32 (TF32 off, restored afterwards): TF32
+keeps a 10-bit mantissa (rounding error 2^13 times float32's), which ADM's TF float32 graph does
+not have (bench/bench_inception.py measures its effect on the features when a GPU is there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from fguide.io.files import atomic_write
+from fguide.io.images import ImageSource
+from fguide.metrics.fid import FeatureStats
+from fguide.models.inception import FIDInception
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "CACHE_VERSION",
+    "LOGITS_DIM",
+    "POOL_DIM",
+    "SPATIAL_DIM",
+    "BatchFeatures",
+    "CacheStatus",
+    "cached_features",
+    "default_cache_dir",
+    "extract_features",
+    "feature_cache_path",
+    "ieee_float32",
+]
+
+CACHE_VERSION = 1  # bump when the cached content or its meaning changes
+POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
+CACHE_DIR_ENV = "FGUIDE_CACHE_DIR"
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """IEEE float32 convolutions and matmuls on CUDA for the block (TF32 off), then restore."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9 API
+        saved = (conv.fp32_precision, matmul.fp32_precision)
+        conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+    else:  # pragma: no cover - older torch
+        legacy = (torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = False, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = legacy
+
+
+# -- features ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchFeatures:
+    """Inception features of one image batch: per-image pool features and logits, and the
+    streaming statistics (μ, Σ) of the pool (FID) and spatial (sFID) features."""
+
+    pool: NDArray[np.float32]  # [N, 2048]
+    logits: NDArray[np.float32]  # [N, 1008] (NaN when the weight file has no fc layer)
+    pool_stats: FeatureStats
+    spatial_stats: FeatureStats
+
+    @property
+    def count(self) -> int:
+        return int(self.pool.shape[0])
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def extract_features(
+    source: ImageSource,
+    model: FIDInception,
+    *,
+    batch_size: int = 64,
+    workers: int = 4,
+    progress: bool = True,
+    desc: str | None = None,
+) -> BatchFeatures:
+    """Stream ``source`` through the FID Inception; a tqdm bar shows images/s.
+
+    Runs where ``model`` is, in its dtype, in IEEE float32 on CUDA. The statistics are folded in
+    on a worker thread (numpy's BLAS releases the GIL), overlapping the next batch's forward.
+    Non-finite features raise a ``ValueError`` naming the image (usually a broken weight file).
+    """
+    device = _model_device(model)
+    n = source.count
+    pool = np.empty((n, POOL_DIM), dtype=np.float32)
+    logits = np.empty((n, LOGITS_DIM), dtype=np.float32)
+    pool_stats, spatial_stats = FeatureStats(POOL_DIM), FeatureStats(SPATIAL_DIM)
+    start = 0
+    pending: list[Future[Any]] = []
+    bar = tqdm(
+        total=n,
+        unit="img",
+        desc=desc or source.path.name,
+        disable=not progress,
+        leave=False,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
+    with ieee_float32(), bar, ThreadPoolExecutor(1) as stats_worker:
+        for images in source.batches(batch_size, workers):
+            x = torch.from_numpy(images)
+            if device.type == "cuda":
+                x = x.pin_memory()
+            out = model(x.to(device, non_blocking=True))
+            p = out.pool.float().cpu().numpy()
+            s = out.spatial.float().cpu().numpy()
+            end = start + p.shape[0]
+            bad = ~(np.isfinite(p).all(axis=1) & np.isfinite(s).all(axis=1))
+            if bad.any():
+                idx = start + np.flatnonzero(bad)
+                raise ValueError(
+                    f"non-finite Inception features for {len(idx)} image(s), first "
+                    f"{source.name(int(idx[0]))}: check the Inception weight file"
+                )
+            pool[start:end] = p
+            logits[start:end] = out.logits.float().cpu().numpy()
+            pending.append(stats_worker.submit(pool_stats.update, p))
+            pending.append(stats_worker.submit(spatial_stats.update, s))
+            bar.update(p.shape[0])
+            start = end
+        for fut in pending:
+            fut.result()  # re-raises a worker's error
+    if start != n:
+        raise ValueError(f"{source.path}: expected {n} images, read {start}")
+    return BatchFeatures(pool, logits, pool_stats, spatial_stats)
+
+
+# -- the feature cache ------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$FGUIDE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fguide/inception-features``, else
+    ``~/.cache/fguide/inception-features``."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "fguide" / "inception-features"
+
+
+def feature_cache_path(
+    cache_dir: str | os.PathLike[str], file_sha256: str, weights_sha256: str, dtype: torch.dtype
+) -> Path:
+    """Where the features of the file with ``file_sha256`` under those weights are cached."""
+    dt = str(dtype).removeprefix("torch.")
+    name = f"{file_sha256[:24]}-inception-{weights_sha256[:12]}-{dt}-v{CACHE_VERSION}.npz"
+    return Path(cache_dir) / name
+
+
+def _array_sha256(a: NDArray[Any]) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _cache_arrays(f: BatchFeatures) -> dict[str, NDArray[Any]]:
+    out: dict[str, NDArray[Any]] = {"pool": f.pool, "logits": f.logits}
+    for name, st in (("pool", f.pool_stats), ("spatial", f.spatial_stats)):
+        state = st.state_dict()
+        out[f"{name}_mean"] = np.asarray(state["mean"], dtype=np.float64)
+        out[f"{name}_scatter"] = np.asarray(state["scatter"], dtype=np.float64)
+    return out
+
+
+def _save_cache(path: Path, feats: BatchFeatures, key: Mapping[str, Any]) -> None:
+    arrays = _cache_arrays(feats)
+    meta = {**key, "count": feats.count, "sha256": {k: _array_sha256(a) for k, a in arrays.items()}}
+    savez: Callable[..., None] = np.savez
+    atomic_write(path, lambda f: savez(f, meta=np.array(json.dumps(meta)), **arrays))
+
+
+def _load_cache(path: Path, key: Mapping[str, Any]) -> BatchFeatures:
+    """Read and verify a cache file; any problem raises ValueError with the reason."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in data.files if k != "meta"}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"unreadable ({type(err).__name__}: {err})") from None
+    for k, v in key.items():
+        if meta.get(k) != v:
+            raise ValueError(f"made for {k} = {meta.get(k)!r}, not {v!r}")
+    sums = meta.get("sha256", {})
+    expected = {"pool", "logits", "pool_mean", "pool_scatter", "spatial_mean", "spatial_scatter"}
+    if set(arrays) != expected or set(sums) != expected:
+        raise ValueError(f"arrays {sorted(arrays)} instead of {sorted(expected)}")
+    for k, a in arrays.items():
+        if _array_sha256(a) != sums[k]:
+            raise ValueError(f"checksum mismatch in '{k}'")
+    n = int(meta["count"])
+    if arrays["pool"].shape != (n, POOL_DIM) or arrays["logits"].shape != (n, LOGITS_DIM):
+        raise ValueError("feature arrays have the wrong shape")
+
+    def stats(name: str, d: int) -> FeatureStats:
+        st = FeatureStats.from_state_dict(
+            {"count": n, "mean": arrays[f"{name}_mean"], "scatter": arrays[f"{name}_scatter"]}
+        )
+        if st.dim != d:
+            raise ValueError(f"{name} statistics have dimension {st.dim}, not {d}")
+        return st
+
+    return BatchFeatures(
+        arrays["pool"].astype(np.float32, copy=False),
+        arrays["logits"].astype(np.float32, copy=False),
+        stats("pool", POOL_DIM),
+        stats("spatial", SPATIAL_DIM),
+    )
+
+
+CacheStatus = Literal["hit", "miss", "recomputed", "disabled"]
+
+
+def cached_features(
+    source: ImageSource,
+    model: FIDInception,
+    *,
+    file_sha256: str,
+    weights_sha256: str,
+    cache_dir: str | os.PathLike[str] | None,
+    warn: Callable[[str], None] | None = None,
+    **extract_kwargs: Any,
+) -> tuple[BatchFeatures, CacheStatus, Path | None]:
+    """:func:`extract_features`, through the on-disk cache when ``cache_dir`` is given.
+
+    Returns the features, ``"hit"``, ``"miss"`` (computed and stored), ``"recomputed"`` (the
+    cache file was corrupt or stale: a warning says why) or ``"disabled"``, and the cache path.
+    """
+    if cache_dir is None:
+        return extract_features(source, model, **extract_kwargs), "disabled", None
+    dtype = next(model.parameters()).dtype
+    path = feature_cache_path(cache_dir, file_sha256, weights_sha256, dtype)
+    key = {
+        "cache_version": CACHE_VERSION,
+        "file_sha256": file_sha256,
+        "weights_sha256": weights_sha256,
+        "dtype": str(dtype),
+    }
+    status: CacheStatus = "miss"
+    if path.is_file():
+        try:
+            return _load_cache(path, key), "hit", path
+        except ValueError as err:
+            msg = f"feature cache {path} for {source.path} is invalid ({err}); recomputing"
+            (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
+            status = "recomputed"
+    feats = extract_features(source, model, **extract_kwargs)
+    try:
+        _save_cache(path, feats, {**key, "device": str(_model_device(model))})
+    except OSError as err:  # a read-only or full cache folder must not lose the results
+        msg = f"could not write the feature cache {path} ({err}); continuing without it"
+        (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
+        return feats, "disabled", None
+    return feats, status, path

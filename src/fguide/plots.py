@@ -1,0 +1,319 @@
+"""Every figure fguide draws, in one place.
+
+- :func:`plot_reliability`: a reliability diagram (accuracy per confidence bin against the
+  diagonal; METHODS.md 4), from :class:`~fguide.metrics.calibration.ReliabilityStats` or from
+  its JSON form (:func:`plot_reliability_dict`);
+- :func:`plot_trajectory_figures`: the paper's Figure 1 from sampling runs (ECE, confidence and
+  guidance-gradient norm per sampling step);
+- :func:`plot_calibration_vs_noise`, :func:`write_reliability_diagrams`: a classifier's
+  calibration on forward-noised images;
+- :func:`plot_demo`: the Gaussian-mixture demo's curves and sample scatters;
+- :func:`image_grid_png`: a grid of uint8 images as a PNG (a sampling run's ``grid.png``).
+
+Figures are built on a matplotlib ``Figure`` with an Agg canvas (no pyplot global state, no
+backend switch for the caller) and written atomically as PNG (:func:`fguide.io.files.save_figure`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fguide.io.files import save_figure
+
+if TYPE_CHECKING:
+    import torch
+
+    from fguide.calibration_report import ClassifierCalibration, LevelCalibration, TrajectoryCurves
+    from fguide.metrics.calibration import ReliabilityStats
+
+__all__ = [
+    "FIGURE_FILES",
+    "image_grid",
+    "image_grid_png",
+    "new_figure",
+    "plot_calibration_vs_noise",
+    "plot_demo",
+    "plot_reliability",
+    "plot_reliability_dict",
+    "plot_trajectory_figures",
+    "reliability_png_name",
+    "write_reliability_diagrams",
+]
+
+
+def new_figure(ncols: int = 1, width: float = 4.6, height: float = 3.6) -> tuple[Any, list[Any]]:
+    """A figure with ``ncols`` axes side by side, on an Agg canvas (120 dpi)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _values(c: Sequence[float | None]) -> NDArray[np.float64]:
+    return np.array([np.nan if v is None else float(v) for v in c], dtype=np.float64)
+
+
+# -- reliability diagrams ---------------------------------------------------------------------
+
+
+def plot_reliability(
+    stats: ReliabilityStats, path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """Write a reliability diagram (accuracy bars per bin, the diagonal, the ECE) as a PNG."""
+    fig, (ax,) = new_figure(1, 4.5, 4.5)
+    lo, width = stats.edges[:-1], np.diff(stats.edges)
+    acc = np.nan_to_num(stats.accuracy, nan=0.0)
+    conf = np.nan_to_num(stats.mean_confidence, nan=0.0)
+    ax.bar(lo, acc, width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(
+        lo,
+        conf - acc,
+        bottom=acc,
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.3,
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title or f"ECE = {stats.ece:.4f} (n = {int(stats.count.sum())})")
+    ax.legend(loc="upper left")
+    return save_figure(fig, Path(path))
+
+
+def plot_reliability_dict(
+    stats: Mapping[str, Any], path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """:func:`plot_reliability` of a ``ReliabilityStats.to_dict()`` (None = an empty bin)."""
+    from fguide.metrics.calibration import ReliabilityStats
+
+    rs = ReliabilityStats(
+        edges=np.asarray(stats["edges"], dtype=np.float64),
+        count=np.asarray(stats["count"], dtype=np.int64),
+        mean_confidence=_values(stats["mean_confidence"]),
+        accuracy=_values(stats["accuracy"]),
+        ece=float(stats["ece"]),
+    )
+    return plot_reliability(rs, path, title=title)
+
+
+def reliability_png_name(level: LevelCalibration) -> str:
+    """``reliability_clean.png`` or ``reliability_t0250.png``."""
+    return "reliability_clean.png" if level.t is None else f"reliability_t{level.t:04d}.png"
+
+
+def write_reliability_diagrams(
+    result: ClassifierCalibration, out_dir: str | os.PathLike[str]
+) -> dict[str, Path]:
+    """One reliability diagram PNG per noise level."""
+    out = Path(out_dir)
+    written = {}
+    for lv in result.levels:
+        title = f"{lv.label}: ECE {lv.ece:.4f}, acc {lv.accuracy:.3f} (n = {lv.n})"
+        written[lv.label] = plot_reliability(
+            lv.reliability, out / reliability_png_name(lv), title=title
+        )
+    return written
+
+
+def plot_calibration_vs_noise(result: ClassifierCalibration, path: str | os.PathLike[str]) -> Path:
+    """ECE, Smooth ECE, accuracy and mean confidence against the noise level."""
+    fig, (ax,) = new_figure(1, width=5.5)
+    labels = ["clean" if lv.t is None else str(lv.t) for lv in result.levels]
+    x = np.arange(len(labels))
+    for key, name, style in (
+        ("ece", "ECE", "-o"),
+        ("smooth_ece", "Smooth ECE", "-s"),
+        ("accuracy", "accuracy", "--^"),
+        ("mean_confidence", "mean confidence", "--v"),
+    ):
+        ax.plot(x, [getattr(lv, key) for lv in result.levels], style, label=name)
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("noise level (training timestep t of x_t)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("classifier calibration on forward-noised images")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+# -- Figure 1: calibration along sampling trajectories ----------------------------------------
+
+FIGURE_FILES = {
+    "ece": "ece_vs_step.png",
+    "confidence": "confidence_vs_step.png",
+    "grad_norm": "grad_norm_vs_step.png",
+}
+
+
+def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> None:
+    """Draw one of the three Figure-1 panels (``ece``, ``confidence``, ``grad_norm``)."""
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        x = _values(run.curves["step"])
+        if kind == "ece":
+            ece_curve = _values(run.curves["ece"])
+            integral = float(np.nanmean(ece_curve)) if np.isfinite(ece_curve).any() else math.nan
+            ax.plot(x, ece_curve, color=color, label=f"{run.label} (integral {integral:.3f})")
+        elif kind == "confidence":
+            ax.plot(x, _values(run.curves["confidence_mean"]), color=color, label=run.label)
+            ax.plot(x, _values(run.curves["confidence_top25"]), color=color, ls="--", lw=1)
+        else:
+            g = _values(run.curves["grad_norm"])
+            if np.isfinite(g).any():
+                ax.plot(x, g, color=color, label=run.label)
+    ax.set_xlabel("sampling step (0 = noisiest)")
+    if kind == "ece":
+        ax.set_ylabel("ECE (10 bins)")
+        ax.set_title("calibration along the trajectory")
+        ax.set_ylim(bottom=0)
+    elif kind == "confidence":
+        ax.set_ylabel("confidence in the target p_y")
+        ax.set_title("confidence: mean (solid), top 25% (dashed)")
+        ax.set_ylim(0, 1.02)
+    else:
+        ax.set_ylabel("guidance-gradient norm ‖∇S‖")
+        ax.set_title("guidance-gradient norm")
+        lines = ax.get_lines()
+        if not lines:
+            msg = "no guidance gradient recorded\n(unguided run)"
+            ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes)
+        elif all(np.nanmin(np.asarray(ln.get_ydata(), float)) > 0 for ln in lines):
+            ax.set_yscale("log")  # vanishing gradients span orders of magnitude
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def plot_trajectory_figures(
+    runs: Sequence[TrajectoryCurves], out_dir: str | os.PathLike[str]
+) -> dict[str, Path]:
+    """Write the three curves as separate PNGs and side by side (``figure1.png``)."""
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    for kind, name in FIGURE_FILES.items():
+        fig, (ax,) = new_figure(1)
+        _trajectory_panel(ax, runs, kind)
+        fig.tight_layout()
+        written[kind] = save_figure(fig, out / name)
+    fig, axes = new_figure(3)
+    for ax, kind in zip(axes, FIGURE_FILES, strict=True):
+        _trajectory_panel(ax, runs, kind)
+    fig.tight_layout()
+    written["figure1"] = save_figure(fig, out / "figure1.png")
+    return written
+
+
+# -- the Gaussian-mixture demo ----------------------------------------------------------------
+
+
+def plot_demo(
+    worlds: Sequence[Mapping[str, Any]],
+    samples: Mapping[int, Mapping[str, Mapping[str, torch.Tensor]]],
+    out: str | os.PathLike[str],
+) -> list[str]:
+    """The demo's figures: confidence and ‖∇S‖ per step (one panel per world), and each
+    method's samples projected on the plane of the class means. Returns the file names."""
+    import torch
+
+    out = Path(out)
+    written = []
+    for key, ylabel, log in (
+        ("confidence", "classifier confidence in the target", False),
+        ("grad_norm", "guidance-gradient norm ‖∇S‖", True),
+    ):
+        fig, axes = new_figure(len(worlds), 6.0, 4.2)
+        for ax, w in zip(axes, worlds, strict=True):
+            for i, (name, r) in enumerate(w["methods"].items()):
+                color = f"C{i % 10}"
+                if key == "confidence":
+                    ax.plot(r["curves"]["confidence_mean"], color=color, label=name)
+                    ax.plot(r["curves"]["confidence_top25"], color=color, ls="--", lw=0.8)
+                elif "grad_norm" in r["curves"] and name != "exact":
+                    ax.plot(_values(r["curves"]["grad_norm"]), color=color, label=name)
+            if log:
+                ax.set_yscale("log")
+            ax.set_xlabel("sampling step (0 = noisiest)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"d = {w['dim']}" + (" (dashed: top-25%)" if key == "confidence" else ""))
+            ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        name = f"{key}_vs_step.png"
+        save_figure(fig, out / name)
+        written.append(name)
+    for w in worlds:
+        d = w["dim"]
+        plane = torch.tensor(w["plane"], dtype=torch.float64)
+        means = torch.tensor(w["means"], dtype=torch.float64) @ plane
+        methods = list(samples[d])
+        cols = 5
+        rows = (len(methods) + cols - 1) // cols
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3 * cols, 3 * rows))
+        FigureCanvasAgg(fig)
+        grid = fig.subplots(rows, cols, squeeze=False)
+        for ax, name in zip(grid.flat, methods, strict=False):
+            x = samples[d][name]["x"] @ plane
+            y = samples[d][name]["labels"]
+            ax.scatter(x[:, 0], x[:, 1], c=y, cmap="tab10", s=2, alpha=0.5, vmin=0, vmax=9)
+            ax.scatter(means[:, 0], means[:, 1], c="k", marker="x", s=20)
+            r = w["methods"][name]
+            ax.set_title(f"{name}: acc {r['accuracy']:.2f}, FD {r['frechet_mean']:.3f}", fontsize=8)
+            lim = 1.6 * float(means.abs().max())
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in list(grid.flat)[len(methods) :]:
+            ax.axis("off")
+        fig.suptitle(f"samples (d = {d}, plane of the class means), colour = target class")
+        fig.tight_layout()
+        name = f"samples_d{d}.png"
+        save_figure(fig, out / name)
+        written.append(name)
+    return written
+
+
+# -- image grids --------------------------------------------------------------------------------
+
+
+def image_grid(images: NDArray[np.uint8], columns: int = 8) -> NDArray[np.uint8]:
+    """uint8 [N, H, W, 3] images tiled row by row, min(columns, N) per row; the unused cells
+    of the last row are white."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    n, h, w, _ = images.shape
+    cols = max(1, min(columns, n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[k]
+    return canvas
+
+
+def image_grid_png(images: NDArray[np.uint8], columns: int = 8) -> Callable[[IO[bytes]], None]:
+    """A writer of :func:`image_grid` as PNG, for :func:`fguide.io.files.atomic_write`."""
+    from PIL import Image
+
+    canvas = image_grid(images, columns)
+    return lambda f: Image.fromarray(canvas).save(f, format="PNG")
