@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -33,7 +32,6 @@ __all__ = [
     "TrajectoryCalibration",
     "confidence_and_correct",
     "ece",
-    "plot_reliability",
     "reliability_diagram",
     "reliability_from_confidences",
     "smooth_ece_loss",
@@ -263,43 +261,6 @@ def calibration_loss_fn(name: str) -> Callable[..., torch.Tensor]:
             f"calibration_loss must be one of {', '.join(CALIBRATION_LOSSES)}; got {name!r}"
         )
     return CALIBRATION_LOSSES[name]
-
-
-def plot_reliability(
-    stats: ReliabilityStats, path: str | Path, *, title: str | None = None
-) -> Path:
-    """Write a reliability diagram (accuracy bars per bin, the diagonal, the ECE) as a PNG."""
-    # Figure + Agg canvas directly: no pyplot global state, no backend switch for the caller.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.5, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    lo, width = stats.edges[:-1], np.diff(stats.edges)
-    acc = np.nan_to_num(stats.accuracy, nan=0.0)
-    conf = np.nan_to_num(stats.mean_confidence, nan=0.0)
-    ax.bar(lo, acc, width=width, align="edge", edgecolor="black", label="accuracy")
-    ax.bar(
-        lo,
-        conf - acc,
-        bottom=acc,
-        width=width,
-        align="edge",
-        color="tab:red",
-        alpha=0.3,
-        label="gap to mean confidence",
-    )
-    ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(title or f"ECE = {stats.ece:.4f} (n = {int(stats.count.sum())})")
-    ax.legend(loc="upper left")
-    from fguide.io.files import save_figure
-
-    return save_figure(fig, path)
 
 
 @dataclass
