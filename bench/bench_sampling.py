@@ -39,6 +39,7 @@ import torch
 
 from fguide.denoisers import ADMModel
 from fguide.guidance import ClassifierGuide
+from fguide.models.classifiers import LoadedClassifier
 from fguide.models.presets import build_preset, create_model
 from fguide.models.resnet import ImageClassifier, resnet
 from fguide.sampling import (
@@ -138,8 +139,7 @@ def _components(preset: str, device: torch.device, batch: int, steps: int) -> Co
         process=make_process("linear", 1000, str(steps), "learned_range"),
         sigmas=None,
         denoiser=None,
-        classifier=clf,
-        classifier_kind="resnet",
+        classifier=LoadedClassifier(clf, arch, "resnet", False, 1000, None),
         guide=None,
         image_size=size,
         num_classes=1000,
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         guide = None
         if m != "unguided":
             assert base.classifier is not None and cfg.scale is not None
-            guide = ClassifierGuide(base.classifier, build_objective(cfg), cfg.scale)
+            guide = ClassifierGuide(base.classifier.module, build_objective(cfg), cfg.scale)
         runs[m] = (cfg, dataclasses.replace(base, guide=guide))
     indices = list(range(args.batch))
     labels = sample_labels("uniform", 0, indices, 1000)

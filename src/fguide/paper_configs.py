@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fguide import defaults
+
 __all__ = ["PAPER_CONFIGS", "PaperConfig", "apply_paper_config", "paper_config"]
 
 
@@ -40,11 +42,11 @@ _ELUCD: dict[str, Any] = {
     "steps": "250",
     "precision": "fp16",
     "classifier_input_mode": "elucd",
-    "softplus_beta": 3.0,
-    "tau1": 1.0,
-    "tau2": 0.5,
-    "scale": 1.0,
-    "sine_factor": 0.3,
+    "softplus_beta": defaults.softplus_beta("ddpm"),
+    "tau1": defaults.TAU1,
+    "tau2": defaults.tau2("base", "ddpm"),
+    "scale": defaults.SCALE,
+    "sine_factor": defaults.SINE_FACTOR,
     "num_samples": 50000,
 }
 _R50 = {"classifier": "resnet50"}
@@ -92,8 +94,8 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             **_ELUCD,
             **_R50,
             method="rkl",
-            alpha=0.1,
-            eps=0.1,
+            alpha=defaults.alpha("rkl"),
+            eps=defaults.EPS,
         ),
         _cfg(
             "js-r101-128",
@@ -103,8 +105,8 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             **_ELUCD,
             **_R101,
             method="js",
-            alpha=0.09,
-            eps=0.1,
+            alpha=defaults.alpha("js"),
+            eps=defaults.EPS,
         ),
         _cfg(
             "fkl-r101-128",
@@ -114,8 +116,8 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             **_ELUCD,
             **_R101,
             method="fkl",
-            alpha=0.09,
-            eps=0.1,
+            alpha=defaults.alpha("fkl"),
+            eps=defaults.EPS,
         ),
         _cfg(
             "rkl-r101-128",
@@ -125,8 +127,8 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             **_ELUCD,
             **_R101,
             method="rkl",
-            alpha=0.1,
-            eps=0.1,
+            alpha=defaults.alpha("rkl"),
+            eps=defaults.EPS,
         ),
         _cfg(
             "hellinger-r101-128",
@@ -136,8 +138,8 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             **_ELUCD,
             **_R101,
             method="hellinger",
-            alpha=0.09,
-            eps=0.1,
+            alpha=defaults.alpha("hellinger"),
+            eps=defaults.EPS,
         ),
         _cfg(
             "entropy-r50-128",
@@ -147,9 +149,9 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             **{**_ELUCD, "num_samples": 10000},
             **_R50,
             method="entropy",
-            lam_max=0.2,
-            lam_min=0.05,
-            lam_schedule="linear",
+            lam_max=defaults.LAM_MAX,
+            lam_min=defaults.LAM_MIN,
+            lam_schedule=defaults.LAM_SCHEDULE,
         ),
         _cfg(
             "tilted-r50-128",
@@ -159,7 +161,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             **{**_ELUCD, "num_samples": 10000},
             **_R50,
             method="tilted",
-            t_tilt=-0.2,
+            t_tilt=defaults.T_TILT,
         ),
         _cfg(
             "adm-cg-128",

@@ -4,7 +4,9 @@ A draw is identified by (run seed, stream tag, index, ...): sample i's noise by 
 label by (seed, i, ``LABELS``), a fine-tuning step's (t, ε) by (seed, ``FINETUNE_NOISE``,
 step), and so on. Mixing goes through :class:`numpy.random.SeedSequence`, so distinct tuples
 give independent streams (``(s, i + 1)`` and ``(s + 1, i)`` do not collide, as ``s + i`` would).
-The tags are named here, once, so that two uses never share a stream by accident.
+The tags are named here, once, so that two uses never share a stream by accident. (A quirk of
+SeedSequence: trailing zeros do not change the stream, ``mix(s, i) == mix(s, i, 0)``; tags are
+therefore non-zero and never last-and-zero.)
 """
 
 from __future__ import annotations

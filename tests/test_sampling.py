@@ -3,6 +3,7 @@ batch-size invariance, torchrun (gloo), configuration mismatch and bad inputs.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ FLAGS = (
     "image_size=8 num_channels=32 num_res_blocks=1 channel_mult=1,2 attention_resolutions=4 "
     "num_head_channels=32 class_cond=True learn_sigma=True"
 )
-SPEC = "test_sample:tiny_classifier"
+SPEC = "test_sampling:tiny_classifier"
 # The reference run most tests compare against: 7 samples in shards of 2, batch 2, JS guidance.
 REF = dict(num_samples=7, batch_size=2, shard_size=2)
 
@@ -50,6 +51,18 @@ REF = dict(num_samples=7, batch_size=2, shard_size=2)
 def tiny_classifier() -> nn.Module:
     """x̂0 [B, 3, 8, 8] → 1000 logits; deterministic weights, no global RNG."""
     g = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Softplus(), nn.Linear(32, 1000))
+    for p in net.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    return net
+
+
+WEIGHT_SEED = {"seed": 1}  # tests change it to change the weights behind an import spec
+
+
+def seeded_classifier() -> nn.Module:
+    """Like :func:`tiny_classifier`, with weights from ``WEIGHT_SEED`` (read at build time)."""
+    g = torch.Generator().manual_seed(WEIGHT_SEED["seed"])
     net = nn.Sequential(nn.Flatten(), nn.Linear(192, 32), nn.Softplus(), nn.Linear(32, 1000))
     for p in net.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.3
@@ -360,7 +373,7 @@ def test_other_configuration_is_refused_and_more_samples_extend(
         (["--model-flags", FLAGS.replace("num_channels=32", "num_channels=64")], "does not fit"),
         (["--classifier", "resnet18"], "--classifier-weights"),
         (["--classifier-weights", "nope.pth"], "classifier_weights: file not found"),
-        (["--classifier", "test_sample:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
+        (["--classifier", "test_sampling:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
         (["--method", "tilted", "--tilt-group", "3"], "multiple of tilt_group"),
         (["--method", "base", "--alpha", "0.1"], "alpha is a divergence weight"),
         (["--steps", "ddim999"], "cannot create exactly 999 steps"),
@@ -388,7 +401,7 @@ def test_non_finite_guidance_names_step_and_samples(
     tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = cli_args(tmp_path / "run", ckpt, "--num-samples", "4", "--batch-size", "2")
-    args[args.index(SPEC)] = "test_sample:fails_on_second_batch"
+    args[args.index(SPEC)] = "test_sampling:fails_on_second_batch"
     assert main([*args, "--shard-size", "4"]) == 1
     err = capsys.readouterr().err
     assert "sampling step 0" in err and "sample indices [2, 3]" in err
@@ -440,3 +453,51 @@ def test_labels_and_shards_depend_only_on_index() -> None:
     assert np.bincount(balanced, minlength=10).tolist() == [3] * 10
     assert sample_labels("uniform", 0, range(3), None) is None
     assert plan_shards(7, 3) == [(0, 3), (3, 6), (6, 7)]
+
+
+def test_identity_covers_the_weights_behind_an_import_spec(
+    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An import spec names code, not weights: the run identity must hash the weights in use,
+    # or a resumed run would silently mix samples of two classifiers (issue 10, item 2).
+    out = tmp_path / "run"
+    cfg = config(out, ckpt, classifier="test_sampling:seeded_classifier", max_shards=1)
+    assert not run_sampling(cfg).complete
+    monkeypatch.setitem(WEIGHT_SEED, "seed", 2)
+    with pytest.raises(ConfigMismatchError, match="classifier_state_sha256"):
+        run_sampling(dataclasses.replace(cfg, max_shards=None))
+    monkeypatch.setitem(WEIGHT_SEED, "seed", 1)
+    assert run_sampling(dataclasses.replace(cfg, max_shards=None)).complete
+
+
+def test_folder_with_foreign_files_is_refused(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "samples.npz").write_bytes(b"somebody's samples")
+    with pytest.raises(ValueError, match="no fguide run wrote"):
+        run_sampling(config(out, ckpt))
+    assert (out / "samples.npz").read_bytes() == b"somebody's samples"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="not a folder|File exists|Not a directory"):
+        run_sampling(config(tmp_path / "file", ckpt))
+
+
+def test_locked_folder_is_refused_naming_the_holder(tmp_path: Path, ckpt: Path) -> None:
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time; from fguide.io.runs import FolderLock\n"
+            "with FolderLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by pid {holder.pid}"):
+            run_sampling(config(out, ckpt))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_sampling(config(out, ckpt, num_samples=2)).complete  # a dead holder frees it
