@@ -1,5 +1,6 @@
 """fguide's ResNets against torchvision's on the same weights (where torchvision is installed,
-e.g. the GPU machines; CPU-only machines have no torchvision build and skip with that reason)."""
+e.g. the GPU machines; where torchvision is missing or its import fails, e.g. a wheel whose C++
+ops do not load against a CPU torch, the module skips with the error text)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import torch
 
 from fguide.models.resnet import ImageClassifier, replace_relu_with_softplus, resnet
 
-tv_models = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+try:
+    import torchvision.models as tv_models
+except Exception as exc:  # any failure: a missing wheel, C++ ops that do not load, ...
+    # A torchvision wheel built for another torch fails inside its import with a RuntimeError
+    # ("operator torchvision::nms does not exist"), not an ImportError: skip with the reason.
+    pytest.skip(
+        f"torchvision cannot be imported: {type(exc).__name__}: {exc}", allow_module_level=True
+    )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
