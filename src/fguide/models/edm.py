@@ -99,8 +99,9 @@ class Conv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels)) if kernel and bias else None
         if self.weight is not None:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        f = torch.as_tensor(list(resample_filter), dtype=torch.float32)
-        f = torch.outer(f, f)[None, None] / f.sum().square()
+        # A constant: built on the CPU even under a meta-device context (no prims tracing).
+        f = torch.as_tensor(list(resample_filter), dtype=torch.float32, device="cpu")
+        f = (f[:, None] * f[None, :])[None, None] / f.sum().square()
         self.register_buffer("resample_filter", f if up or down else None)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -225,7 +226,7 @@ class PositionalEmbedding(nn.Module):
         freqs = torch.arange(half, dtype=acc, device=x.device)
         freqs = freqs / (half - (1 if self.endpoint else 0))
         freqs = (1 / self.max_positions) ** freqs
-        x = torch.outer(x, freqs.to(x.dtype))
+        x = x[:, None] * freqs.to(x.dtype)[None, :]
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
