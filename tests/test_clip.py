@@ -417,10 +417,10 @@ class _KeepX0:
         self.x0[rec.step] = rec.x0.detach().clone()
 
 
-def _run(head: CLIPHead, n: int, seed0: int, *callbacks: Any) -> torch.Tensor:
+def _run(head: CLIPHead, n: int, seed0: int, *callbacks: Any, scale: float = 30.0) -> torch.Tensor:
     proc = fguide.make_process("linear", 1000, "4")
     noise = fguide.SampleNoise(seed=0, indices=range(seed0, seed0 + n))
-    guide = fguide.ClassifierGuide(head, fguide.objective("base", tau2=0.0), scale=2.0)
+    guide = fguide.ClassifierGuide(head, fguide.objective("base", tau2=0.0), scale=scale)
     labels = torch.tensor([0, 1, 2, 1, 0, 2][seed0 : seed0 + n])
     with torch.no_grad():
         return fguide.ddpm(
@@ -441,6 +441,13 @@ def test_ddpm_guided_by_clip_records_a_clip_score_curve(clip_dir: Path, head: CL
     _run(head, 4, 0, clip_rec, traj, kept, free)
     curves = clip_rec.curves()
     assert curves["step"] == [0.0, 1.0, 2.0, 3.0]
+    # Guidance on s·cos raises the similarity: unguided, the final cosine stays near −0.38.
+    unguided = CLIPScoreRecorder(head, labels)
+    _run(head, 4, 0, unguided, scale=0.0)
+    assert curves["clip_cosine"][-1] > unguided.curves()["clip_cosine"][-1] + 0.2
+    assert curves["clip_cosine"][-1] > curves["clip_cosine"][0]
+    # At the last step some samples have cos > 0 and some cos < 0: the clamp is exercised.
+    assert curves["clip_score"][-1] > max(0.0, 100 * curves["clip_cosine"][-1]) + 0.1
     # Expected values from x̂0 through transformers' own features (not the head).
     for k, x0 in kept.x0.items():
         with torch.no_grad():
