@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 import scipy.linalg.lapack
 from numpy.typing import NDArray
 
@@ -70,7 +71,9 @@ class FeatureStats:
     (δ = μ_b − μ_a). That avoids the cancellation of the raw Σ x xᵀ − n μ μᵀ form, makes
     :meth:`merge` the same operation as a block fold, and keeps the D×D work per block (the
     outer product, the adds) negligible next to the block's Gram matrix even when the
-    features arrive in ADM's batches of 64. ``cov`` is M / (n − 1), np.cov's convention.
+    features arrive in ADM's batches of 64. The Gram matrix is a BLAS symmetric rank-k update
+    (upper triangle, half a GEMM); ``cov`` is M / (n − 1), np.cov's convention, symmetrised
+    from the upper triangle.
     """
 
     def __init__(self, dim: int | None = None, block_rows: int = 4096) -> None:
@@ -84,18 +87,21 @@ class FeatureStats:
         self._buffer: F64 | None = None  # [block_rows, D] float64, filled up to _pending_rows
         self._pending_rows = 0
 
-    def _fold(self, n_b: int, mean_b: F64, scatter_b: F64) -> None:
+    def _fold(self, n_b: int, mean_b: F64, scatter_b: F64, *, own: bool = False) -> None:
+        """Fold (n_b, μ_b, M_b) in; ``own``: scatter_b is a fresh array this object may keep."""
         if self._mean is None or self._scatter is None or self._count == 0:
             self._count = n_b
             self._mean = mean_b.copy()
-            self._scatter = scatter_b.copy()
+            # Fortran order: the rank-1 update below works in place on it (BLAS dsyr).
+            self._scatter = scatter_b if own else np.array(scatter_b, dtype=np.float64, order="F")
             return
         n_a = self._count
         n = n_a + n_b
         delta = mean_b - self._mean
         self._mean += delta * (n_b / n)
         self._scatter += scatter_b
-        self._scatter += np.outer(delta, delta * (n_a * n_b / n))
+        # M += δ δᵀ n_a n_b / n on the upper triangle, in place
+        self._scatter = _syr(n_a * n_b / n, delta, a=self._scatter, lower=0, overwrite_a=1)
         self._count = n
 
     def _flush(self) -> None:
@@ -105,7 +111,9 @@ class FeatureStats:
         self._pending_rows = 0
         mean_b = x.mean(axis=0)
         x -= mean_b  # centred in place: the buffer is ours and is refilled afterwards
-        self._fold(x.shape[0], mean_b, x.T @ x)
+        # xᵀx by BLAS dsyrk: the upper triangle only, half the flops of a GEMM (np.cov's
+        # product). x.T is Fortran-ordered [D, n]: no copy. _scatter keeps its upper triangle.
+        self._fold(x.shape[0], mean_b, _syrk(1.0, x.T, lower=0, trans=0), own=True)
 
     def _check_dim(self, d: int) -> None:
         if self.dim is None:
@@ -164,13 +172,13 @@ class FeatureStats:
         self._flush()
         if self._scatter is None or self._count < 2:
             raise ValueError(f"covariance needs at least 2 rows, have {self._count}")
-        s = self._scatter / (self._count - 1)
-        return (s + s.T) / 2  # exact symmetry (the outer-product update keeps it to round-off)
+        return _symmetric_from_upper(self._scatter) / (self._count - 1)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain arrays (count, mean, scatter M) for saving or sending to another process."""
         self._flush()
-        return {"count": self._count, "mean": self._mean, "scatter": self._scatter}
+        scatter = None if self._scatter is None else _symmetric_from_upper(self._scatter)
+        return {"count": self._count, "mean": self._mean, "scatter": scatter}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> FeatureStats:
@@ -180,6 +188,19 @@ class FeatureStats:
             out._check_dim(mean.shape[0])
             out._fold(int(state["count"]), mean, np.asarray(state["scatter"], dtype=np.float64))
         return out
+
+
+_syrk = scipy.linalg.blas.dsyrk
+_syr = scipy.linalg.blas.dsyr
+
+
+def _symmetric_from_upper(m: F64) -> F64:
+    """The symmetric matrix whose upper triangle (with the diagonal) is m's (the scatter is
+    accumulated there only: exact symmetry)."""
+    out = np.triu(m)
+    out += out.T  # doubles the diagonal: restored below
+    np.fill_diagonal(out, np.diagonal(m))
+    return out
 
 
 def _check_finite(arr: F64, name: str) -> None:
