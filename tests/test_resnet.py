@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from fixture_utils import case_names, fixture_init, get_case, load_fixture
+from fixture_utils import assert_close_float32, case_names, fixture_init, get_case, load_fixture
 from torch import nn
 
 from fguide.models.resnet import (
@@ -83,10 +83,8 @@ def test_resnet_matches_torchvision(name: str) -> None:
 
     model.float()
     x32 = x.float()
-    torch.testing.assert_close(model(x32).double(), exp_logits, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(
-        _grad_log_prob(model, x32, y).double(), exp_grad, atol=1e-5, rtol=1e-4
-    )
+    assert_close_float32(model(x32), exp_logits, "float32 logits")
+    assert_close_float32(_grad_log_prob(model, x32, y), exp_grad, "float32 grad log p_y")
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
