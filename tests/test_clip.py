@@ -231,6 +231,26 @@ def test_resize_output_size_is_transformers_rule() -> None:
         assert resize_output_size(h, w, 16) == tuple(ref)
 
 
+def test_preprocessor_config_forms(tmp_path: Path) -> None:
+    """The old int form (OpenAI's ViT-L/14-336 folder: size 336, crop_size 336) and the dict
+    form read the same; without a file, CLIP's defaults at the tower's size."""
+    from fguide.models.clip import CLIPPreprocess
+
+    old = {"size": 336, "crop_size": 336, "resample": 3, "image_mean": MEAN, "image_std": STD}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(old))
+    pre = CLIPPreprocess.from_folder(tmp_path, 224)
+    assert (pre.size, pre.crop_height, pre.crop_width, pre.resample) == (336, 336, 336, "bicubic")
+    assert pre.mean == tuple(MEAN) and pre.std == tuple(STD)
+    new = {"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**new, "resample": 2}))
+    assert CLIPPreprocess.from_folder(tmp_path, 336).resample == "bilinear"
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**new, "resample": 1}))
+    with pytest.raises(ValueError, match="resample 1 is not supported"):
+        CLIPPreprocess.from_folder(tmp_path, 224)
+    (tmp_path / "preprocessor_config.json").unlink()
+    assert CLIPPreprocess.from_folder(tmp_path, 224) == CLIPPreprocess(224, 224, 224)
+
+
 # -- gradients --------------------------------------------------------------------------------
 
 

@@ -234,6 +234,8 @@ class CLIPHead(nn.Module):
             raise ValueError(f"logit_scale must be a positive finite number; got {scale}")
         self.logit_scale = scale
         self.register_buffer("text_embeds", text_embeds.detach().clone())
+        # In the state dict too, so that a weights checksum also identifies an overridden scale.
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
 
     @property
     def num_classes(self) -> int:
