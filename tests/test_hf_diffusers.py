@@ -167,7 +167,12 @@ def test_dit_learned_variance_and_adm_respacing_match_ddpm_scheduler(
     x, it = z, iter(draws)
     with torch.no_grad():
         for t in sched.timesteps:
-            x = _ddpm_scheduler_step(sched, model(x, t.expand(2), y), t, x, next(it))
+            # CFG written out: separate calls, ε guided, v from the conditional call (DiT's rule)
+            tt = t.expand(2)
+            cond = dit.net(x, timestep=tt, class_labels=y).sample
+            unc = dit.net(x, timestep=tt, class_labels=torch.full_like(y, 1000)).sample
+            out = torch.cat([unc[:, :4] + 1.5 * (cond[:, :4] - unc[:, :4]), cond[:, 4:]], 1)
+            x = _ddpm_scheduler_step(sched, out, t, x, next(it))
     ref = x
     with torch.no_grad():
         ours = fguide.ddpm(model, z, proc, labels=y, noise=_Replay(draws), clip_denoised=False)
