@@ -480,9 +480,24 @@ PRESETS: dict[str, Preset] = {
             "linear",
             10.0,
         ),
+        _diffusion_preset(
+            "512x512_diffusion",
+            {
+                **_COMMON,
+                "class_cond": True,
+                "image_size": 512,
+                "num_channels": 256,
+                "num_head_channels": 64,
+                "num_res_blocks": 2,
+                "use_fp16": False,  # the README's 512 flags (the other models: True)
+            },
+            "linear",
+            4.0,
+        ),
         _classifier_preset("64x64_classifier", {"image_size": 64, "classifier_depth": 4}),
         _classifier_preset("128x128_classifier", {"image_size": 128}),
         _classifier_preset("256x256_classifier", {"image_size": 256}),
+        _classifier_preset("512x512_classifier", {"image_size": 512}),
     )
 }
 """Every official ``openai/guided-diffusion`` ImageNet checkpoint, by file stem."""
