@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixture_utils import case_names, fixture_state_dict, get_case, load_fixture
+from fixture_utils import (
+    assert_close_float32,
+    assert_close_float64,
+    case_names,
+    fixture_state_dict,
+    get_case,
+    load_fixture,
+)
 
 from fguide.models.adm import (
     EncoderUNetModel,
@@ -45,14 +52,6 @@ ADM_KINDS = ("diffusion", "classifier")
 FIXTURE_PRESETS = sorted(n for n in PRESETS if not n.startswith("512x512"))
 
 
-def _close64(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
-
-
-def _close32(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-5)
-
-
 def _check_layout(model: torch.nn.Module, shapes: list) -> None:
     got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     assert got == [(k, list(s)) for k, s in shapes]
@@ -80,10 +79,9 @@ def test_unet_matches_reference(name: str) -> None:
         m.eval()
     x, t, y = case["x"], case["t"], case["y"]
     with torch.no_grad():
-        _close64(model(x, t, y), case["expected"])
+        assert_close_float64(model(x, t, y), case["expected"])
         out32 = created.float()(x.float(), t, y)
-    assert out32.dtype == torch.float32
-    _close32(out32, case["expected"])
+    assert_close_float32(out32, case["expected"])
 
 
 @pytest.mark.parametrize("name", case_names(CLS))
@@ -107,12 +105,12 @@ def test_classifier_matches_reference(name: str) -> None:
     x, t, y = case["x"], case["t"], case["y"]
     xg = x.clone().requires_grad_(True)
     logits = model(xg, t)
-    _close64(logits.detach(), case["expected_logits"])
+    assert_close_float64(logits.detach(), case["expected_logits"])
     log_prob = torch.log_softmax(logits, dim=-1)[torch.arange(len(y)), y].sum()
     (grad,) = torch.autograd.grad(log_prob, xg)
-    _close64(grad, case["expected_grad_log_prob_y"])
+    assert_close_float64(grad, case["expected_grad_log_prob_y"])
     with torch.no_grad():
-        _close32(created.float()(x.float(), t), case["expected_logits"])
+        assert_close_float32(created.float()(x.float(), t), case["expected_logits"])
 
 
 # -- official presets --------------------------------------------------------------------------
