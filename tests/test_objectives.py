@@ -305,3 +305,41 @@ def test_guidance_gradients_fixture(case_name: str) -> None:
         torch.testing.assert_close(s_tilted, tilt["S_tilted"], atol=1e-10, rtol=1e-9)
         # the paper's sum-to-one gradient is the mean-one gradient divided by the group size
         torch.testing.assert_close(grad / len(w), tilt["grad_tilted_paper"], atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.6])
+def test_tilt_weights_come_from_the_base_score_not_the_composed_score(progress: float) -> None:
+    """METHODS.md §3: w_i = G softmax(t_tilt s)_i with s_i = τ1 f_y − log Σ_j exp(τ2 f_j) the
+    base score, whatever terms S adds; c_i = w_i ∂S_i/∂f with S the composed score."""
+    tau1, tau2, t_tilt, group = 1.3, 0.4, -0.7, 3
+    f, y = _logits(7, 6, seed=11)
+    composed = dict(name="js", alpha=0.8, eps=0.2, entropy=True, lam_max=0.9, lam_min=0.3)
+    obj = fguide.objective(
+        **composed,
+        tau1=tau1,
+        tau2=tau2,
+        t_tilt=t_tilt,
+        group_size=group,  # type: ignore[arg-type]
+    )
+    untilted = fguide.objective(**composed, tau1=tau1, tau2=tau2)  # type: ignore[arg-type]
+    # the base score written out (not through fguide.objectives.base_score)
+    s = tau1 * f[torch.arange(7), y] - torch.log(torch.exp(tau2 * f).sum(-1))
+    expected_w = torch.empty(7, dtype=torch.float64)
+    for start in range(0, 7, group):
+        e = torch.exp(t_tilt * s[start : start + group])
+        expected_w[start : start + group] = len(e) * e / e.sum()
+    # the composed score differs enough that weights from it would differ
+    s_composed = untilted.score(f, y, progress)
+    assert (s_composed - s).abs().max() > 0.1
+    w = obj.weights(f, y)
+    assert w is not None
+    torch.testing.assert_close(w, expected_w, atol=1e-12, rtol=1e-10)
+    c, w2 = obj.coefficients_and_weights(f, y, progress)
+    assert w2 is not None
+    torch.testing.assert_close(w2, expected_w, atol=1e-12, rtol=1e-10)
+    fg = f.clone().requires_grad_(True)
+    (dS,) = torch.autograd.grad(untilted.score(fg, y, progress).sum(), fg)
+    torch.testing.assert_close(c, expected_w[:, None] * dS, atol=1e-10, rtol=1e-9)
+    # and through the classifier: g = Σ_i w_i ∇S_i (identity classifier: g = c)
+    grad = fguide.guidance_gradient(torch.nn.Identity(), f, y, obj, progress=progress)
+    torch.testing.assert_close(grad, expected_w[:, None] * dS, atol=1e-10, rtol=1e-9)
