@@ -80,6 +80,20 @@ def test_forward_matches_reference_float32(case: dict[str, Any]) -> None:
     _close32(out, case["expected"])
 
 
+def test_float32_module_casts_input_like_edm() -> None:
+    """A float32 network given float64 x (EDM's sampler state) computes and returns float32."""
+    case = _cases("forward")[0]
+    net = _net(case["init_kwargs"], case["seed"]).float()
+    y = case["class_labels"]
+    with torch.no_grad():
+        out = net(case["x"], case["sigma"], y)
+        ref = net(case["x"].float(), case["sigma"].float(), y.float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    den = EDMDenoiser(net)
+    assert den(case["x"], case["sigma"], case["labels"]).dtype == torch.float64
+
+
 def test_preconditioning_closed_form() -> None:
     """D = c_skip x + c_out F(c_in x, log(σ)/4): checked through a stub UNet that records."""
     net = EDMPrecond(

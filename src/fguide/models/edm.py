@@ -19,9 +19,10 @@ Precision follows EDM: the preconditioning runs in float32 (x and σ are cast to
 ``use_fp16`` the UNet body runs in float16 **on CUDA only** (EDM's
 ``use_fp16 and x.device.type == 'cuda'``), each layer casting its float32 weights to the
 activation dtype, the noise and label embeddings staying float32 and the attention softmax
-computed in float32. One deliberate extension, for reference parity: a float64 input (with a
-float64 module) runs entirely in float64 (preconditioning, noise-embedding frequencies and
-attention softmax included), where EDM hard-codes float32; the reference outputs in
+computed in float32. One deliberate extension, for reference parity: a float64 module given a
+float64 input runs entirely in float64 (preconditioning, noise-embedding frequencies and
+attention softmax included), where EDM hard-codes float32 (a float32 module casts any input
+to float32 and returns float32, exactly as EDM); the reference outputs in
 ``tests/reference`` were computed the same way, with EDM's float32 lifted to float64.
 """
 
@@ -45,11 +46,6 @@ __all__ = [
     "PositionalEmbedding",
     "UNetBlock",
 ]
-
-
-def _work_dtype(x: Tensor) -> torch.dtype:
-    """EDM's float32 working precision, kept at float64 for float64 inputs (parity runs)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class Linear(nn.Module):
@@ -337,8 +333,8 @@ class EDMPrecond(nn.Module):
 
     ``forward(x, sigma, class_labels=None)``: ``sigma`` a scalar or one value per sample,
     ``class_labels`` one-hot rows [B, label_dim] (a zero row when None, as EDM). Returns
-    float32 (float64 for float64 input). ``sigma_min``/``sigma_max`` bound the supported noise
-    levels (EDM: 0 and ∞), ``round_sigma`` is the identity.
+    float32 (float64 for a float64 module and input). ``sigma_min``/``sigma_max`` bound the
+    supported noise levels (EDM: 0 and ∞), ``round_sigma`` is the identity.
     """
 
     def __init__(
@@ -377,7 +373,9 @@ class EDMPrecond(nn.Module):
         class_labels: Tensor | None = None,
         force_fp32: bool = False,
     ) -> Tensor:
-        work = _work_dtype(x)
+        # EDM's float32, or float64 throughout for a float64 module and input (parity runs).
+        f64 = x.dtype == torch.float64 and self.model.map_layer0.weight.dtype == torch.float64
+        work = torch.float64 if f64 else torch.float32
         x = x.to(work)
         sigma = torch.as_tensor(sigma, device=x.device).to(work).reshape(-1, 1, 1, 1)
         y: Tensor | None = None
