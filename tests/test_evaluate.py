@@ -34,6 +34,7 @@ from fguide.evaluation import (
     open_images,
     read_reference_statistics,
 )
+from fguide.io import runs
 from fguide.metrics import (
     FeatureStats,
     FIDComparabilityWarning,
@@ -301,24 +302,45 @@ def test_folder_input_equals_npz(data: dict[str, Any], first_run: dict[str, Any]
     assert r.metrics == first_run["json"]["metrics"]
 
 
-def test_npz_batches_stream_arr_0(data: dict[str, Any]) -> None:
-    src = open_images(data["root"] / "sam.npz")
-    assert src.count == N and src.keys == ("arr_0", "arr_1")
-    np.testing.assert_array_equal(src.labels, np.arange(N))
-    np.testing.assert_array_equal(np.concatenate(list(src.batches(3))), data["sam_images"])
-    # A sampling run's folder means its samples.npz, not the images (grid.png) beside it.
-    run = data["root"] / "sample_run"
+def test_run_folder_that_is_not_complete_warns(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The features come from the data fixture (the run folder and its warning are under test).
+    root = data["root"]
+    run = root / "run_running"
     run.mkdir()
-    shutil.copy(data["root"] / "sam.npz", run / "samples.npz")
-    Image.fromarray(data["sam_images"][0]).save(run / "grid.png")
-    src = open_images(run)
-    assert (src.kind, src.path, src.count) == ("npz", run / "samples.npz", N)
+    shutil.copy(root / "sam.npz", run / runs.SAMPLES)
+    (run / runs.MANIFEST).write_text(json.dumps({"format": runs.FORMAT, "status": "running"}))
+    feats = {
+        root / "ref.npz": _features(data["ref_pool"], data["sam_logits"], data["ref_spatial"]),
+        run / runs.SAMPLES: _features(data["sam_pool"], data["sam_logits"], data["sam_spatial"]),
+    }
+    fake = lambda src, *a, **k: feats[src.path]  # noqa: E731
+    monkeypatch.setattr(fguide.io.features, "extract_features", fake)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = evaluate(root / "ref.npz", run, weights=data["weights"], progress=False)
+    assert r.samples["path"] == str(run / runs.SAMPLES)
+    assert any("'running', not 'complete'" in w for w in r.warnings)
 
 
-# -- bad input: clear errors and warnings --------------------------------------------------------
+def test_out_is_checked_before_the_features(data: dict[str, Any], tmp_path: Path) -> None:
+    # --out is a file: the error comes at once (no Inception pass), naming --out.
+    blocker = tmp_path / "metrics-here"
+    blocker.write_text("")
+    code, err = _evaluate_cli(data, data["root"] / "ref.npz", data["root"] / "sam.npz", blocker)
+    assert code == 2 and "--out" in err and "is a file" in err
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["evaluate", "ref.npz", "sam.npz", "--out", ""])
+    assert exit_info.value.code == 2
 
 
-def _evaluate_cli(data: dict[str, Any], ref: Path, sam: Path) -> tuple[int, str]:
+# -- bad input (the readers' own errors: tests/test_io_images.py) -----------------------------
+
+
+def _evaluate_cli(
+    data: dict[str, Any], ref: Path, sam: Path, out: Path | None = None
+) -> tuple[int, str]:
     code, _, err = _cli(
         [
             "evaluate",
@@ -328,7 +350,7 @@ def _evaluate_cli(data: dict[str, Any], ref: Path, sam: Path) -> tuple[int, str]
             str(data["weights"]),
             "--no-cache",
             "--out",
-            str(data["root"] / "bad"),
+            str(out or data["root"] / "bad"),
             "--no-progress",
         ]
     )
@@ -363,31 +385,6 @@ def test_bad_reference_statistics(data: dict[str, Any], extra: dict[str, Any], n
     assert needle in str(err.value)
     code, stderr = _evaluate_cli(data, bad, data["root"] / "sam.npz")
     assert code == 2 and needle in stderr
-
-
-def test_wrong_arr_0_dtype_and_label_count(data: dict[str, Any]) -> None:
-    root = data["root"]
-    np.savez(root / "float.npz", data["ref_images"].astype(np.float32))
-    with pytest.raises(ValueError, match=r"float\.npz\['arr_0'\] must be uint8"):
-        open_images(root / "float.npz")
-    np.savez(root / "labels.npz", data["ref_images"], np.arange(N + 1))
-    with pytest.raises(ValueError, match=r"labels\.npz\['arr_1'\] must hold 4"):
-        open_images(root / "labels.npz")
-    (root / "notzip.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="not an .npz file"):
-        open_images(root / "notzip.npz")
-
-
-def test_folder_with_mixed_sizes_is_an_error(data: dict[str, Any]) -> None:
-    folder = data["root"] / "mixed"
-    folder.mkdir()
-    Image.fromarray(data["ref_images"][0]).save(folder / "a.png")
-    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(folder / "b.jpg")
-    with pytest.raises(ValueError, match=r"different sizes .*b\.jpg is 20x24"):
-        open_images(folder)
-    # ADM-style centre crop makes them one size.
-    src = open_images(folder, image_size=16)
-    assert [b.shape for b in src.batches(8)] == [(2, 16, 16, 3)]
 
 
 def test_too_few_images_is_an_error(data: dict[str, Any]) -> None:

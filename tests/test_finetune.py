@@ -496,3 +496,76 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, module_file: Path, capsys)
         )
     )
     assert "not an ADM diffusion preset" in msg
+
+
+# -- the loss option, the data identity, the flags -----------------------------------------------
+
+
+def test_calibration_loss_option_and_lambda_enter_the_gradient() -> None:
+    # Expected: autograd of CE + λ·L_cal written out here (metrics functions, float64), for a
+    # λ that is neither 0 nor 1, against accumulate_gradients' micro-batched accumulation.
+    from fguide.metrics.calibration import smooth_ece_loss, soft_binned_ece_loss
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).double()
+    x, y = torch.randn(16, 3, 2, 2, dtype=torch.float64), torch.randint(0, 4, (16,))
+    for name, fn in (("smooth_ece", smooth_ece_loss), ("soft_binned_ece", soft_binned_ece_loss)):
+        lam, beta = 0.37, 1e-3
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits, y) + lam * fn(logits, y, beta)
+        expected = torch.autograd.grad(loss, list(net.parameters()))
+        net.zero_grad()
+        stats = accumulate_gradients(
+            net, x, None, y, ece_weight=lam, beta=beta, calibration_loss=name
+        )
+        assert stats.loss == pytest.approx(float(loss.detach()), rel=1e-12)
+        for p, g in zip(net.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="calibration_loss"):
+        FinetuneConfig(calibration_loss="ece").validate()
+
+
+def test_resume_over_changed_image_content_is_refused(tmp_path: Path) -> None:
+    # Same shape, same labels, one pixel different: a different run (issue 10, item 5).
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(12) % 3
+    cfg = FinetuneConfig(iterations=1, batch_size=4, holdout=3, workers=0, checkpoint_every=1)
+
+    def linear() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+
+    out = tmp_path / "run"
+    finetune(wrap_module(linear()), ArraySource(images, labels), out, cfg, progress=False)
+    changed = images.copy()
+    changed[5, 1, 2, 0] ^= 1
+    more = dataclasses.replace(cfg, iterations=2)
+    with pytest.raises(ValueError, match="data.sha256"):
+        finetune(wrap_module(linear()), ArraySource(changed, labels), out, more, progress=False)
+    again = finetune(wrap_module(linear()), ArraySource(images, labels), out, more, progress=False)
+    assert again.status == "completed" and again.step == 2
+
+
+def test_cli_defaults_are_the_api_defaults_and_old_flags_still_work(capsys) -> None:
+    from fguide.cli.main import build_parser
+
+    parser = build_parser()
+    base = ["finetune", "--classifier", "c", "--data", "d", "--out", "o"]
+    args = parser.parse_args(base)
+    defaults = FinetuneConfig()
+    for f in dataclasses.fields(FinetuneConfig):
+        flag = "bins" if f.name == "n_bins" else f.name
+        if hasattr(args, flag):
+            assert getattr(args, flag) == getattr(defaults, f.name), f.name
+    assert args.calibration_loss == "smooth_ece" and args.softplus_beta is None
+    old = parser.parse_args([*base, "--weights", "w.pt", "--n-bins", "7", "--resize", "64"])
+    assert (old.classifier_weights, old.bins, old.classifier_resize) == ("w.pt", 7, 64)
+    new = parser.parse_args(
+        [*base, "--classifier-weights", "w.pt", "--bins", "7", "--softplus-beta", "relu"]
+    )
+    assert (new.classifier_weights, new.bins, new.softplus_beta) == ("w.pt", 7, 0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--weights" not in help_text.replace("--classifier-weights", "")
+    assert "--n-bins" not in help_text and "--bins" in help_text

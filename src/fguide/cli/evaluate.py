@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=None, help="images per batch (default 64 CPU, 256 GPU)"
     )
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda:N")
-    p.add_argument("--out", type=Path, default=Path("fguide-eval"), help="folder for metrics.json")
+    p.add_argument(
+        "--out",
+        type=_out_folder,
+        default=Path("fguide-eval"),
+        help="folder for metrics.json (default %(default)s)",
+    )
     cache = p.add_mutually_exclusive_group()
     cache.add_argument(
         "--cache-dir",
@@ -73,6 +79,26 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=int, default=4, help="image-decoding threads (folders)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _out_folder(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (give a folder, e.g. fguide-eval)")
+    return Path(text)
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``out`` and check it takes a file now, before hours of feature extraction."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".fguide-write-test.", delete=True)
+        probe.close()
+    except OSError as err:
+        raise OSError(
+            err.errno, f"--out {out} is not writable ({err.strerror}); choose another folder"
+        ) from None
 
 
 def _fmt(v: Any, sign: str = "") -> str:
@@ -114,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    prepare_out(args.out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate(

@@ -219,6 +219,8 @@ def _load_cache(path: Path, key: Mapping[str, Any]) -> BatchFeatures:
             arrays = {k: data[k] for k in data.files if k != "meta"}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256", {}), dict):
+        raise ValueError(f"its 'meta' is not a JSON object with checksums ({type(meta).__name__})")
     for k, v in key.items():
         if meta.get(k) != v:
             raise ValueError(f"made for {k} = {meta.get(k)!r}, not {v!r}")
