@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
@@ -12,7 +11,8 @@ from fixture_utils import case_names, get_case
 
 import fguide
 from fguide.guidance import GuidanceResult
-from fguide.schedules import make_process
+from fguide.samplers import elucd_sine_boost
+from fguide.schedules import make_process, space_timesteps
 
 F64 = dict(atol=1e-9, rtol=1e-9)
 
@@ -318,10 +318,10 @@ def test_elucd_guided_ddpm(case_name: str) -> None:
     torch.testing.assert_close(obj.score(rec.guidance.logits, inp["y"]), exp["score"], **F64)
     torch.testing.assert_close(rec.guidance.grad * cfg["classifier_scale"], exp["grad_x0"], **F64)
     torch.testing.assert_close(sample, exp["sample"], **F64)
-    # the sine boost by hand from the stored scalars
-    n = proc.num_steps
-    add = max(math.sin(math.pi * t / n) * exp["max_variance_after"] * cfg["gamma_factor"], 0.0)
-    assert add == pytest.approx(exp["add_value"], rel=1e-12)
+    # fguide's sine boost a_t from the reference's σ²_max after the step: EluCD's add value
+    sigma2_max = torch.tensor([exp["max_variance_after"]] * 2, dtype=torch.float64)
+    add = elucd_sine_boost(t, proc.num_steps, sigma2_max, cfg["gamma_factor"])
+    assert add.tolist() == pytest.approx([exp["add_value"]] * 2, rel=1e-12)
 
 
 def test_per_sample_variance_tracking_matches_reference_for_first_sample() -> None:
@@ -418,3 +418,28 @@ def test_edm_heun(case_name: str) -> None:
         torch.testing.assert_close(rec.x0, step["denoised"], **F64)
         torch.testing.assert_close(rec.guidance.logits, step["logits"], **F64)
         torch.testing.assert_close(rec.guidance.grad, step["raw_grad"], **F64)
+
+
+@pytest.mark.parametrize("num_train_steps", [50, 250, 4000])
+def test_rescaled_timesteps_are_k_times_1000_over_T(num_train_steps: int) -> None:
+    """ADM's _scale_timesteps: the network sees k_t · 1000/T when rescaling, k_t otherwise
+    (every fixture has T = 1000, where both agree)."""
+    kept = space_timesteps(num_train_steps, "10")
+    plain = make_process("linear", num_train_steps, "10", "fixed_large", False)
+    rescaled = make_process("linear", num_train_steps, "10", "fixed_large", True)
+    t = torch.arange(len(kept))
+    k = torch.tensor(kept, dtype=torch.int64)
+    assert torch.equal(plain.model_timesteps(t), k)
+    expected = torch.tensor([ki * 1000 / num_train_steps for ki in kept], dtype=torch.float64)
+    torch.testing.assert_close(rescaled.model_timesteps(t), expected, atol=1e-12, rtol=0)
+    # what the sampler hands the network at each step
+    seen: list[torch.Tensor] = []
+
+    def model(x: torch.Tensor, t_model: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        seen.append(t_model.clone())
+        return torch.zeros_like(x)
+
+    fguide.ddim(model, torch.zeros(2, 1, 2, 2, dtype=torch.float64), rescaled)
+    assert len(seen) == len(kept)
+    for t_model, k_expected in zip(seen, expected.flip(0), strict=True):
+        torch.testing.assert_close(t_model, k_expected.expand(2), atol=1e-12, rtol=0)
