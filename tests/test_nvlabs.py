@@ -22,7 +22,7 @@ import torch
 from fixture_utils import fixture_init
 
 from fguide.models.edm import EDMDenoiser, EDMPrecond
-from fguide.models.loading import UnsafeCheckpointError
+from fguide.models.loading import UnsafeCheckpointError, load_state_dict_file
 from fguide.models.nvlabs import (
     UnsafePickleError,
     UnsupportedNetworkError,
@@ -214,6 +214,11 @@ def test_unsupported_network_is_named(
         load_network_pickle(path)
 
 
+def test_state_dict_loader_points_to_the_pickle_loader() -> None:
+    with pytest.raises(UnsafeCheckpointError, match="load_network_pickle"):
+        load_state_dict_file(HERE / "edm_tiny_snapshot.pkl")
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.pkl"):
         load_network_pickle(tmp_path / "missing.pkl")
@@ -222,6 +227,7 @@ def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(UnsafePickleError, match="cut.pkl"):
         load_network_pickle(tmp_path / "cut.pkl")
     _write(tmp_path / "nokey.pkl", {"net": 1})
+    assert not is_network_pickle(tmp_path / "nokey.pkl")
     with pytest.raises(UnsupportedNetworkError, match=r"without the key 'ema'.*\['net'\]"):
         load_network_pickle(tmp_path / "nokey.pkl")
     torch.save({"w": torch.zeros(2)}, tmp_path / "state.pt")

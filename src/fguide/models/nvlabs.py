@@ -328,16 +328,18 @@ def _describe(value: Any) -> str:
 
 
 def is_network_pickle(path: str | PathLike[str]) -> bool:
-    """True when ``path`` looks like a raw pickle (``.pkl`` or a pickle header, not torch zip)."""
-    p = Path(path)
-    if p.suffix.lower() == ".pkl":
-        return True
+    """True when ``path`` is a raw pickle that references NVlabs' ``torch_utils.persistence``.
+
+    Reads at most the first 64 KiB: the persistence global precedes the first embedded source.
+    Use it to route a ``--model`` file to :func:`load_network_pickle` (torch's own files are
+    zip archives or legacy files without that reference).
+    """
     try:
-        with open(p, "rb") as f:
-            head = f.read(2)
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
     except OSError:
         return False
-    return len(head) == 2 and head[0] == 0x80 and head[1] in range(2, 6)
+    return head[:1] == b"\x80" and b"torch_utils.persistence" in head
 
 
 def load_network_pickle(
