@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fguide.diagnostics import load_trajectory
+from fguide.io import runs
 from fguide.io.files import sha256_file
 from fguide.io.images import ImageSource, from_uint8_nhwc
 from fguide.io.runs import TRAJECTORY
@@ -97,6 +99,21 @@ def find_trajectory(path: str | os.PathLike[str]) -> Path:
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"trajectory diagnostics not found: {p}")
+    if runs.is_run_folder(p):  # a sampling run: its own trajectory.json, and its status
+        run = runs.read_run(p)
+        if run.trajectory is None:
+            raise FileNotFoundError(
+                f"{p}: this fguide sample run has no {TRAJECTORY_FILE} (status {run.status!r}; "
+                "it is written when the run completes)"
+            )
+        if run.status != "complete":
+            warnings.warn(
+                f"{p}: the run's manifest says {run.status!r}, not 'complete': "
+                f"{TRAJECTORY_FILE} may be from an earlier, interrupted or different run",
+                UserWarning,
+                stacklevel=2,
+            )
+        return run.trajectory
     if (p / TRAJECTORY_FILE).is_file():
         return p / TRAJECTORY_FILE
     found = sorted(p.rglob(TRAJECTORY_FILE))
