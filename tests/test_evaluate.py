@@ -338,6 +338,19 @@ def test_out_is_checked_before_the_features(data: dict[str, Any], tmp_path: Path
 # -- bad input (the readers' own errors: tests/test_io_images.py) -----------------------------
 
 
+def test_mixed_folder_error_names_the_flag_that_exists(data: dict[str, Any]) -> None:
+    folder = data["root"] / "mixed_sizes"
+    folder.mkdir()
+    Image.fromarray(data["ref_images"][0]).save(folder / "a.png")
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(folder / "b.png")
+    code, err = _evaluate_cli(data, data["root"] / "ref.npz", folder)
+    assert code == 2 and "different sizes" in err and "--image-size N" in err
+    from fguide.cli.main import build_parser
+
+    args = build_parser().parse_args(["evaluate", "r", "s", "--image-size", "16"])
+    assert args.image_size == 16
+
+
 def _evaluate_cli(
     data: dict[str, Any], ref: Path, sam: Path, out: Path | None = None
 ) -> tuple[int, str]:

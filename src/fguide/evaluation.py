@@ -206,10 +206,13 @@ def evaluate(
     pr_mode: DistanceMode = "float32",
     workers: int = 4,
     progress: bool = True,
+    image_size: int | None = None,
 ) -> EvaluationResult:
     """FID, sFID, Inception Score and precision/recall of ``samples`` against ``reference``.
 
-    ``reference``/``samples``: ADM ``.npz`` batches or image folders. ``weights``: the FID
+    ``reference``/``samples``: ADM ``.npz`` batches, image folders (centre-cropped to
+    ``image_size`` × ``image_size`` as ADM prepares ImageNet, when given) or ``fguide sample``
+    run folders (warned when the run is not complete). ``weights``: the FID
     Inception weight file (default ``$FGUIDE_INCEPTION_WEIGHTS``). ``batch_size`` defaults to
     64 on the CPU (ADM's) and 256 on a GPU; it changes the numbers only by float32 round-off.
     ``cache_dir`` enables the reference-feature cache. ``compare``: a previous
@@ -235,8 +238,8 @@ def evaluate(
     weights_path = _resolve_weights(weights)
     compare_path = Path(compare) if compare is not None else None
     comparison = _load_comparison(compare_path) if compare_path is not None else None
-    ref_src = open_images(reference, warn=warn)
-    sam_src = open_images(samples, warn=warn)
+    ref_src = open_images(reference, image_size, warn=warn)
+    sam_src = open_images(samples, image_size, warn=warn)
     file_stats = read_reference_statistics(ref_src.path) if ref_src.kind == "npz" else {}
     for src, what in ((ref_src, "reference"), (sam_src, "sample")):
         if src.count < 2:

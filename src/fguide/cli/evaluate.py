@@ -51,6 +51,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda:N")
     p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="centre-crop folder images to N×N as ADM prepares ImageNet (npz files: unchanged)",
+    )
+    p.add_argument(
         "--out",
         type=_out_folder,
         default=Path("fguide-eval"),
@@ -154,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             pr_mode=args.pr_mode,
             workers=args.workers,
             progress=not args.no_progress,
+            image_size=args.image_size,
         )
     messages = list(dict.fromkeys(str(w.message) for w in caught))
     for msg in messages:

@@ -461,7 +461,7 @@ def _open_folder(
                 raise ValueError(
                     f"{path}: images of different sizes ({files[0].name} is {size[0]}x{size[1]}, "
                     f"{p.relative_to(path)} is {s[0]}x{s[1]}); resize them first, or centre-crop "
-                    "them ADM-style with an image size"
+                    "them ADM-style (--image-size N)"
                 )
     return ImageSource(
         path,
