@@ -7,6 +7,7 @@ fixture-init rule for every key but the constant ``resample_filter`` buffers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,15 @@ def test_state_dict_keys_are_nvlabs(case: dict[str, Any]) -> None:
     net = EDMPrecond(**case["init_kwargs"])
     got = {k: list(v.shape) for k, v in net.state_dict().items()}
     assert list(got.items()) == list(case["state_dict_shapes"].items())
+
+
+def test_imagenet64_layout_matches_nvlabs() -> None:
+    """edm-imagenet-64x64-cond-adm.pkl's network at full size: keys, shapes, parameter count."""
+    ref = json.loads((REF.parent / "edm_imagenet64_state_dict_keys.json").read_text())
+    with torch.device("meta"):
+        net = EDMPrecond(**ref["init_kwargs"])
+    assert [(k, list(v.shape)) for k, v in net.state_dict().items()] == list(ref["keys"].items())
+    assert sum(p.numel() for p in net.parameters()) == ref["num_params"]
 
 
 @pytest.mark.parametrize("case", _cases("forward"), ids=_ids("forward"))

@@ -22,6 +22,8 @@ It writes, next to this script:
 * ``edm_tiny_bare.pkl`` (a bare ``EDMPrecond``) and ``edm_tiny_snapshot.pkl`` (a training
   snapshot ``{'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}``), pickled by NVlabs' own
   ``torch_utils.persistence`` (source code embedded, as in the released pickles).
+* ``edm_imagenet64_state_dict_keys.json``: state-dict keys and shapes of NVlabs' ``EDMPrecond``
+  with the constructor arguments of ``edm-imagenet-64x64-cond-adm.pkl`` (built on ``meta``).
 * ``adm512_state_dict_keys.json``: state-dict keys, shapes and parameter counts of
   guided-diffusion's ``create_model`` / ``create_classifier`` at the README's 512×512 flags.
 """
@@ -465,6 +467,31 @@ def pickle_cases(networks: Any, loss: Any, augment: Any) -> list[dict[str, Any]]
     return cases
 
 
+# -- the released ImageNet-64 network's layout -------------------------------------------------
+
+IMAGENET64 = {
+    # train.py --cond=1 --arch=adm --dropout=0.10 --augment=0 --fp16=1 (README), ImageNet-64:
+    # the constructor arguments of edm-imagenet-64x64-cond-adm.pkl's EDMPrecond.
+    "img_resolution": 64,
+    "img_channels": 3,
+    "label_dim": 1000,
+    "use_fp16": True,
+    "model_type": "DhariwalUNet",
+    "model_channels": 192,
+    "channel_mult": [1, 2, 3, 4],
+    "dropout": 0.1,
+}
+
+
+def imagenet64_keys(networks: Any) -> dict[str, Any]:
+    with torch.device("meta"):
+        net = networks.EDMPrecond(**IMAGENET64)
+    keys = {k: list(v.shape) for k, v in net.state_dict().items()}
+    num = sum(p.numel() for p in net.parameters())
+    print(f"edm-imagenet-64x64-cond-adm layout: {len(keys)} keys, {num} parameters")
+    return {"init_kwargs": IMAGENET64, "keys": keys, "num_params": num}
+
+
 # -- guided-diffusion 512×512 key lists --------------------------------------------------------
 
 README_512_MODEL = (
@@ -526,6 +553,8 @@ def main() -> None:
         "pickle": pickle_cases(networks, loss, augment),
     }
     torch.save(data, HERE / "edm_reference.pt")
+    layout = {"reference_commit": EDM_COMMIT, **imagenet64_keys(networks)}
+    (HERE / "edm_imagenet64_state_dict_keys.json").write_text(json.dumps(layout, indent=0) + "\n")
     keys = adm512_keys(args.guided_diffusion)
     keys = {"reference_commit": GD_COMMIT, "presets": keys}
     (HERE / "adm512_state_dict_keys.json").write_text(json.dumps(keys, indent=0) + "\n")
