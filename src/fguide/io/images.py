@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
+
+from fguide.io.files import sha256_file
 
 if TYPE_CHECKING:
     from fguide.io.runs import RunInfo
@@ -193,14 +196,6 @@ def _read_ahead(it: Iterator[T]) -> Iterator[T]:
             close()
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- the image source ---------------------------------------------------------------------------
 
 
@@ -228,6 +223,8 @@ class ImageSource:
     description: str = ""
     _array: NDArray[np.uint8] | None = field(default=None, repr=False)
     _sha256: str | None = field(default=None, repr=False)
+    # Training threads read at random: the array (memory map) is opened once, under the lock.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not self.description:
@@ -259,20 +256,20 @@ class ImageSource:
 
     def _content_sha256(self) -> str:
         if self.kind == "npz":
-            return _sha256_file(self.path)
+            return sha256_file(self.path)
         h = hashlib.sha256()
         if self.kind == "arrays":
             assert self._array is not None
             h.update(f"arrays|{list(self._array.shape)}\n".encode())
             h.update(np.ascontiguousarray(self._array).tobytes())
-        else:
-            with ThreadPoolExecutor(8) as pool:  # file reads overlap; hashlib releases the GIL
-                digests = pool.map(_sha256_file, self.files)
-                for i, (p, d) in enumerate(zip(self.files, digests, strict=True)):
-                    label = "" if self.labels is None else int(self.labels[i])
-                    h.update(f"{p.relative_to(self.path).as_posix()}\t{label}\t{d}\n".encode())
-        if self.labels is not None and self.kind == "arrays":
-            h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
+            if self.labels is not None:
+                h.update(np.ascontiguousarray(self.labels, dtype="<i8").tobytes())
+            return h.hexdigest()
+        with ThreadPoolExecutor(8) as pool:  # file reads overlap; hashlib releases the GIL
+            digests = pool.map(sha256_file, self.files)
+            for i, (p, d) in enumerate(zip(self.files, digests, strict=True)):
+                label = "" if self.labels is None else int(self.labels[i])
+                h.update(f"{p.relative_to(self.path).as_posix()}\t{label}\t{d}\n".encode())
         return h.hexdigest()
 
     def fingerprint(self) -> dict[str, Any]:
@@ -286,18 +283,21 @@ class ImageSource:
     # -- random access
 
     def _arrays(self) -> NDArray[np.uint8]:
-        if self._array is None:
-            assert self.kind == "npz"
-            h, w = self.size
-            offset = None if self.fortran_order else _stored_offset(self.path, "arr_0.npy")
-            if offset is not None:  # memory-mapped: pages are read when touched
-                self._array = np.memmap(
-                    self.path, np.uint8, "r", offset, (self.count, h, w, 3), order="C"
-                )
-            else:  # compressed or Fortran-ordered: loaded once, whole
-                with np.load(self.path, allow_pickle=False) as data:
-                    self._array = np.ascontiguousarray(data["arr_0"])
+        if self._array is not None:
+            return self._array
+        with self._lock:
+            if self._array is None:
+                self._array = self._open_array()
         return self._array
+
+    def _open_array(self) -> NDArray[np.uint8]:
+        assert self.kind == "npz"
+        h, w = self.size
+        offset = None if self.fortran_order else _stored_offset(self.path, "arr_0.npy")
+        if offset is not None:  # memory-mapped: pages are read when touched
+            return np.memmap(self.path, np.uint8, "r", offset, (self.count, h, w, 3), order="C")
+        with np.load(self.path, allow_pickle=False) as data:  # deflated or Fortran: loaded whole
+            return np.ascontiguousarray(data["arr_0"])
 
     def raw(self, index: int) -> NDArray[np.uint8] | Image.Image:
         """Image ``index`` as stored: uint8 [H, W, 3] from an npz or arrays, the decoded RGB
