@@ -24,6 +24,9 @@ float64 input runs entirely in float64 (preconditioning, noise-embedding frequen
 attention softmax included), where EDM hard-codes float32 (a float32 module casts any input
 to float32 and returns float32, exactly as EDM); the reference outputs in
 ``tests/reference`` were computed the same way, with EDM's float32 lifted to float64.
+
+Random initialisation is PyTorch's default, not EDM's training initialisation (zero output
+convolutions etc.): these modules are meant to receive trained weights.
 """
 
 from __future__ import annotations
