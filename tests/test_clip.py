@@ -494,3 +494,37 @@ def test_ddpm_guided_by_clip_records_a_clip_score_curve(clip_dir: Path, head: CL
     assert data["summary"]["final_clip_score"] == curves["clip_score"][-1]
     assert len(data["curves"]["clip_score"]) == len(data["curves"]["step"])
     json.dumps(data)  # serialisable as trajectory.json
+
+
+def test_fguide_sample_with_a_clip_guide_writes_a_clip_score_curve(
+    clip_dir: Path, tmp_path: Path
+) -> None:
+    # The whole command: tiny unconditional ADM model, tiny CLIP, two prompts, target 1.
+    from fguide.cli.main import main
+    from fguide.models.presets import create_model
+
+    flags = (
+        "image_size=16 num_channels=32 num_res_blocks=1 channel_mult=1,2 "
+        "attention_resolutions=8 num_head_channels=32 learn_sigma=True"
+    )
+    torch.manual_seed(0)
+    ckpt = tmp_path / "uncond.pt"
+    torch.save(create_model(**dict(kv.split("=") for kv in flags.split())).state_dict(), ckpt)
+    out = tmp_path / "run"
+    argv = [
+        "sample", "--out", str(out), "--model", str(ckpt), "--model-flags", flags,
+        "--guide", f"clip:{clip_dir}", "--prompt", "a photo of a cat",
+        "--prompt", "a photo of a dog", "--target", "a photo of a dog", "--tau2", "0",
+        "--scale", "30", "--steps", "3", "--num-samples", "3", "--batch-size", "2",
+        "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (3, 16, 16, 3) and z["arr_1"].tolist() == [1, 1, 1]
+    traj = json.loads((out / "trajectory.json").read_text())
+    scores = traj["curves"]["clip_score"]
+    assert len(scores) == 3 and all(s is not None and 0.0 <= s <= 100.0 for s in scores)
+    manifest = json.loads((out / "manifest.json").read_text())
+    described = manifest["identity"]["resolved"]["classifier"]
+    assert described["kind"] == "clip" and described["num_prompts"] == 2
+    assert main(argv) == 0  # resumes as a complete run: same identity

@@ -142,6 +142,8 @@ class Components:
     device: torch.device
     info: dict[str, Any]
     """Resolved model and classifier description (part of the run's identity)."""
+    label_mode: str = "uniform"
+    """How labels are drawn (:func:`sample_labels`): the configuration's, or a CLIP target."""
 
 
 def _model_flags(cfg: SampleConfig, state_dict: Mapping[str, Tensor]) -> tuple[str | None, dict]:
@@ -241,6 +243,8 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
             input_mode=cfg.classifier_input_mode,
             resize=cfg.classifier_resize,
             flags=cfg.classifier_flags,
+            prompts=cfg.prompts,
+            prompt_file=cfg.prompt_file,
         )
         if class_cond and classifier.num_classes != num_classes:
             raise ValueError(
@@ -250,6 +254,10 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
             )
         num_classes = classifier.num_classes
         info["classifier"] = classifier.description
+    label_mode = cfg.labels
+    if cfg.target is not None:
+        assert classifier is not None and classifier.kind == "clip"
+        label_mode = str(classifier.module.target_index(cfg.target))  # type: ignore[operator]
     if cfg.labels not in ("uniform", "balanced"):
         cls = int(cfg.labels)
         if num_classes is None:
@@ -270,7 +278,18 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
             time_aware=classifier.time_aware,
         )
     return Components(
-        net, model, process, sigmas, denoiser, classifier, guide, size, num_classes, dev, info
+        net,
+        model,
+        process,
+        sigmas,
+        denoiser,
+        classifier,
+        guide,
+        size,
+        num_classes,
+        dev,
+        info,
+        label_mode,
     )
 
 
@@ -363,7 +382,7 @@ def _generate_shard(
     group = cfg.tilt_group if cfg.t_tilt is not None else None
     end = i1 if group is None else -(-i1 // group) * group  # complete the last tilt group
     batch = cfg.batch_size if group is None else max(1, cfg.batch_size // group) * group
-    labels = sample_labels(cfg.labels, cfg.seed, range(i0, end), comp.num_classes)
+    labels = sample_labels(comp.label_mode, cfg.seed, range(i0, end), comp.num_classes)
     # Unguided runs record the classifier's calibration too, when it sees x̂0.
     record = comp.guide is not None or (
         comp.classifier is not None and not comp.classifier.time_aware
@@ -373,7 +392,7 @@ def _generate_shard(
         idx = list(range(b0, min(b0 + batch, end)))
         keep = min(len(idx), i1 - b0)
         lab = None if labels is None else labels[b0 - i0 : b0 - i0 + len(idx)]
-        rec = None
+        rec, clip_rec = None, None
         callback: Callable[[StepRecord], None] | None = None
         if record and lab is not None:
             y_keep = torch.as_tensor(lab[:keep], device=comp.device)
@@ -382,7 +401,13 @@ def _generate_shard(
             else:
                 assert comp.classifier is not None
                 rec = TrajectoryRecorder(labels=y_keep, classifier=comp.classifier.module)
-            callback = rec if keep == len(idx) else _Kept(rec, keep)
+            callbacks: list[Callable[[StepRecord], None]] = [rec]
+            if comp.classifier is not None and comp.classifier.kind == "clip":
+                from fguide.models.clip import CLIPScoreRecorder
+
+                clip_rec = CLIPScoreRecorder(comp.classifier.module, y_keep)  # type: ignore[arg-type]
+                callbacks.append(clip_rec)
+            callback = _each(callbacks) if keep == len(idx) else _Kept(_each(callbacks), keep)
         try:
             x = sample_batch(comp, cfg, idx, lab, callback)
         except NonFiniteGuidanceError as err:
@@ -395,13 +420,25 @@ def _generate_shard(
                 f"p is sample {idx[0]} + p)"
             ) from None
         images.append(to_uint8_nhwc(x[:keep]))
-        states.append(recorder_state(rec))
+        state = recorder_state(rec)
+        states.append(state if clip_rec is None else {**state, **clip_rec.state()})
         on_batch(keep)
     return (
         np.concatenate(images),
         None if labels is None else labels[: i1 - i0],
         merge_states(states),
     )
+
+
+def _each(callbacks: list[Callable[[StepRecord], None]]) -> Callable[[StepRecord], None]:
+    if len(callbacks) == 1:
+        return callbacks[0]
+
+    def call_all(rec: StepRecord) -> None:
+        for cb in callbacks:
+            cb(rec)
+
+    return call_all
 
 
 class _Kept:

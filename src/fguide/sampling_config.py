@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fguide import defaults
-from fguide.models.classifiers import is_adm_classifier
+from fguide.models.classifiers import CLIP_PREFIX, is_adm_classifier
 from fguide.models.presets import PRESETS, parse_flag_string
 from fguide.models.resnet import ARCHS, INPUT_MODES
 from fguide.objectives import METHODS, Objective, objective
@@ -69,6 +69,12 @@ class SampleConfig:
     classifier_resize: int | None = None
     softplus_beta: float | None = None
     """Softplus β for the ResNet's ReLUs; 0 keeps ReLU."""
+    prompts: Sequence[str] | None = None
+    """CLIP guides (``clip:FOLDER``): the prompts that are the classes (one: text guidance)."""
+    prompt_file: Path | None = None
+    """CLIP guides: a file of prompts, one per line (instead of ``prompts``)."""
+    target: str | None = None
+    """CLIP guides: the prompt (its index or its text) every sample is guided toward."""
     method: str = "base"
     """``none`` (unguided) or an :func:`fguide.objective` name."""
     tau1: float | None = None
@@ -111,7 +117,15 @@ class SampleConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            k: (str(v) if isinstance(v, Path) else dict(v) if isinstance(v, Mapping) else v)
+            k: (
+                str(v)
+                if isinstance(v, Path)
+                else dict(v)
+                if isinstance(v, Mapping)
+                else list(v)
+                if isinstance(v, tuple)
+                else v
+            )
             for k, v in dataclasses.asdict(self).items()
         }
 
@@ -213,6 +227,19 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
             raise ValueError(
                 "classifier_input_mode and classifier_resize apply to ResNet classifiers only"
             )
+    clip = c.classifier is not None and c.classifier.startswith(CLIP_PREFIX)
+    if c.prompts is not None:
+        c.prompts = tuple(
+            str(p) for p in ([c.prompts] if isinstance(c.prompts, str) else c.prompts)
+        )
+    if not clip and (c.prompts or c.prompt_file is not None or c.target is not None):
+        raise ValueError("prompts, prompt_file and target apply to CLIP guides (clip:FOLDER)")
+    if c.prompts and c.prompt_file is not None:
+        raise ValueError("give prompts or prompt_file, not both")
+    if c.prompt_file is not None:
+        c.prompt_file = Path(c.prompt_file)
+    if c.target is not None and c.labels != "uniform":
+        raise ValueError("target fixes every sample's label: do not give labels as well")
     if c.sampler != "ddim":
         c.eta = None
     elif c.eta is None:

@@ -133,10 +133,28 @@ def configure(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("classifier")
     c.add_argument(
         "--classifier",
+        "--guide",
+        dest="classifier",
         metavar="SPEC",
         help="resnet18..resnet152, an ADM classifier preset (128x128_classifier), 'adm' "
-        "(with --classifier-flags), or an import spec module:function returning an nn.Module "
-        "that takes x̂0 in [-1, 1]",
+        "(with --classifier-flags), clip:FOLDER (a transformers CLIP model as a zero-shot "
+        "head: --prompt, --prompt-file, or the 1000 ImageNet classes), or an import spec "
+        "module:function returning an nn.Module that takes x̂0 in [-1, 1]",
+    )
+    c.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        metavar="TEXT",
+        help="CLIP guides: a prompt (repeat for several: a zero-shot classifier over them; "
+        "one: guidance on the cosine similarity)",
+    )
+    c.add_argument("--prompt-file", type=Path, metavar="FILE", help="CLIP: prompts, one a line")
+    c.add_argument(
+        "--target",
+        metavar="PROMPT",
+        help="CLIP: the prompt (index or text) every sample is guided toward (default: "
+        "labels drawn over the prompts)",
     )
     c.add_argument("--classifier-weights", type=Path, metavar="FILE", help="classifier weight file")
     c.add_argument(

@@ -142,9 +142,22 @@ def recorder_state(rec: TrajectoryRecorder | None) -> TrajState:
 
 
 def merge_states(states: Iterable[TrajState]) -> TrajState:
-    """Merge per-step statistics in the given order (so equal inputs give equal floats)."""
+    """Merge per-step statistics in the given order (so equal inputs give equal floats).
+
+    A state may also carry a CLIP guide's per-step CLIP score (``clip_``-prefixed keys of
+    :class:`fguide.models.clip.CLIPScoreRecorder`); those merge alongside.
+    """
+    from fguide.models.clip import CLIPScoreRecorder  # light: does not import transformers
+
     merged: TrajectoryRecorder | None = None
+    clip: CLIPScoreRecorder | None = None
     for s in states:
+        if "clip_steps" in s:
+            c = CLIPScoreRecorder.from_state(s)
+            if clip is None:
+                clip = c
+            else:
+                clip.merge(c)
         if len(s["steps"]) == 0:
             continue
         rec = TrajectoryRecorder.from_state(s)
@@ -154,7 +167,18 @@ def merge_states(states: Iterable[TrajState]) -> TrajState:
             raise ValueError("trajectory statistics with different steps cannot be merged")
         else:
             merged.merge(rec)
-    return recorder_state(merged)
+    out = recorder_state(merged)
+    return out if clip is None else {**out, **clip.state()}
+
+
+def trajectory_dict(state: TrajState) -> dict[str, Any]:
+    """``trajectory.json``'s content from a merged state (the CLIP-score curve included)."""
+    from fguide.models.clip import CLIPScoreRecorder
+
+    traj = TrajectoryRecorder.from_state(state).to_dict()
+    if "clip_steps" in state:
+        CLIPScoreRecorder.from_state(state).add_to(traj)
+    return traj
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -481,7 +505,7 @@ def merge_run(
     samples = atomic_write(out / SAMPLES, write)
     if first:
         atomic_write(out / GRID, _grid_png(np.concatenate(first)))
-    traj = TrajectoryRecorder.from_state(merge_states(states)).to_dict()
+    traj = trajectory_dict(merge_states(states))
     traj["run"] = {**trajectory_run, "num_samples": num_samples, "identity_sha256": identity_sha}
     atomic_write_json(out / TRAJECTORY, traj)
     manifest.pop("missing_shards", None)

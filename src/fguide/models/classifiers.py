@@ -8,7 +8,10 @@
 - an ADM classifier preset (``128x128_classifier`` …) or ``adm`` with ``flags``: ADM's
   noise-aware classifier, called as ``f(x_t, t)``;
 - ``module:function`` or ``file.py:function`` returning an ``nn.Module`` (``time_aware`` when
-  the module says so with a ``time_aware`` attribute or the caller asks).
+  the module says so with a ``time_aware`` attribute or the caller asks);
+- ``clip:FOLDER``: a transformers CLIP model folder as a zero-shot head over ``prompts`` (or a
+  ``prompt_file``; neither: the 1000 ImageNet classes), logits = s · cos(image, prompt_k)
+  (:mod:`fguide.models.clip`).
 
 Every command (``sample``, ``calibration``, ``finetune``) goes through it, so a new kind of
 guide is added here once. The result carries what callers need: the kind, whether the
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -43,7 +46,8 @@ __all__ = [
     "state_dict_sha256",
 ]
 
-ClassifierKind = Literal["resnet", "adm", "import"]
+ClassifierKind = Literal["resnet", "adm", "import", "clip"]
+CLIP_PREFIX = "clip:"
 
 
 def classifier_presets() -> list[str]:
@@ -99,7 +103,8 @@ class LoadedClassifier:
 def _kinds_message(spec: str) -> str:
     return (
         f"classifier: {spec!r} is none of {', '.join(ARCHS)}, an ADM classifier preset "
-        f"({', '.join(classifier_presets())}), 'adm' or a 'module:function' import spec"
+        f"({', '.join(classifier_presets())}), 'adm', 'clip:FOLDER' or a 'module:function' "
+        "import spec"
     )
 
 
@@ -150,6 +155,8 @@ def load_classifier(
     num_classes: int | None = None,
     require_weights: bool = True,
     dtype: torch.dtype | None = torch.float32,
+    prompts: Sequence[str] | None = None,
+    prompt_file: str | os.PathLike[str] | None = None,
 ) -> LoadedClassifier:
     """Build the classifier named by ``spec``, load ``weights`` (``weights_only``), probe it.
 
@@ -159,7 +166,10 @@ def load_classifier(
     or overriding a preset's). ``require_weights=False`` allows a randomly initialised preset or
     ResNet (benchmarks, fine-tuning from scratch). ``num_classes``: a ResNet head without
     weights. ``dtype=None`` keeps an imported module's own precision (float32 by default).
+    ``prompts`` / ``prompt_file``: the classes of a ``clip:`` head.
     """
+    if (prompts or prompt_file is not None) and not spec.startswith(CLIP_PREFIX):
+        raise ValueError(f"prompts apply to CLIP guides (clip:FOLDER), not {spec!r}")
     path = None if weights is None else Path(weights)
     if path is not None and not path.is_file():
         raise FileNotFoundError(f"classifier_weights: file not found: {path}")
@@ -208,6 +218,19 @@ def load_classifier(
             net = load_model(built, path) if path is not None else built
         kind, aware = "adm", True
         desc["flags"] = full
+    elif spec.startswith(CLIP_PREFIX):
+        from fguide.models.clip import load_clip_head
+
+        if path is not None:
+            raise ValueError("classifier_weights: a CLIP guide reads its weights from its folder")
+        head = load_clip_head(
+            spec[len(CLIP_PREFIX) :],
+            list(prompts) if prompts else None,
+            prompt_file=prompt_file,
+            imagenet=not prompts and prompt_file is None,
+        )
+        net, kind, aware = head, "clip", False
+        desc.update(head.describe())
     elif ":" in spec:
         obj = import_module_spec(spec)
         if not isinstance(obj, nn.Module):
