@@ -181,6 +181,25 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             sine_factor=0.0,
             num_samples=50000,
         ),
+        _cfg(
+            "elucd-clip-256",
+            "EluCD §5.4 text guidance: ADM's 256x256_diffusion_uncond guided by an off-the-shelf "
+            "CLIP (ViT-L/14 at 336 px; give --guide clip:FOLDER --prompt TEXT) on x̂0, S = "
+            "s·cos(image, prompt) (τ2 = 0), sine-boosted schedule",
+            "EluCD Figure 7 (CLIP score along the trajectory, boosted above linear at every "
+            "step); γ = 1 is fguide's choice: EluCD's scale is not in its text or code",
+            "clip-vit-large-patch14-336 (a transformers folder with model.safetensors)",
+            model_preset="256x256_diffusion_uncond",
+            sampler="ddpm",
+            steps="250",
+            precision="fp16",
+            method="base",
+            tau1=defaults.TAU1,
+            tau2=0.0,
+            scale=defaults.SCALE,
+            sine_factor=defaults.SINE_FACTOR,
+            num_samples=1000,
+        ),
     )
 }
 """The named configurations of METHODS.md §7, by name."""
