@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fguide
+from fguide.guidance import GuidanceResult
 from fguide.schedules import make_process
 from fguide.worlds.gmm import BayesClassifier, ExactEpsModel, GaussianMixture
 
@@ -111,3 +112,49 @@ def test_recorder_state_round_trip_and_merge_after_deferred_reads() -> None:
     np.testing.assert_allclose(merged.curves()["confidence_mean"], mean, rtol=1e-12)
     again = fguide.TrajectoryRecorder.from_state(merged.state())
     assert again.to_dict() == merged.to_dict()
+
+
+def _crafted_record(rows: slice) -> fguide.StepRecord:
+    """Five samples whose numbers are known by hand: softmax(f)_y = c exactly (two classes,
+    f = log(c, 1 − c), y = 0), ‖∇S‖ = the first grad entry, tilt weights w."""
+    c = torch.tensor([0.93, 0.18, 0.64, 0.77, 0.42], dtype=torch.float64)[rows]
+    norm = torch.tensor([0.0, 3e-4, 5e-3, 2.0, 1.5e-3], dtype=torch.float64)[rows]
+    w = torch.tensor([0.5, 1.5, 1.0, 0.7, 1.3], dtype=torch.float64)[rows]
+    b = len(c)
+    guidance = GuidanceResult(
+        grad=torch.stack([norm, torch.zeros(b, dtype=torch.float64)], 1),
+        logits=torch.stack([c.log(), (1 - c).log()], 1),
+        labels=torch.zeros(b, dtype=torch.int64),
+        weights=w,
+    )
+    x = torch.zeros(b, 2, dtype=torch.float64)
+    return fguide.StepRecord(0, 1, torch.full((b,), 10), x, x, guidance)
+
+
+@pytest.mark.parametrize("split", [None, 3])
+def test_recorder_numbers_on_a_crafted_batch_by_hand(split: int | None) -> None:
+    """confidence top-25% = mean of the ⌈5/4⌉ = 2 largest softmax(f)_y (⌊5/4⌋ = 1 and the
+    lowest two differ); vanished = fraction with ‖∇S‖ < threshold; also after a merge of a
+    3-sample and a 2-sample recorder (top-25% over the merged 5)."""
+    if split is None:
+        rec = fguide.TrajectoryRecorder(vanish_threshold=1e-3)
+        rec(_crafted_record(slice(None)))
+    else:
+        rec, other = (fguide.TrajectoryRecorder(vanish_threshold=1e-3) for _ in range(2))
+        rec(_crafted_record(slice(0, split)))
+        other(_crafted_record(slice(split, None)))
+        rec.merge(other)
+    c = rec.curves()
+    assert c["step"] == [0] and c["t"] == [10.0]
+    assert c["confidence_mean"][0] == pytest.approx((0.93 + 0.18 + 0.64 + 0.77 + 0.42) / 5)
+    assert c["confidence_top25"][0] == pytest.approx((0.93 + 0.77) / 2)  # not 0.93, not 0.30
+    assert c["grad_norm"][0] == pytest.approx((3e-4 + 5e-3 + 2.0 + 1.5e-3) / 5, rel=1e-6)
+    assert c["vanished_fraction"][0] == pytest.approx(2 / 5)  # norms 0 and 3e-4
+    assert c["max_tilt_weight"][0] == pytest.approx(1.5)
+    # top-1 confidences 0.93, 0.82, 0.64, 0.77, 0.58 (one per bin), correct for c > 1/2
+    assert c["accuracy"][0] == pytest.approx(3 / 5)
+    ece = (0.07 + 0.82 + 0.36 + 0.23 + 0.58) / 5
+    assert c["ece"][0] == pytest.approx(ece)
+    s = rec.summary()
+    assert s["vanished_mean"] == pytest.approx(2 / 5)
+    assert s["max_tilt_weight"] == pytest.approx(1.5)
