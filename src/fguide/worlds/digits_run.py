@@ -306,14 +306,16 @@ def run_digits_world(
     cache_root: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    data: DigitsData | None = None,
 ) -> dict[str, Any]:
     """Run the whole digits experiment into ``out``; returns the results (also results.json).
 
     ``config`` defaults to :class:`DigitsConfig` (or :meth:`DigitsConfig.quick_config` with
     ``quick``). ``cache_root`` overrides the network cache folder (see
-    :func:`fguide.worlds.digits_train.cache_dir`). Writes ``results.json``, ``report.md``,
-    ``table.png``, ``curves.png``, ``samples.png``, ``calibration.png`` and the sampling runs
-    under ``runs/`` and ``sweep/``.
+    :func:`fguide.worlds.digits_train.cache_dir`). ``data`` replaces the digits and their split
+    (tests pass a subset; the training split is part of the cache key). Writes
+    ``results.json``, ``report.md``, ``table.png``, ``curves.png``, ``samples.png``,
+    ``calibration.png`` and the sampling runs under ``runs/`` and ``sweep/``.
     """
     from tqdm import tqdm
 
@@ -333,7 +335,7 @@ def run_digits_world(
     say = log or (lambda msg: print(msg, file=sys.stderr))
     torch.set_grad_enabled(True)
 
-    data = load_digits_data(config.held_fraction, config.seed)
+    data = data or load_digits_data(config.held_fraction, config.seed)
     t0 = time.perf_counter()
     world = load_or_train(data, config, cache_root, progress=progress, log=say)
     t_train = time.perf_counter() - t0

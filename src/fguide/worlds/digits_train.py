@@ -1,7 +1,8 @@
 """Training and caching the digits world's four networks (see :mod:`fguide.worlds.digits`).
 
 Every network is a function of (training settings, seed, code): the cache folder is named by
-the SHA-256 of the canonical JSON of :meth:`DigitsConfig.training_key`, fguide's version,
+the SHA-256 of the canonical JSON of :meth:`DigitsConfig.training_key`, the training split's
+fingerprint, fguide's version,
 torch's major.minor version and the source of this module and :mod:`fguide.worlds.digits`
 (content addressing: a change to the training code trains anew). It lives under
 ``$FGUIDE_CACHE_DIR/digits/`` or ``~/.cache/fguide/digits/``. Each network is written
@@ -41,6 +42,7 @@ __all__ = [
     "TrainedWorld",
     "cache_dir",
     "cache_key",
+    "data_fingerprint",
     "load_or_train",
     "unet_model_flags",
 ]
@@ -80,13 +82,23 @@ def _code_hash() -> str:
     return h.hexdigest()
 
 
-def cache_key(config: DigitsConfig) -> str:
-    """SHA-256 (hex, first 16) of the training settings, seed and code version."""
+def data_fingerprint(data: DigitsData) -> str:
+    """SHA-256 of the training split (indices, images, labels) the networks learn from."""
+    h = hashlib.sha256()
+    for arr in (data.train, data.images[data.train], data.labels[data.train]):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(config: DigitsConfig, data: DigitsData) -> str:
+    """SHA-256 (hex, first 16) of the training settings and seed, the training data and the
+    code version."""
     import fguide
 
     content = {
         "format": _FORMAT,
         "training": config.training_key(),
+        "data": data_fingerprint(data),
         "fguide": fguide.__version__,
         "torch": ".".join(torch.__version__.split(".")[:2]),
         "code": _code_hash(),
@@ -222,7 +234,7 @@ def load_or_train(
 
     Returns their files; ``trained`` lists what this call trained (empty: cache reused).
     """
-    key = cache_key(config)
+    key = cache_key(config, data)
     folder = cache_dir(root) / key
     files = {name: folder / fname for name, fname in FILES.items()}
     meta_path = folder / "meta.json"
