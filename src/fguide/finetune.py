@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -80,12 +80,15 @@ from fguide.finetune_steps import (
 )
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
 from fguide.io.images import ImageSource, from_arrays, open_images, random_crop_arr
+from fguide.models.classifiers import (
+    ClassifierKind,
+    LoadedClassifier,
+    probe_num_classes,
+    state_dict_sha256,
+)
 from fguide.plots import plot_reliability_dict
 from fguide.runtime import resolve_device
 from fguide.schedules import Process, make_process
-
-if TYPE_CHECKING:
-    from fguide.models.classifiers import LoadedClassifier
 
 __all__ = [
     "ArraySource",
@@ -126,7 +129,7 @@ def open_data(path: str | os.PathLike[str]) -> ImageSource:
     return src
 
 
-def ArraySource(  # noqa: N802 - the former class name, kept for callers
+def ArraySource(  # the former class's name, kept for its callers
     images: NDArray[np.uint8], labels: Any, description: str = "arrays"
 ) -> ImageSource:
     """In-memory uint8 NHWC images with integer labels (:func:`fguide.io.images.from_arrays`)."""
@@ -156,7 +159,7 @@ class Classifier:
 
     module: nn.Module
     spec: str
-    kind: Literal["adm", "resnet", "import", "module"]
+    kind: ClassifierKind | Literal["module"]  # "module": an nn.Module given in memory
     default_input: ClassifierInput
     image_size: int | None = None
     noise_schedule: str | None = None
@@ -263,8 +266,6 @@ def _resolve(
 
 def _probe(module: nn.Module, spec: str, kind: ClassifierInput, size: int, dev: Any) -> int:
     """N from one forward pass on a blank image (the loader's probe, with the flags to fix)."""
-    from fguide.models.classifiers import probe_num_classes
-
     try:
         return probe_num_classes(module, spec, size, kind == "noisy", dev)
     except ValueError as err:
@@ -330,8 +331,6 @@ def finetune(
         else make_process(schedule, config.diffusion_steps, "", "fixed_small")
     )
     eval_bs = config.eval_batch_size or config.microbatch or config.batch_size
-
-    from fguide.models.classifiers import state_dict_sha256
 
     # The initial weights actually in use (whatever their source) and the data's content.
     weights_sha = state_dict_sha256(module)
