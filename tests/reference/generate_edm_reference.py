@@ -15,9 +15,11 @@ It writes, next to this script:
   ``../shared/fixtures/README.md`` for every key except the constant ``resample_filter``
   buffers): inputs, the float64 output (EDM's hard-coded float32 lifted to float64 by running
   the reference module with ``torch.float32`` resolving to ``torch.float64``) and the float32
-  output of the unmodified reference; ``sampler`` cases: EDM's ``edm_sampler`` with EluCD's
-  guided displacement inserted as EluCD's ``EDM/generate.py`` does (METHODS.md §5), with a tiny
-  Softplus classifier and stored per-step noise (float64); ``pickle`` cases: input and float32
+  output of the unmodified reference; ``fp16_body`` cases: the DhariwalUNet body run in
+  float16 as EDMPrecond runs it with ``use_fp16`` on CUDA (run here on the CPU); ``sampler``
+  cases: EDM's ``edm_sampler`` with EluCD's guided displacement inserted as EluCD's
+  ``EDM/generate.py`` does (METHODS.md §5), with a tiny Softplus classifier and stored
+  per-step noise (float64); ``pickle`` cases: input and float32
   output of the NVlabs-unpickled tiny networks below.
 * ``edm_tiny_bare.pkl`` (a bare ``EDMPrecond``) and ``edm_tiny_snapshot.pkl`` (a training
   snapshot ``{'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}``), pickled by NVlabs' own
@@ -173,6 +175,49 @@ def forward_cases(networks: Any) -> list[dict[str, Any]]:
                 "class_labels": one_hot,
                 "expected": expected64,
                 "expected_float32": expected32,
+            }
+        )
+    return cases
+
+
+def fp16_cases(networks: Any) -> list[dict[str, Any]]:
+    """The UNet body run in float16 as EDMPrecond runs it with use_fp16 on CUDA (here on CPU).
+
+    EDMPrecond feeds the body c_in·x cast to float16, c_noise and the one-hot labels in float32;
+    each layer casts its float32 weights to float16, the attention softmax is float32.
+    """
+    cases = []
+    for cfg in FORWARD_CONFIGS[:1] + FORWARD_CONFIGS[2:]:
+        kwargs = cfg["kwargs"]
+        assert isinstance(kwargs, dict)
+        torch.manual_seed(0)
+        net = networks.EDMPrecond(**kwargs).eval()
+        init_weights(net, cfg["seed"])
+        g = torch.Generator().manual_seed(zlib.crc32(("fp16" + cfg["name"]).encode()))
+        c, r = kwargs["img_channels"], kwargs["img_resolution"]
+        sigma = torch.tensor(cfg["sigma"], dtype=torch.float32)
+        x_in = torch.randn(len(cfg["sigma"]), c, r, r, generator=g).half()
+        noise_labels = sigma.log() / 4
+        labels = None if cfg["labels"] is None else torch.tensor(cfg["labels"])
+        one_hot = None if labels is None else torch.eye(kwargs["label_dim"])[labels]
+        with torch.no_grad():
+            out = net.model(x_in, noise_labels, class_labels=one_hot)
+            out32 = net.model(x_in.float(), noise_labels, class_labels=one_hot)
+        assert out.dtype == torch.float16
+        print(
+            f"fp16 {cfg['name']}: |F| max {out32.abs().max():.3g}, fp16 - fp32 "
+            f"{(out.float() - out32).abs().max():.3g}"
+        )
+        cases.append(
+            {
+                "name": cfg["name"],
+                "init_kwargs": kwargs,
+                "seed": cfg["seed"],
+                "x_in": x_in,
+                "noise_labels": noise_labels,
+                "class_labels": one_hot,
+                "expected_float16": out,
+                "expected_float32": out32,
             }
         )
     return cases
@@ -549,6 +594,7 @@ def main() -> None:
         "reference_commits": {"NVlabs/edm": EDM_COMMIT, "openai/guided-diffusion": GD_COMMIT},
         "torch_version": str(torch.__version__),
         "forward": forward_cases(networks),
+        "fp16_body": fp16_cases(networks),
         "sampler": sampler_cases(networks, generate),
         "pickle": pickle_cases(networks, loss, augment),
     }
