@@ -274,6 +274,18 @@ def test_unsupported_scheduler_configs_are_refused(config: dict, match: str) -> 
         hd.scheduler_betas(config, "x/scheduler_config.json")
 
 
+def test_pipeline_files_are_the_configs_and_weights(dit_dir: Path) -> None:
+    names = [str(f.relative_to(dit_dir)) for f in hd.pipeline_files(dit_dir)]
+    assert names == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+
+
 def test_pickled_weights_and_bad_folders_are_refused(dit_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_index.json"):
         hd.load_pipeline_model(tmp_path)
@@ -515,6 +527,18 @@ def test_mean_form_latent_guidance_and_pixel_guidance_errors(dit: hd.PipelineMod
     assert torch.isfinite(x).all()
     with pytest.raises(ValueError, match="objective is required"):
         hd.build_pipeline_sampling(dit, classifier=_classifier())
+    alg = hd.CFGClassifierGuidance(
+        dit.eps_model(1.5),  # type: ignore[arg-type]
+        dit.process("4"),
+        _classifier(),
+        fguide.objective("base"),
+        1.0,
+    )
+    x1 = torch.zeros(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="timestep 500 is not a step"):
+        alg(x1, torch.tensor([500]), torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="together with"):
+        alg.guide(x1, x1, torch.tensor([999]), torch.tensor([1]), 0.0)
     with pytest.raises(ValueError, match="Algorithm 3 needs class labels"):
         hd.CFGClassifierGuidance(
             dit.eps_model(1.5),  # type: ignore[arg-type]

@@ -57,6 +57,7 @@ __all__ = [
     "evaluate_guidance_microbatched",
     "is_pipeline_dir",
     "load_pipeline_model",
+    "pipeline_files",
     "process_from_betas",
     "scheduler_betas",
 ]
@@ -407,7 +408,10 @@ class CFGClassifierGuidance:
         eps, d = out[:, :c], cond[:, :c] - uncond[:, :c]
         i = self._index.to(t.device)[t.long()]
         n = self.process.num_steps
-        k = n - 1 - int(i[0])  # one scalar read per step: progress and c_k are per step
+        first = int(i[0])  # one scalar read per step: progress and c_k are per step
+        if first < 0:
+            raise ValueError(f"timestep {int(t[0])} is not a step of this process's respacing")
+        k = n - 1 - first
         x0 = self.process.x0_from_eps(x, i, eps)
         if self.clip_denoised:
             x0 = x0.clamp(-1, 1)
@@ -436,7 +440,8 @@ class _ReplayGuide:
         if res is None or res.grad.shape != x0.shape:
             raise RuntimeError(
                 "CFGClassifierGuidance.guide must be passed to the sampler together with the "
-                "CFGClassifierGuidance object itself as the model"
+                "CFGClassifierGuidance object itself as the model, to a sampler that calls the "
+                "model before the guide (ddpm, ddim)"
             )
         self.owner.last = None
         return res
@@ -448,6 +453,16 @@ class _ReplayGuide:
 def is_pipeline_dir(path: str | Path) -> bool:
     """True when ``path`` is a folder with a ``model_index.json`` (a diffusers pipeline)."""
     return (Path(path) / "model_index.json").is_file()
+
+
+def pipeline_files(path: str | Path) -> list[Path]:
+    """The files that define a pipeline folder's model (configs and safetensors weights), sorted:
+    what a run's identity should checksum."""
+    root = Path(path)
+    files = [root / "model_index.json"]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        files += sorted(f for f in sub.iterdir() if f.suffix in (".json", ".safetensors"))
+    return files
 
 
 def _read_json(path: Path) -> dict[str, Any]:
