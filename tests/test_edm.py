@@ -175,6 +175,7 @@ def test_denoiser_one_hot_labels() -> None:
     case = by_name["cond_attn_augment"]
     den = EDMDenoiser(_net(case["init_kwargs"], case["seed"]))
     assert den.label_dim == 10 and den.sigma_min == 0 and den.sigma_max == float("inf")
+    assert den.to("cpu") is den
     out = den(case["x"], case["sigma"], case["labels"])
     torch.testing.assert_close(out, case["expected"], rtol=1e-9, atol=1e-9)
     none = by_name["cond_no_labels"]

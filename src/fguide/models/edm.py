@@ -416,6 +416,11 @@ class EDMDenoiser:
     def __init__(self, net: EDMPrecond):
         self.net = net
 
+    def to(self, device: torch.device | str) -> EDMDenoiser:
+        """Move the network (in place) and return self."""
+        self.net.to(device)
+        return self
+
     @property
     def label_dim(self) -> int:
         return int(self.net.label_dim)
