@@ -569,3 +569,22 @@ def test_cli_defaults_are_the_api_defaults_and_old_flags_still_work(capsys) -> N
     help_text = capsys.readouterr().out
     assert "--weights" not in help_text.replace("--classifier-weights", "")
     assert "--n-bins" not in help_text and "--bins" in help_text
+
+
+def test_one_run_per_folder_and_stale_temporaries_removed(tmp_path: Path) -> None:
+    from fguide.io.runs import FolderLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint.pt.k1ll3d.tmp"  # a checkpoint write cut short by a kill
+    stale.write_bytes(b"partial")
+    other = out / "notes.tmp"  # not fguide's naming: left alone
+    other.write_text("mine")
+    cfg = FinetuneConfig(iterations=1, batch_size=4, holdout=3, workers=0)
+    source = _small_images(2, 12, 3)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    with FolderLock(out), pytest.raises(ValueError, match="in use by pid"):
+        finetune(wrap_module(net), source, out, cfg)
+    assert stale.exists()  # nothing was touched while another process held the folder
+    res = finetune(wrap_module(net), source, out, cfg, progress=False)
+    assert res.status == "completed" and not stale.exists() and other.exists()

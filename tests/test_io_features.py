@@ -121,3 +121,35 @@ def test_an_unwritable_cache_keeps_the_features(tmp_path: Path, calls: list[int]
         feats, status, path = _run(blocker / "cache")
     assert (status, path) == ("disabled", None)
     _equal(feats, _known_features(1))
+
+
+def test_the_cache_is_bounded_least_recently_used_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import time
+
+    now = time.time()
+    files = {}
+    for age, name in ((30, "old"), (20, "mid"), (10, "new"), (40, "kept")):
+        f = tmp_path / f"{name}-inception-w-float32-v1.npz"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (now - age, now - age))
+        files[name] = f
+    left_over = tmp_path / ".a-inception-w-float32-v1.npz.x1.tmp"  # a write cut short long ago
+    left_over.write_bytes(b"x")
+    os.utime(left_over, (now - 7200, now - 7200))
+    in_flight = tmp_path / ".b-inception-w-float32-v1.npz.x2.tmp"  # another process's write
+    in_flight.write_bytes(b"x")
+    unrelated = tmp_path / "notes.npz"
+    unrelated.write_bytes(b"x" * 1000)
+    removed = features.prune_cache(tmp_path, 200, keep=files["kept"])
+    # 400 bytes of cache files, bound 200: the two least recently used go, "kept" is exempt.
+    assert set(removed) == {files["old"], files["mid"], left_over}
+    assert files["new"].exists() and files["kept"].exists() and in_flight.exists()
+    assert unrelated.exists()
+    monkeypatch.setenv(features.CACHE_MAX_ENV, "0.5")
+    assert features.cache_limit_bytes() == 500_000_000
+    monkeypatch.setenv(features.CACHE_MAX_ENV, "lots")
+    with pytest.raises(ValueError, match="FGUIDE_CACHE_MAX_GB"):
+        features.cache_limit_bytes()

@@ -80,6 +80,7 @@ from fguide.finetune_steps import (
 )
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
 from fguide.io.images import ImageSource, from_arrays, open_images, random_crop_arr
+from fguide.io.runs import FolderLock
 from fguide.models.classifiers import (
     ClassifierKind,
     LoadedClassifier,
@@ -354,108 +355,123 @@ def finetune(
     trainer = Trainer(module, optimizer, scaler, config, make_inputs, dev)
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = out / CHECKPOINT, out / LOG
-    before: dict[str, Any] | None = None
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"{ckpt_path} is not a fguide finetune checkpoint")
-        _check_identity(state["identity"], identity, ckpt_path)
-        if int(state["step"]) > config.iterations:
-            raise ValueError(
-                f"iterations: {ckpt_path} is already at step {state['step']} > iterations "
-                f"{config.iterations}; raise iterations or use a new output folder"
-            )
-        trainer.load_state(state)
-        before = json.loads(state["before"])
-        report_path = out / REPORT
-        if trainer.step == config.iterations and report_path.exists() and (out / MODEL).exists():
-            report = json.loads(report_path.read_text())
-            if report.get("training", {}).get("steps") == trainer.step:
-                return FinetuneResult("already_complete", trainer.step, out, report)
-        trim_log(log_path, trainer.step)
-    elif log_path.exists():
-        log_path.unlink()  # a log without its checkpoint belongs to no run we can resume
+    # One process per run folder (two would both train and overwrite each other's files).
+    with FolderLock(out):
+        _remove_stale_temps(out)
+        ckpt_path, log_path = out / CHECKPOINT, out / LOG
+        before: dict[str, Any] | None = None
+        if ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != _FORMAT:
+                raise ValueError(f"{ckpt_path} is not a fguide finetune checkpoint")
+            _check_identity(state["identity"], identity, ckpt_path)
+            if int(state["step"]) > config.iterations:
+                raise ValueError(
+                    f"iterations: {ckpt_path} is already at step {state['step']} > iterations "
+                    f"{config.iterations}; raise iterations or use a new output folder"
+                )
+            trainer.load_state(state)
+            before = json.loads(state["before"])
+            report_path = out / REPORT
+            done = report_path.exists() and (out / MODEL).exists()
+            if trainer.step == config.iterations and done:
+                report = json.loads(report_path.read_text())
+                if report.get("training", {}).get("steps") == trainer.step:
+                    return FinetuneResult("already_complete", trainer.step, out, report)
+            trim_log(log_path, trainer.step)
+        elif log_path.exists():
+            log_path.unlink()  # a log without its checkpoint belongs to no run we can resume
 
-    loader = TrainLoader(
-        data, train_idx, size, config.seed, config.augment, config.batch_size, config.workers
-    )
-
-    def held_out_eval() -> dict[str, Any]:
-        result, _, _ = evaluate_held_out(
-            module,
-            loader,
-            held_idx,
-            kind=kind,
-            process=process,
-            denoiser=denoiser,
-            device=dev,
-            precision=config.precision,
-            batch_size=eval_bs,
-            seed=config.seed,
-            n_bins=config.n_bins,
-            beta=config.beta,
-            calibration_loss=config.calibration_loss,
+        loader = TrainLoader(
+            data, train_idx, size, config.seed, config.augment, config.batch_size, config.workers
         )
-        return result
 
-    status: Literal["completed", "interrupted"] = "completed"
-    start_step = trainer.step
-    try:
-        if before is None:
-            before = held_out_eval()
-            atomic_write_json(out / BEFORE, before)
-        t_start = time.perf_counter()
-        extra = {"format": _FORMAT, "identity": identity, "before": json.dumps(before)}
+        def held_out_eval() -> dict[str, Any]:
+            result, _, _ = evaluate_held_out(
+                module,
+                loader,
+                held_idx,
+                kind=kind,
+                process=process,
+                denoiser=denoiser,
+                device=dev,
+                precision=config.precision,
+                batch_size=eval_bs,
+                seed=config.seed,
+                n_bins=config.n_bins,
+                beta=config.beta,
+                calibration_loss=config.calibration_loss,
+            )
+            return result
 
-        def save() -> None:
-            _write_state(ckpt_path, {**extra, **trainer.state()})
+        status: Literal["completed", "interrupted"] = "completed"
+        start_step = trainer.step
+        try:
+            if before is None:
+                before = held_out_eval()
+                atomic_write_json(out / BEFORE, before)
+            t_start = time.perf_counter()
+            extra = {"format": _FORMAT, "identity": identity, "before": json.dumps(before)}
 
-        if trainer.step < config.iterations:
-            with Interrupt() as interrupt, rng_fork(dev):
-                status = train_loop(trainer, loader, save, interrupt, log_path, progress, on_step)
-        if status == "interrupted":
-            return FinetuneResult("interrupted", trainer.step, out)
-        train_seconds = time.perf_counter() - t_start
-        _write_state(out / MODEL, classifier.state_dict_to_save())
-        after = held_out_eval()
-    finally:
-        loader.close()
+            def save() -> None:
+                _write_state(ckpt_path, {**extra, **trainer.state()})
 
-    for name, res in (("before", before), ("after", after)):
-        title = f"{name}: ECE {res['ece']:.4f}"
-        plot_reliability_dict(res["reliability"], out / f"reliability_{name}.png", title=title)
-    report = {
-        "before": before,
-        "after": after,
-        "delta": {k: after[k] - before[k] for k in ("ece", "accuracy", "nll", "smooth_ece")},
-        "training": {
-            "steps": trainer.step,
-            "steps_this_call": trainer.step - start_step,
-            "seconds_this_call": train_seconds,
-            "samples_seen": trainer.step * config.batch_size,
-        },
-        "config": config_dict(config),
-        "resolved": identity["resolved"] | {"num_classes": num_classes, "device": str(dev)},
-        "classifier": {
-            "spec": classifier.spec,
-            "kind": classifier.kind,
-            "weights": classifier.weights,
-            "weights_sha256": sha256_file(classifier.weights) if classifier.weights else None,
-            "state_dict_sha256": weights_sha,
-        },
-        "data": {
-            "source": data.description,
-            **data.fingerprint(),
-            "n_train": len(train_idx),
-            "n_holdout": len(held_idx),
-            "holdout_sha256": _labels_sha(held_idx),
-        },
-        "files": {"model": MODEL, "model_sha256": sha256_file(out / MODEL)},
-        "provenance": provenance(),
-    }
-    atomic_write_json(out / REPORT, report)
-    return FinetuneResult("completed", trainer.step, out, report)
+            if trainer.step < config.iterations:
+                with Interrupt() as interrupt, rng_fork(dev):
+                    status = train_loop(
+                        trainer, loader, save, interrupt, log_path, progress, on_step
+                    )
+            if status == "interrupted":
+                return FinetuneResult("interrupted", trainer.step, out)
+            train_seconds = time.perf_counter() - t_start
+            _write_state(out / MODEL, classifier.state_dict_to_save())
+            after = held_out_eval()
+        finally:
+            loader.close()
+
+        for name, res in (("before", before), ("after", after)):
+            title = f"{name}: ECE {res['ece']:.4f}"
+            plot_reliability_dict(res["reliability"], out / f"reliability_{name}.png", title=title)
+        report = {
+            "before": before,
+            "after": after,
+            "delta": {k: after[k] - before[k] for k in ("ece", "accuracy", "nll", "smooth_ece")},
+            "training": {
+                "steps": trainer.step,
+                "steps_this_call": trainer.step - start_step,
+                "seconds_this_call": train_seconds,
+                "samples_seen": trainer.step * config.batch_size,
+            },
+            "config": config_dict(config),
+            "resolved": identity["resolved"] | {"num_classes": num_classes, "device": str(dev)},
+            "classifier": {
+                "spec": classifier.spec,
+                "kind": classifier.kind,
+                "weights": classifier.weights,
+                "weights_sha256": sha256_file(classifier.weights) if classifier.weights else None,
+                "state_dict_sha256": weights_sha,
+            },
+            "data": {
+                "source": data.description,
+                **data.fingerprint(),
+                "n_train": len(train_idx),
+                "n_holdout": len(held_idx),
+                "holdout_sha256": _labels_sha(held_idx),
+            },
+            "files": {"model": MODEL, "model_sha256": sha256_file(out / MODEL)},
+            "provenance": provenance(),
+        }
+        atomic_write_json(out / REPORT, report)
+        return FinetuneResult("completed", trainer.step, out, report)
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temporary files of fguide's writes into ``out`` cut short by a kill (the lock
+    is held: no write of another run is in flight)."""
+    names = (CHECKPOINT, MODEL, LOG, REPORT, BEFORE, "reliability_before.png")
+    for name in (*names, "reliability_after.png"):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _check_identity(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:

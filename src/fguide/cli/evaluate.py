@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fguide.evaluation import default_cache_dir, evaluate
+from fguide.io.features import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB
 from fguide.io.files import atomic_write_json, provenance
 from fguide.models.inception import INCEPTION_WEIGHTS_ENV
 
@@ -68,7 +69,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help=f"reference-feature cache (default {default_cache_dir()})",
+        help=f"reference-feature cache (default {default_cache_dir()}; ~70 MB per reference, "
+        f"bounded by ${CACHE_MAX_ENV} GB, default {DEFAULT_CACHE_MAX_GB:g}: the least recently "
+        "used go first)",
     )
     cache.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
     p.add_argument(

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -50,16 +51,21 @@ __all__ = [
     "SPATIAL_DIM",
     "BatchFeatures",
     "CacheStatus",
+    "cache_limit_bytes",
     "cached_features",
     "default_cache_dir",
     "extract_features",
     "feature_cache_path",
     "ieee_float32",
+    "prune_cache",
 ]
 
 CACHE_VERSION = 1  # bump when the cached content or its meaning changes
 POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
 CACHE_DIR_ENV = "FGUIDE_CACHE_DIR"
+CACHE_MAX_ENV = "FGUIDE_CACHE_MAX_GB"
+DEFAULT_CACHE_MAX_GB = 4.0
+STALE_TMP_S = 3600.0  # a cache write takes seconds: an older temporary file is a leftover
 
 
 # -- devices ----------------------------------------------------------------------------------
@@ -191,6 +197,52 @@ def feature_cache_path(
     return Path(cache_dir) / name
 
 
+def cache_limit_bytes() -> int:
+    """The cache's size bound: ``$FGUIDE_CACHE_MAX_GB`` gigabytes (default 4; each reference
+    batch takes ~70 MB, mostly its two 2048² float64 scatter matrices)."""
+    text = os.environ.get(CACHE_MAX_ENV, "").strip()
+    try:
+        gb = float(text) if text else DEFAULT_CACHE_MAX_GB
+    except ValueError:
+        msg = f"${CACHE_MAX_ENV}: expected a number of gigabytes, got {text!r}"
+        raise ValueError(msg) from None
+    if not gb >= 0:
+        raise ValueError(f"${CACHE_MAX_ENV}: must be >= 0, got {text!r}")
+    return int(gb * 1e9)
+
+
+def prune_cache(
+    cache_dir: str | os.PathLike[str], max_bytes: int, keep: Path | None = None
+) -> list[Path]:
+    """Delete the least recently used cache files until the folder's cache files total at most
+    ``max_bytes`` (``keep``, the file just used, is never deleted), and temporary files of
+    writes cut short more than an hour ago. Returns the deleted files."""
+    folder = Path(cache_dir)
+    removed = []
+    now = time.time()
+    for tmp in folder.glob(".*-inception-*.npz.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+                removed.append(tmp)
+    entries = []
+    for f in folder.glob("*-inception-*.npz"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    for _, size, f in sorted(entries, key=lambda e: e[0]):  # oldest use first
+        if total <= max_bytes:
+            break
+        if keep is not None and f == keep:
+            continue
+        with contextlib.suppress(OSError):
+            f.unlink()
+            removed.append(f)
+            total -= size
+    return removed
+
+
 def _array_sha256(a: NDArray[Any]) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -282,7 +334,10 @@ def cached_features(
     status: CacheStatus = "miss"
     if path.is_file():
         try:
-            return _load_cache(path, key), "hit", path
+            feats = _load_cache(path, key)
+            with contextlib.suppress(OSError):
+                os.utime(path)  # its modification time records the last use (least recently used)
+            return feats, "hit", path
         except ValueError as err:
             msg = f"feature cache {path} for {source.path} is invalid ({err}); recomputing"
             (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
@@ -294,4 +349,5 @@ def cached_features(
         msg = f"could not write the feature cache {path} ({err}); continuing without it"
         (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
         return feats, "disabled", None
+    prune_cache(path.parent, cache_limit_bytes(), keep=path)
     return feats, status, path
