@@ -158,10 +158,13 @@ class _TinyEps(torch.nn.Module):
         return out
 
 
-def _tiny_guide(scale: float = 1.0) -> fguide.ClassifierGuide:
+def _tiny_guide(
+    scale: float = 1.0, objective: fguide.Objective | None = None
+) -> fguide.ClassifierGuide:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5)).double()
-    return fguide.ClassifierGuide(net, fguide.objective("js", alpha=0.09, eps=0.1), scale)
+    obj = objective or fguide.objective("js", alpha=0.09, eps=0.1)
+    return fguide.ClassifierGuide(net, obj, scale)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
@@ -366,3 +369,21 @@ class _Replay:
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         self.k += 1
         return self.draws[self.k - 1]
+
+
+@pytest.mark.parametrize("method", ["base", "entropy", "rkl", "fkl", "hellinger", "tilted"])
+def test_every_objective_is_free_of_host_reads_per_step(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    z = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    kw = {"t_tilt": -0.5} if method == "tilted" else {}
+
+    def run(steps: int) -> int:
+        guide = _tiny_guide(0.5, fguide.objective(method, **kw))
+        counts = _count_host_reads(monkeypatch)
+        proc = make_process("linear", 1000, str(steps), "fixed_small")
+        fguide.ddpm(_TinyEps(), z, proc, labels=torch.tensor([0, 3, 1]), guide=guide)
+        monkeypatch.undo()
+        return sum(counts.values())
+
+    assert run(3) == run(9)
