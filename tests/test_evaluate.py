@@ -349,6 +349,11 @@ def test_mixed_folder_error_names_the_flag_that_exists(data: dict[str, Any]) -> 
 
     args = build_parser().parse_args(["evaluate", "r", "s", "--image-size", "16"])
     assert args.image_size == 16
+    # --help's defaults are the API's.
+    import inspect
+
+    api = inspect.signature(evaluate).parameters
+    assert (args.workers, args.pr_mode) == (api["workers"].default, api["pr_mode"].default)
 
 
 def _evaluate_cli(

@@ -11,6 +11,7 @@ extracts its features once. See :mod:`fguide.evaluation`.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import tempfile
 import warnings
@@ -34,6 +35,8 @@ ROWS = (
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    # The API's defaults, so that --help and fguide.evaluation.evaluate agree.
+    api = {k: v.default for k, v in inspect.signature(evaluate).parameters.items()}
     p.add_argument("ref", type=Path, help="reference batch (.npz) or image folder")
     p.add_argument(
         "samples",
@@ -84,10 +87,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pr-mode",
         choices=("float32", "float64", "float16"),
-        default="float32",
-        help="precision/recall distance precision (float16: ADM's scheme, for GPUs)",
+        default=api["pr_mode"],
+        help="precision/recall distance precision (float16: ADM's scheme, for GPUs; "
+        "default %(default)s)",
     )
-    p.add_argument("--workers", type=int, default=4, help="image-decoding threads (folders)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=api["workers"],
+        help="image-decoding threads (folders; default %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
