@@ -393,3 +393,23 @@ def test_preset_load_assigns_the_files_tensors() -> None:
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params.values())
     assert all(p.requires_grad for p in params.values())
     assert float(params["out.2.c_proj.weight"].detach().abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_attention_hands_sdpa_contiguous_inputs(
+    legacy: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Non-contiguous q, k, v send SDPA to its slow math kernel on CPU (issue 11)."""
+    from fguide.models import adm
+
+    seen: list[bool] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):  # type: ignore[no-untyped-def]
+        seen.append(all(z.is_contiguous() for z in (q, k, v)))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(adm.F, "scaled_dot_product_attention", recording)
+    qkv = torch.randn(2, 3 * 2 * 8, 16)
+    out = adm.qkv_attention(qkv, 2, legacy)
+    assert seen == [True] and out.shape == (2, 16, 16)
