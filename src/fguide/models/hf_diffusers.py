@@ -24,7 +24,11 @@ Conventions (METHODS.md notation; z the latent state, ẑ0 its clean estimate):
   d = ε_c − ε_u, ε_cfg = ε_u + s d, ẑ0 = x̂0(z_t, ε_cfg), g as above, and
   ε̃ = ε_cfg − s c_k · g/rms(g) · rms(d) = ε_u + s (d − c_k ĝ rms(d)),
   c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2's schedule),
-  rms per sample over C, H, W. The sampler then uses ε̃ (and v_c) as the model output.
+  rms per sample over C, H, W (G = 0: c_k = 0, CFG alone). The sampler then uses ε̃ (and v_c)
+  as the model output. This is fguide's reading of EluCD's Algorithm 3 (gradient through the
+  decoder, normalised per sample as in Algorithm 2, added to the CFG difference before the CFG
+  scale): EluCD's DiT code is unreleased, and the reference magnitude rms(d) and the schedule
+  c_k are fguide's choices.
 """
 
 from __future__ import annotations
