@@ -25,11 +25,8 @@ from fguide.cli.main import main
 from fguide.finetune import (
     ArraySource,
     FinetuneConfig,
-    accumulate_gradients,
     adm_x0_estimator,
     finetune,
-    random_crop_arr,
-    split_holdout,
     wrap_module,
 )
 from fguide.models.classifiers import LoadedClassifier, load_classifier
@@ -234,24 +231,6 @@ def test_resume_after_sigint_equals_uninterrupted_run(tmp_path: Path, module_fil
         finetune(_load(spec), source, out, dataclasses.replace(cfg, lr=1e-2))
 
 
-def test_microbatches_give_the_full_batch_gradient() -> None:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 5))
-    x, y = torch.randn(10, 3, 8, 8), torch.randint(0, 5, (10,))
-    grads = []
-    for micro in (None, 4, 1):  # chunks 10; 4, 4, 2; ten of 1
-        net.zero_grad()
-        stats = accumulate_gradients(net, x, None, y, ece_weight=1.0, microbatch=micro)
-        grads.append([p.grad.clone() for p in net.parameters()])  # type: ignore[union-attr]
-        assert stats.logits.shape == (10, 5)
-    for other in grads[1:]:
-        for g_full, g in zip(grads[0], other, strict=True):
-            torch.testing.assert_close(g, g_full, rtol=1e-5, atol=1e-7)
-    net.zero_grad()
-    accumulate_gradients(net, x, None, y, ece_weight=0.0)
-    assert not torch.allclose(net[3].weight.grad, grads[0][2])  # the sECE term counts
-
-
 def test_resnet_microbatched_run_matches_full_batch_and_loads(tmp_path: Path) -> None:
     torch.manual_seed(0)
     weights = tmp_path / "r18.pt"
@@ -328,7 +307,7 @@ def test_cli_end_to_end_outputs(tmp_path: Path, module_file: Path, capsys) -> No
     assert "already complete" in capsys.readouterr().out
 
 
-# -- inputs, augmentation, split ----------------------------------------------------------------
+# -- inputs ----------------------------------------------------------------
 
 
 def test_denoised_input_feeds_the_estimate(tmp_path: Path) -> None:
@@ -382,29 +361,6 @@ def test_adm_x0_estimator_uses_eps_and_clips() -> None:
         eps = unet(x_t, t, y)[:, :3]
     assert x0.shape == x_t.shape and x0.abs().max() <= 1
     torch.testing.assert_close(x0, process.x0_from_eps(x_t, t, eps).clamp(-1, 1))
-
-
-def test_adm_random_crop_and_flip() -> None:
-    image = Image.fromarray(np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3))
-    rng = np.random.default_rng(0)
-    crops = [random_crop_arr(image, 16, rng) for _ in range(20)]
-    assert all(c.shape == (16, 16, 3) and c.dtype == np.uint8 for c in crops)
-    assert len({c.tobytes() for c in crops}) > 5  # random scales and offsets
-    a = random_crop_arr(image, 16, np.random.default_rng(7))
-    assert np.array_equal(a, random_crop_arr(image, 16, np.random.default_rng(7)))
-
-
-def test_stratified_seeded_holdout() -> None:
-    labels = np.repeat(np.arange(4), [50, 30, 15, 5])
-    train, held = split_holdout(labels, 0.2, seed=3)
-    assert len(held) == 20 and len(train) == 80
-    assert np.bincount(labels[held], minlength=4).tolist() == [10, 6, 3, 1]
-    assert set(train.tolist()).isdisjoint(held.tolist())
-    assert np.array_equal(held, split_holdout(labels, 0.2, seed=3)[1])
-    assert not np.array_equal(held, split_holdout(labels, 0.2, seed=4)[1])
-    assert len(split_holdout(labels, 7, seed=0)[1]) == 7
-    with pytest.raises(ValueError, match="holdout"):
-        split_holdout(labels, 100, seed=0)
 
 
 # -- bad inputs ----------------------------------------------------------------------------------
@@ -499,30 +455,6 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, module_file: Path, capsys)
 
 
 # -- the loss option, the data identity, the flags -----------------------------------------------
-
-
-def test_calibration_loss_option_and_lambda_enter_the_gradient() -> None:
-    # Expected: autograd of CE + λ·L_cal written out here (metrics functions, float64), for a
-    # λ that is neither 0 nor 1, against accumulate_gradients' micro-batched accumulation.
-    from fguide.metrics.calibration import smooth_ece_loss, soft_binned_ece_loss
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).double()
-    x, y = torch.randn(16, 3, 2, 2, dtype=torch.float64), torch.randint(0, 4, (16,))
-    for name, fn in (("smooth_ece", smooth_ece_loss), ("soft_binned_ece", soft_binned_ece_loss)):
-        lam, beta = 0.37, 1e-3
-        logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits, y) + lam * fn(logits, y, beta)
-        expected = torch.autograd.grad(loss, list(net.parameters()))
-        net.zero_grad()
-        stats = accumulate_gradients(
-            net, x, None, y, ece_weight=lam, beta=beta, calibration_loss=name
-        )
-        assert stats.loss == pytest.approx(float(loss.detach()), rel=1e-12)
-        for p, g in zip(net.parameters(), expected, strict=True):
-            torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="calibration_loss"):
-        FinetuneConfig(calibration_loss="ece").validate()
 
 
 def test_resume_over_changed_image_content_is_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fguide.io import runs
-from fguide.io.images import from_arrays, open_images
+from fguide.io.images import from_arrays, open_images, random_crop_arr
 
 N, H, W = 6, 5, 7
 
@@ -178,3 +178,13 @@ def test_run_folders_mean_samples_npz(tmp_path: Path, images: np.ndarray) -> Non
     with pytest.warns(UserWarning, match="no manifest.json"):
         src = open_images(bare)
     assert src.path == bare / runs.SAMPLES
+
+
+def test_adm_random_crop_and_flip() -> None:
+    image = Image.fromarray(np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3))
+    rng = np.random.default_rng(0)
+    crops = [random_crop_arr(image, 16, rng) for _ in range(20)]
+    assert all(c.shape == (16, 16, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) > 5  # random scales and offsets
+    a = random_crop_arr(image, 16, np.random.default_rng(7))
+    assert np.array_equal(a, random_crop_arr(image, 16, np.random.default_rng(7)))
