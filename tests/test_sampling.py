@@ -69,6 +69,15 @@ def seeded_classifier() -> nn.Module:
     return net
 
 
+def tiny4_classifier() -> nn.Module:
+    """x̂0 [B, 3, 8, 8] → 4 logits (the tiny EDM reference network has 4 classes)."""
+    g = torch.Generator().manual_seed(2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.Softplus(), nn.Linear(16, 4))
+    for p in net.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.3
+    return net
+
+
 def wrong_size_classifier() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 1000))
 
@@ -420,7 +429,11 @@ def test_paper_configs(capsys: pytest.CaptureFixture[str]) -> None:
         "tilted-r50-128": ("resnet50", "tilted", None),
         "adm-cg-128": ("128x128_classifier", "logsoftmax", None),
     }
-    assert set(PAPER_CONFIGS) == set(expected)
+    others = {  # checked end to end by their own tests
+        "elucd-edm-r101-10", "elucd-edm-r101-18", "elucd-edm-r101-36",
+        "elucd-edm-r101-stoch-250", "edm-imagenet64-stoch", "elucd-clip-256",
+    }  # fmt: skip
+    assert set(PAPER_CONFIGS) == set(expected) | others
     for name, (clf, method, alpha) in expected.items():
         s = resolve_config(
             SampleConfig(out=Path("o"), model=Path("m"), **apply_paper_config(name, {}))
@@ -530,3 +543,62 @@ def test_batch_size_changes_a_sample_by_rounding_only(ckpt: Path, tmp_path: Path
         total += d.size
     assert max(diffs) <= 1, diffs
     assert changed / total < 1e-3, (changed, total)
+
+
+EDM_PICKLE = TESTS / "reference" / "edm_tiny_snapshot.pkl"  # pickled by NVlabs' own code
+
+
+@pytest.mark.parametrize("churn", [[], ["--s-churn", "40", "--s-tmin", "0.05", "--s-tmax", "50"]])
+def test_nvlabs_edm_network_samples_with_heun_by_default(
+    tmp_path: Path, churn: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "edm"
+    argv = [
+        "sample", "--out", str(out), "--model", str(EDM_PICKLE),
+        "--classifier", "test_sampling:tiny4_classifier", "--steps", "4", "--seed", "1",
+        "--num-samples", "3", "--batch-size", "2", "--device", "cpu", "--no-progress", *churn,
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    identity = manifest["identity"]
+    assert identity["sampler"] == "heun" and identity["resolved"]["model"]["family"] == "nvlabs"
+    assert identity["tau2"] == 0.0 and identity["scale"] == 0.004  # EluCD's EDM setting
+    with np.load(out / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (3, 8, 8, 3) and set(labels.tolist()) <= {0, 1, 2, 3}
+    traj = json.loads((out / "trajectory.json").read_text())
+    assert len(traj["curves"]["step"]) == 4
+    # batch size 1 gives the same samples (per-sample noise, churn included), up to rounding
+    again = tmp_path / "edm1"
+    assert main([*argv[:2], str(again), *argv[3:], "--batch-size", "1"]) == 0
+    with np.load(again / "samples.npz") as z:
+        assert np.abs(z["arr_0"].astype(int) - images.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "name", ["elucd-edm-r101-10", "elucd-edm-r101-18", "elucd-edm-r101-36",
+             "elucd-edm-r101-stoch-250", "edm-imagenet64-stoch"],
+)  # fmt: skip
+def test_edm_configurations_run_end_to_end(tmp_path: Path, name: str) -> None:
+    # The configuration's settings on the tiny NVlabs network, with a tiny ResNet as the guide
+    # (4 classes, 8x8 inputs) in place of ResNet-101.
+    weights = tmp_path / "r18.pth"
+    torch.manual_seed(0)
+    torch.save(resnet("resnet18", num_classes=4).state_dict(), weights)
+    out = tmp_path / "run"
+    argv = [
+        "sample", "--config", name, "--out", str(out), "--model", str(EDM_PICKLE),
+        "--num-samples", "2", "--batch-size", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    if name.startswith("elucd"):
+        argv += ["--classifier", "resnet18", "--classifier-weights", str(weights)]
+    assert main(argv) == 0
+    identity = json.loads((out / "manifest.json").read_text())["identity"]
+    settings = PAPER_CONFIGS[name].settings
+    resolved_default = {"s_churn": 0.0}  # deterministic Heun: churn 0, window not applicable
+    for key in ("sampler", "steps", "s_churn", "s_tmin", "s_tmax", "s_noise", "scale", "tau2"):
+        assert identity[key] == settings.get(key, resolved_default.get(key)), key
+    if name.startswith("elucd"):
+        assert identity["resolved"]["classifier"]["softplus_beta"] == 5.0
+    with np.load(out / "samples.npz") as z:
+        assert z["arr_0"].shape == (2, 8, 8, 3)

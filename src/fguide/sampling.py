@@ -152,10 +152,11 @@ def sample_batch(
     Sample i's noise comes from :class:`~fguide.samplers.SampleNoise` seeded by (seed, i).
     """
     noise = SampleNoise(cfg.seed, indices)
-    z = noise.initial((3, comp.image_size, comp.image_size), device=comp.device)
+    z = noise.initial((comp.channels, comp.image_size, comp.image_size), device=comp.device)
     y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=comp.device)
     with torch.no_grad():  # guidance enables grad for its own classifier pass
         if cfg.sampler == "ddpm":
+            assert comp.model is not None and comp.process is not None
             return ddpm(
                 comp.model,
                 z,
@@ -169,6 +170,7 @@ def sample_batch(
                 variance_tracking=cfg.variance_tracking or "per_sample",  # type: ignore[arg-type]
             )
         if cfg.sampler == "ddim":
+            assert comp.model is not None and comp.process is not None
             return ddim(
                 comp.model,
                 z,
@@ -190,6 +192,11 @@ def sample_batch(
             callback=callback,
             sine_factor=cfg.sine_factor or 0.0,
             guidance_input=cfg.guidance_input or "x",  # type: ignore[arg-type]
+            noise=noise,
+            s_churn=cfg.s_churn or 0.0,
+            s_tmin=cfg.s_tmin or 0.0,
+            s_tmax=float("inf") if cfg.s_tmax is None else cfg.s_tmax,
+            s_noise=1.0 if cfg.s_noise is None else cfg.s_noise,
         )
 
 

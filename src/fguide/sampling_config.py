@@ -27,6 +27,7 @@ from fguide.objectives import METHODS, Objective, objective
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "model_family",
     "PRECISIONS",
     "SampleConfig",
     "build_objective",
@@ -92,8 +93,16 @@ class SampleConfig:
     sine_factor: float | None = None
     variance_tracking: str | None = None
     guidance_input: str | None = None
+    s_churn: float | None = None
+    """Heun only: EDM's stochastic churn S_churn (0, the default: deterministic Heun)."""
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    """Heun only: the σ window [S_tmin, S_tmax] of the churn (default [0, ∞))."""
+    s_noise: float | None = None
+    """Heun only: EDM's S_noise (default 1)."""
     """Heun only: ``x`` (EluCD) or ``denoised``."""
-    sampler: str = "ddpm"
+    sampler: str | None = None
+    """``ddpm``, ``ddim`` or ``heun``; default ``heun`` for EDM networks, else ``ddpm``."""
     steps: str = defaults.STEPS
     """Respacing (``250``, ``10,10,5``, ``ddim25``) for DDPM/DDIM; the number of steps for Heun."""
     eta: float | None = None
@@ -173,6 +182,8 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
     _check_positive_int("seed", c.seed, 0)
     if c.max_shards is not None:
         _check_positive_int("max_shards", c.max_shards)
+    if c.sampler is None:
+        c.sampler = "heun" if model_family(c.model) == "nvlabs" else "ddpm"
     if c.sampler not in defaults.SAMPLERS:
         raise ValueError(
             f"sampler must be one of {', '.join(defaults.SAMPLERS)}; got {c.sampler!r}"
@@ -248,6 +259,20 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
         raise ValueError(f"eta must lie in [0, 1] (DDIM's η); got {c.eta}")
     if c.sampler == "heun":
         c.clip_denoised = True  # unused by Heun; fixed so it never makes runs differ
+        c.s_churn = 0.0 if c.s_churn is None else float(c.s_churn)
+        c.s_tmin = 0.0 if c.s_tmin is None else float(c.s_tmin)
+        c.s_noise = 1.0 if c.s_noise is None else float(c.s_noise)
+        for name in ("s_churn", "s_tmin", "s_noise"):
+            v = getattr(c, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be finite and >= 0; got {v}")
+        if c.s_tmax is not None and not c.s_tmax >= c.s_tmin:
+            raise ValueError(f"s_tmax ({c.s_tmax}) must be >= s_tmin ({c.s_tmin}); None is ∞")
+        if c.s_churn == 0.0:
+            c.s_tmin = c.s_tmax = c.s_noise = None  # no churn: the window does not apply
+    else:
+        if any(getattr(c, n) is not None for n in ("s_churn", "s_tmin", "s_tmax", "s_noise")):
+            raise ValueError("s_churn, s_tmin, s_tmax and s_noise apply to the Heun sampler only")
 
     if not guided:
         for name in ("tau1", "tau2", "alpha", "eps", "lam_max", "lam_min", "lam_schedule"):
@@ -319,6 +344,18 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
     return c
 
 
+def model_family(path: str | Path) -> str:
+    """``diffusers`` (a pipeline folder), ``nvlabs`` (an EDM network pickle) or ``adm``."""
+    from fguide.models.nvlabs import is_network_pickle
+
+    p = Path(path)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        return "diffusers"
+    if p.is_file() and is_network_pickle(p):
+        return "nvlabs"
+    return "adm"
+
+
 def build_objective(c: SampleConfig) -> Objective:
     """The :class:`~fguide.objectives.Objective` of a resolved, guided configuration."""
     assert c.tau1 is not None
@@ -334,5 +371,5 @@ def build_objective(c: SampleConfig) -> Objective:
         entropy=c.entropy,
         t_tilt=c.t_tilt,
         group_size=c.tilt_group,
-        sampler=c.sampler,
+        sampler=c.sampler or "ddpm",
     )

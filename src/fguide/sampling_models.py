@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fguide.denoisers import ADMModel, VPAsEDM
+from fguide.denoisers import ADMModel, Denoiser, EpsModel, VPAsEDM
 from fguide.guidance import ClassifierGuide
 from fguide.models.classifiers import LoadedClassifier, load_classifier
 from fguide.models.loading import load_model, load_state_dict_file, matching_presets
+from fguide.models.nvlabs import load_edm_denoiser
 from fguide.models.presets import (
     PRESETS,
     create_model,
@@ -25,7 +26,7 @@ from fguide.models.presets import (
     preset_info,
     split_flags,
 )
-from fguide.sampling_config import PRECISIONS, SampleConfig, build_objective
+from fguide.sampling_config import PRECISIONS, SampleConfig, build_objective, model_family
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process
 
 __all__ = ["Components", "build_components"]
@@ -36,10 +37,12 @@ class Components:
     """The built networks and schedule of a run, on one device."""
 
     net: nn.Module
-    model: ADMModel
-    process: Process
+    model: EpsModel | None
+    """The ε-model DDPM/DDIM call (ADM); None for an EDM network."""
+    process: Process | None
     sigmas: Tensor | None
-    denoiser: VPAsEDM | None
+    denoiser: Denoiser | None
+    """D(x, σ) for Heun: an EDM network, or an ε-model through :class:`VPAsEDM`."""
     classifier: LoadedClassifier | None
     guide: ClassifierGuide | None
     image_size: int
@@ -48,6 +51,8 @@ class Components:
     info: dict[str, Any]
     """Resolved model and classifier description (part of the run's identity)."""
     label_mode: str = "uniform"
+    channels: int = 3
+    """Channels of the state the sampler walks (3 for pixel models)."""
     """How labels are drawn (:func:`sample_labels`): the configuration's, or a CLIP target."""
 
 
@@ -106,6 +111,32 @@ def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module,
     return net, {"preset": preset, **flags}
 
 
+def _edm_network(
+    cfg: SampleConfig, dev: torch.device
+) -> tuple[nn.Module, Denoiser, Tensor, int, int | None, dict[str, Any]]:
+    """(network, denoiser, σ grid, image size, classes or None, description) of an NVlabs
+    EDM network pickle, read without running its embedded code."""
+    if cfg.sampler != "heun":
+        raise ValueError(f"sampler: EDM networks are sampled with heun, not {cfg.sampler!r}")
+    if cfg.model_preset is not None or cfg.model_flags:
+        raise ValueError("model_preset and model_flags apply to ADM checkpoints, not EDM pickles")
+    if cfg.precision == "bf16":
+        raise ValueError("precision: EDM networks run in fp32 or fp16 (as EDM does), not bf16")
+    den, info = load_edm_denoiser(cfg.model)
+    den = den.to(dev)
+    net = den.net.eval().requires_grad_(False)
+    net.use_fp16 = cfg.precision == "fp16"  # EDM: the UNet body in fp16 on CUDA only
+    kwargs = info["init_kwargs"]
+    size, label_dim = int(kwargs["img_resolution"]), int(kwargs.get("label_dim", 0))
+    if cfg.image_size is not None and cfg.image_size != size:
+        raise ValueError(f"image_size: {cfg.image_size} does not match the EDM network's {size}")
+    lo, hi = max(0.002, den.sigma_min), min(80.0, den.sigma_max)
+    sigmas = karras_sigmas(int(cfg.steps), lo, hi)
+    desc = {"family": "nvlabs", **{k: v for k, v in info.items() if k != "other_objects"}}
+    desc["sigma_range"] = [lo, hi]
+    return net, den, sigmas, size, (label_dim or None), desc
+
+
 def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> Components:
     """Load and check the networks of a resolved configuration and build the schedule."""
     dev = torch.device(device)
@@ -114,6 +145,9 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
         raise FileNotFoundError(f"model: diffusion checkpoint not found: {cfg.model}")
     if cfg.classifier_weights is not None and not cfg.classifier_weights.is_file():
         raise FileNotFoundError(f"classifier_weights: file not found: {cfg.classifier_weights}")
+    if model_family(cfg.model) == "nvlabs":
+        edm, den, grid, size, n_cond, edm_info = _edm_network(cfg, dev)
+        return _with_guide(cfg, dev, edm, None, None, grid, den, size, n_cond, {"model": edm_info})
     net, model_info = _load_diffusion(cfg, dev)
     mflags, dflags = model_info["model"], model_info["diffusion"]
     size = int(mflags["image_size"])
@@ -128,15 +162,36 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
     )
     model = ADMModel(net, class_cond)
     info: dict[str, Any] = {"model": model_info, "variance_type": variance}
-    sigmas = denoiser = None
+    sigmas: Tensor | None = None
+    denoiser: Denoiser | None = None
     if cfg.sampler == "heun":
         abar = np.cumprod(1.0 - betas_for(dflags["noise_schedule"], dflags["diffusion_steps"]))
-        denoiser = VPAsEDM(model, abar)
-        lo, hi = max(0.002, denoiser.sigma_min), min(80.0, denoiser.sigma_max)
+        vp = VPAsEDM(model, abar)
+        lo, hi = max(0.002, vp.sigma_min), min(80.0, vp.sigma_max)
+        denoiser = vp
         sigmas = karras_sigmas(int(cfg.steps), lo, hi)
         info["sigma_range"] = [lo, hi]
 
-    classifier, num_classes = None, 1000 if class_cond else None
+    return _with_guide(
+        cfg, dev, net, model, process, sigmas, denoiser, size, 1000 if class_cond else None, info
+    )
+
+
+def _with_guide(
+    cfg: SampleConfig,
+    dev: torch.device,
+    net: nn.Module,
+    model: EpsModel | None,
+    process: Process | None,
+    sigmas: Tensor | None,
+    denoiser: Denoiser | None,
+    size: int,
+    num_classes: int | None,
+    info: dict[str, Any],
+) -> Components:
+    """Load the guide (when there is one), check it against the model, build the run's parts."""
+    class_cond = num_classes is not None
+    classifier = None
     if cfg.classifier is not None:
         classifier = load_classifier(
             cfg.classifier,
@@ -144,7 +199,7 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
             image_size=size,
             device=dev,
             softplus_beta=cfg.softplus_beta,
-            sampler=cfg.sampler,
+            sampler=cfg.sampler or "ddpm",
             input_mode=cfg.classifier_input_mode,
             resize=cfg.classifier_resize,
             flags=cfg.classifier_flags,

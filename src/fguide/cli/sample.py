@@ -102,7 +102,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
     m = p.add_argument_group("diffusion model")
     m.add_argument(
-        "--model", type=Path, metavar="FILE", help="diffusion checkpoint (plain state dict)"
+        "--model",
+        type=Path,
+        metavar="FILE",
+        help="diffusion model: an ADM checkpoint (plain state dict) or an NVlabs EDM network "
+        "pickle (read without running its code)",
     )
     m.add_argument(
         "--model-preset",
@@ -115,13 +119,19 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="create_model/diffusion flags over the preset's: 'image_size=16 num_channels=32'",
     )
     m.add_argument("--image-size", type=int, metavar="N", help="expected image size (checked)")
-    m.add_argument("--sampler", choices=D.SAMPLERS, help=f"default {_default('sampler')}")
+    m.add_argument("--sampler", choices=D.SAMPLERS, help="default ddpm; heun for EDM networks")
     m.add_argument(
         "--steps",
         metavar="STEPS",
         help=f"DDPM/DDIM respacing ('250', '10,10,5', 'ddim25'); Heun: steps (default {D.STEPS})",
     )
     m.add_argument("--eta", type=float, metavar="X", help=f"DDIM η (default {D.ETA:g})")
+    m.add_argument(
+        "--s-churn", type=float, metavar="X", help="Heun: EDM's stochastic churn (default 0)"
+    )
+    m.add_argument("--s-tmin", type=float, metavar="X", help="Heun: churn from this σ (0)")
+    m.add_argument("--s-tmax", type=float, metavar="X", help="Heun: churn up to this σ (∞)")
+    m.add_argument("--s-noise", type=float, metavar="X", help="Heun: EDM's S_noise (default 1)")
     m.add_argument(
         "--no-clip-denoised",
         dest="clip_denoised",
