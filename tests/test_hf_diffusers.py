@@ -487,6 +487,12 @@ def test_algorithm3_sampling_is_per_sample_and_recorded(dit: hd.PipelineModel) -
     # the recorder sees every step's guidance (unnormalised ‖∇S‖, confidences)
     assert len(records) == 6 and all(r.guidance is not None for r in records)
     assert all(r.grad_norm is not None and bool((r.grad_norm > 0).all()) for r in records)
+    recorder = fguide.TrajectoryRecorder()
+    for r in records:
+        recorder(r)
+    curves = recorder.curves()
+    for key in ("confidence_mean", "grad_norm", "ece"):
+        assert len(curves[key]) == 6 and None not in curves[key]
     # guidance changes the samples
     unguided = hd.build_pipeline_sampling(dit, respacing="6", cfg_scale=1.5)
     noise = fguide.SampleNoise(11, [0, 1, 2])
