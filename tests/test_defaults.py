@@ -106,3 +106,10 @@ def test_same_flag_names_in_every_command() -> None:
         assert re.search(r"--softplus-beta", text), command
     for command in ("calibration", "finetune"):
         assert "--bins" in _help(command), command
+
+
+def test_objective_dataclass_tau2_follows_tau1() -> None:
+    from fguide import Objective
+
+    assert Objective(tau1=2.0).tau2 == 1.0 and Objective().tau2 == 0.5
+    assert Objective(tau1=2.0, tau2=0.0).tau2 == 0.0

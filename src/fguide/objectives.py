@@ -209,13 +209,15 @@ class Objective:
     """
 
     tau1: float = defaults.TAU1
-    tau2: float = defaults.TAU2_RATIO * defaults.TAU1
+    tau2: float = None  # type: ignore[assignment]  # None: 0.5 τ1 (set in __post_init__)
     entropy: EntropyRegularizer | None = None
     divergence: DivergenceRegularizer | None = None
     tilt: Tilt | None = None
     name: str = "base"
 
     def __post_init__(self) -> None:
+        if self.tau2 is None:  # EluCD's marginal temperature follows the joint one
+            object.__setattr__(self, "tau2", defaults.TAU2_RATIO * self.tau1)
         _validate(self)
 
     def score(self, logits: Tensor, labels: Tensor, progress: float = 0.0) -> Tensor:
