@@ -153,3 +153,28 @@ def test_the_cache_is_bounded_least_recently_used_first(
     monkeypatch.setenv(features.CACHE_MAX_ENV, "lots")
     with pytest.raises(ValueError, match="FGUIDE_CACHE_MAX_GB"):
         features.cache_limit_bytes()
+
+
+def test_a_small_batch_is_cached_as_rows_with_the_same_statistics(tmp_path: Path) -> None:
+    # Streaming statistics of batches of 2, 2, 1 (as extract_features folds them) against
+    # the ones rebuilt from the cached rows: equal to the last bit, from a file of ~100 kB.
+    rng = np.random.default_rng(3)
+    pool = rng.standard_normal((N, POOL_DIM)).astype(np.float32)
+    spatial = rng.standard_normal((N, SPATIAL_DIM)).astype(np.float32)
+    logits = rng.standard_normal((N, LOGITS_DIM)).astype(np.float32)
+    pool_stats, spatial_stats = FeatureStats(POOL_DIM), FeatureStats(SPATIAL_DIM)
+    for s in (slice(0, 2), slice(2, 4), slice(4, 5)):
+        pool_stats.update(pool[s])
+        spatial_stats.update(spatial[s])
+    feats = BatchFeatures(pool, logits, pool_stats, spatial_stats, spatial)
+    key = {"cache_version": features.CACHE_VERSION, **KEY}
+    path = tmp_path / "small.npz"
+    features._save_cache(path, feats, key)
+    assert path.stat().st_size < 200_000  # not two 2048² float64 matrices (66 MB)
+    with np.load(path) as data:
+        assert "spatial_scatter" not in data.files and "pool_scatter" not in data.files
+    back = features._load_cache(path, key)
+    for a, b in ((back.pool_stats, pool_stats), (back.spatial_stats, spatial_stats)):
+        np.testing.assert_array_equal(a.mean, b.mean)
+        np.testing.assert_array_equal(a.cov, b.cov)
+    np.testing.assert_array_equal(back.spatial, spatial)

@@ -60,7 +60,7 @@ __all__ = [
     "prune_cache",
 ]
 
-CACHE_VERSION = 1  # bump when the cached content or its meaning changes
+CACHE_VERSION = 2  # bump when the cached content or its meaning changes
 POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, 2023, 1008
 CACHE_DIR_ENV = "FGUIDE_CACHE_DIR"
 CACHE_MAX_ENV = "FGUIDE_CACHE_MAX_GB"
@@ -104,6 +104,7 @@ class BatchFeatures:
     logits: NDArray[np.float32]  # [N, 1008] (NaN when the weight file has no fc layer)
     pool_stats: FeatureStats
     spatial_stats: FeatureStats
+    spatial: NDArray[np.float32] | None = None  # [N, 2023], kept when N <= 2 * 2023 (cache)
 
     @property
     def count(self) -> int:
@@ -135,6 +136,8 @@ def extract_features(
     pool = np.empty((n, POOL_DIM), dtype=np.float32)
     logits = np.empty((n, LOGITS_DIM), dtype=np.float32)
     pool_stats, spatial_stats = FeatureStats(POOL_DIM), FeatureStats(SPATIAL_DIM)
+    # Per-image spatial features are kept while they are smaller than their scatter matrix.
+    spatial = np.empty((n, SPATIAL_DIM), np.float32) if _rows_smaller(n, SPATIAL_DIM) else None
     start = 0
     pending: list[Future[Any]] = []
     bar = tqdm(
@@ -164,6 +167,8 @@ def extract_features(
                 )
             pool[start:end] = p
             logits[start:end] = out.logits.float().cpu().numpy()
+            if spatial is not None:
+                spatial[start:end] = s
             pending.append(stats_worker.submit(pool_stats.update, p))
             pending.append(stats_worker.submit(spatial_stats.update, s))
             bar.update(p.shape[0])
@@ -172,7 +177,12 @@ def extract_features(
             fut.result()  # re-raises a worker's error
     if start != n:
         raise ValueError(f"{source.path}: expected {n} images, read {start}")
-    return BatchFeatures(pool, logits, pool_stats, spatial_stats)
+    return BatchFeatures(pool, logits, pool_stats, spatial_stats, spatial)
+
+
+def _rows_smaller(n: int, dim: int) -> bool:
+    """Whether n float32 rows of ``dim`` take less room than a float64 dim × dim scatter."""
+    return n <= 2 * dim
 
 
 # -- the feature cache ------------------------------------------------------------------------
@@ -248,8 +258,15 @@ def _array_sha256(a: NDArray[Any]) -> str:
 
 
 def _cache_arrays(f: BatchFeatures) -> dict[str, NDArray[Any]]:
+    """What a cache file holds: the per-image pool features and logits, and for the pool and
+    spatial statistics either the per-image rows they are computed from (while smaller than
+    the scatter matrix: a reference of a few images takes kilobytes, not 66 MB) or (μ, M)."""
     out: dict[str, NDArray[Any]] = {"pool": f.pool, "logits": f.logits}
-    for name, st in (("pool", f.pool_stats), ("spatial", f.spatial_stats)):
+    for name, st, rows in (("pool", f.pool_stats, f.pool), ("spatial", f.spatial_stats, f.spatial)):
+        if rows is not None and _rows_smaller(f.count, rows.shape[1]):
+            if name == "spatial":
+                out["spatial"] = rows
+            continue
         state = st.state_dict()
         out[f"{name}_mean"] = np.asarray(state["mean"], dtype=np.float64)
         out[f"{name}_scatter"] = np.asarray(state["scatter"], dtype=np.float64)
@@ -277,9 +294,11 @@ def _load_cache(path: Path, key: Mapping[str, Any]) -> BatchFeatures:
         if meta.get(k) != v:
             raise ValueError(f"made for {k} = {meta.get(k)!r}, not {v!r}")
     sums = meta.get("sha256", {})
-    expected = {"pool", "logits", "pool_mean", "pool_scatter", "spatial_mean", "spatial_scatter"}
-    if set(arrays) != expected or set(sums) != expected:
-        raise ValueError(f"arrays {sorted(arrays)} instead of {sorted(expected)}")
+    allowed = {"pool", "logits", "spatial"} | {
+        f"{name}_{part}" for name in ("pool", "spatial") for part in ("mean", "scatter")
+    }
+    if not {"pool", "logits"} <= set(arrays) <= allowed or set(sums) != set(arrays):
+        raise ValueError(f"arrays {sorted(arrays)}, checksums of {sorted(sums)}")
     for k, a in arrays.items():
         if _array_sha256(a) != sums[k]:
             raise ValueError(f"checksum mismatch in '{k}'")
@@ -288,18 +307,27 @@ def _load_cache(path: Path, key: Mapping[str, Any]) -> BatchFeatures:
         raise ValueError("feature arrays have the wrong shape")
 
     def stats(name: str, d: int) -> FeatureStats:
-        st = FeatureStats.from_state_dict(
-            {"count": n, "mean": arrays[f"{name}_mean"], "scatter": arrays[f"{name}_scatter"]}
-        )
+        if f"{name}_scatter" in arrays and f"{name}_mean" in arrays:
+            st = FeatureStats.from_state_dict(
+                {"count": n, "mean": arrays[f"{name}_mean"], "scatter": arrays[f"{name}_scatter"]}
+            )
+        elif name in arrays and arrays[name].shape == (n, d):
+            # The rows in their order: FeatureStats folds fixed blocks of rows, so this gives
+            # the very (μ, M) the streaming job computed, whatever its batch size.
+            st = FeatureStats(d).update(arrays[name])
+        else:
+            raise ValueError(f"no {name} statistics (neither rows [{n}, {d}] nor mean and scatter)")
         if st.dim != d:
             raise ValueError(f"{name} statistics have dimension {st.dim}, not {d}")
         return st
 
+    spatial = arrays.get("spatial")
     return BatchFeatures(
         arrays["pool"].astype(np.float32, copy=False),
         arrays["logits"].astype(np.float32, copy=False),
         stats("pool", POOL_DIM),
         stats("spatial", SPATIAL_DIM),
+        None if spatial is None else spatial.astype(np.float32, copy=False),
     )
 
 
