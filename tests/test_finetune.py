@@ -520,3 +520,34 @@ def test_one_run_per_folder_and_stale_temporaries_removed(tmp_path: Path) -> Non
     assert stale.exists()  # nothing was touched while another process held the folder
     res = finetune(wrap_module(net), source, out, cfg, progress=False)
     assert res.status == "completed" and not stale.exists() and other.exists()
+
+
+def test_damaged_or_malicious_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    import pickle
+
+    cfg = FinetuneConfig(iterations=1, batch_size=4, holdout=3, workers=0)
+    source = _small_images(2, 12, 3)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    good = finetune(wrap_module(net), source, tmp_path / "good", cfg, progress=False)
+    whole = (good.out_dir / "checkpoint.pt").read_bytes()
+    ran = tmp_path / "code-ran"
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (Path.touch, (ran,))
+
+    for name, content in (
+        ("empty", b""),
+        ("truncated", whole[: len(whole) // 2]),
+        ("pickle", pickle.dumps(Evil(), protocol=2)),
+        ("foreign", None),
+    ):
+        out = tmp_path / name
+        out.mkdir()
+        if content is None:
+            torch.save({"step": 1}, out / "checkpoint.pt")  # a valid torch file, not ours
+        else:
+            (out / "checkpoint.pt").write_bytes(content)
+        with pytest.raises(ValueError, match=r"checkpoint\.pt .*(cannot be read|is not a)"):
+            finetune(wrap_module(net), source, out, cfg, progress=False)
+    assert not ran.exists()  # the pickle's code was never run

@@ -361,9 +361,7 @@ def finetune(
         ckpt_path, log_path = out / CHECKPOINT, out / LOG
         before: dict[str, Any] | None = None
         if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or state.get("format") != _FORMAT:
-                raise ValueError(f"{ckpt_path} is not a fguide finetune checkpoint")
+            state = _read_checkpoint(ckpt_path)
             _check_identity(state["identity"], identity, ckpt_path)
             if int(state["step"]) > config.iterations:
                 raise ValueError(
@@ -463,6 +461,26 @@ def finetune(
         }
         atomic_write_json(out / REPORT, report)
         return FinetuneResult("completed", trainer.step, out, report)
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's state; a damaged, truncated or foreign file is a ValueError naming it
+    (the load is ``weights_only``: a pickle that would run code is refused, never run)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError, ...
+        raise ValueError(
+            f"{path} cannot be read as a fguide finetune checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'empty'}); move it away to start over"
+        ) from None
+    keys = ("identity", "step", "before", "model", "optimizer", "scaler", "window")
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != _FORMAT
+        or any(k not in state for k in keys)
+    ):
+        raise ValueError(f"{path} is not a fguide finetune checkpoint; move it away to start over")
+    return state
 
 
 def _remove_stale_temps(out: Path) -> None:
