@@ -551,3 +551,29 @@ def test_damaged_or_malicious_checkpoint_is_a_clear_error(tmp_path: Path) -> Non
         with pytest.raises(ValueError, match=r"checkpoint\.pt .*(cannot be read|is not a)"):
             finetune(wrap_module(net), source, out, cfg, progress=False)
     assert not ran.exists()  # the pickle's code was never run
+
+
+def test_annealed_lr_and_per_step_noise_draws(tmp_path: Path) -> None:
+    # ADM's anneal: step k (0-based) trains with lr·(1 − k/N); each step draws its own (t, ε).
+    seen: list[list[int]] = []
+
+    class NoisyProbe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(192, 3)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                seen.append(t.tolist())
+            return self.lin(x.flatten(1))
+
+    n, lr = 4, 1e-3
+    cfg = FinetuneConfig(
+        iterations=n, batch_size=4, lr=lr, anneal_lr=True, input="noisy", holdout=3, workers=0,
+        log_every=1,
+    )  # fmt: skip
+    source = _small_images(2, 12, 3)
+    res = finetune(wrap_module(NoisyProbe()), source, tmp_path, cfg, progress=False)
+    logged = [json.loads(s)["lr"] for s in (res.out_dir / "log.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([lr * (1 - k / n) for k in range(n)], rel=1e-12)
+    assert len(seen) == n and len({tuple(t) for t in seen}) == n  # no two steps share draws
