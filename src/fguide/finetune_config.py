@@ -43,7 +43,8 @@ class FinetuneConfig:
     (ADM's classifier training) are fguide's choices. The loss is CE + ``ece_weight`` · the
     ``calibration_loss`` term (a name in
     :data:`fguide.metrics.calibration.CALIBRATION_LOSSES`: ``smooth_ece``, the paper's, or
-    ``soft_binned_ece``) with smoothing ``beta``.
+    ``soft_binned_ece``) with smoothing ``beta`` (the soft-binned ECE is not a per-sample
+    mean: with ``microbatch`` it is binned per chunk, not over the whole batch).
     """
 
     iterations: int = 12000

@@ -98,7 +98,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--iterations", type=int, default=d.iterations, help="optimizer steps" + D)
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step" + D)
-    t.add_argument("--microbatch", type=int, help="forward/backward chunk; the same update")
+    t.add_argument(
+        "--microbatch",
+        type=int,
+        help="forward/backward chunk: the same update for smooth_ece (a per-sample mean); "
+        "soft_binned_ece is then binned per chunk",
+    )
     t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate" + D)
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW's" + D)
     t.add_argument("--anneal-lr", action="store_true", help="lr * (1 - step/iterations), ADM's")
