@@ -242,8 +242,6 @@ class ImageSource:
             return f"{self.path}[{index}]"
         return f"{self.path}['arr_0'][{index}]"
 
-    describe = name
-
     # -- content identity
 
     @property
