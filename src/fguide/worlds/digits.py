@@ -268,8 +268,8 @@ class DigitsConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     validation_seed: int = 100
     sweep_samples: int = 200
-    scale_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
-    adm_scale_grid: tuple[float, ...] = (1.0, 4.0, 16.0)
+    scale_grid: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
+    adm_scale_grid: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0)
     tilt_group: int = 8
     methods: tuple[str, ...] = METHODS
     # fine-tuning (Table 1) and the calibration-loss comparison

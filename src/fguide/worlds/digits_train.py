@@ -2,9 +2,9 @@
 
 Every network is a function of (training settings, seed, code): the cache folder is named by
 the SHA-256 of the canonical JSON of :meth:`DigitsConfig.training_key`, the training split's
-fingerprint, fguide's version,
-torch's major.minor version and the source of this module and :mod:`fguide.worlds.digits`
-(content addressing: a change to the training code trains anew). It lives under
+fingerprint, fguide's version, torch's major.minor version and the source of the code that
+determines the weights (this module; the data and network definitions of
+:mod:`fguide.worlds.digits`): a change to the training code trains anew. It lives under
 ``$FGUIDE_CACHE_DIR/digits/`` or ``~/.cache/fguide/digits/``. Each network is written
 atomically as a plain state dict; ``meta.json`` is written last and marks the folder
 complete, so an interrupted training leaves no half-valid cache.
@@ -75,10 +75,24 @@ def unet_model_flags(config: DigitsConfig) -> dict[str, Any]:
 
 
 def _code_hash() -> str:
-    h = hashlib.sha256()
-    for mod in ("fguide.worlds.digits", "fguide.worlds.digits_train"):
-        path = Path(sys.modules[mod].__file__ or "")
-        h.update(path.read_bytes())
+    """SHA-256 of the code that determines the weights: this module (the training loops) and
+    the data and network definitions of :mod:`fguide.worlds.digits` (not its sampling or
+    report settings, so changing those reuses the trained networks)."""
+    import inspect
+
+    from fguide.worlds import digits
+
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for obj in (
+        digits.DigitsData,
+        digits.to_model_input,
+        digits.split_digits,
+        digits.load_digits_data,
+        digits.DigitsCNN,
+        digits.FeatureNet,
+        digits.DigitsConfig.training_key,
+    ):
+        h.update(inspect.getsource(obj).encode())
     return h.hexdigest()
 
 
