@@ -553,3 +553,80 @@ def test_mean_form_latent_guidance_and_pixel_guidance_errors(dit: hd.PipelineMod
             fguide.objective("base"),
             1.0,
         )(torch.zeros(1, 4, 8, 8, dtype=torch.float64), torch.tensor([999]), None)
+
+
+def cli_classifier() -> nn.Module:
+    """A float32 1000-class classifier of 16x16 decoded images (import spec for the CLI)."""
+    return _classifier(1000).float()
+
+
+def test_fguide_sample_with_a_dit_pipeline_folder(
+    dit_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The issue's command: CFG 1.5 plus a classifier through the decoder (Algorithm 3).
+    import json
+
+    import numpy as np
+
+    from fguide.cli.main import main
+    from fguide.io.runs import read_run
+
+    out = tmp_path / "dit-run"
+    argv = [
+        "sample", "--model", str(dit_dir), "--cfg-scale", "1.5", "--classifier",
+        "test_hf_diffusers:cli_classifier", "--scale", "0.5", "--steps", "3",
+        "--num-samples", "8", "--batch-size", "4", "--shard-size", "4", "--out", str(out),
+        "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    assert main([*argv, "--max-shards", "1"]) == 0  # stop after one shard, then resume
+    assert read_run(out).status == "incomplete"
+    assert main(argv) == 0, capsys.readouterr().err
+    run = read_run(out)
+    assert run.status == "complete" and run.samples is not None
+    with np.load(run.samples) as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (8, 16, 16, 3) and labels.shape == (8,)  # decoded pixels
+    identity = run.manifest["identity"]
+    model = identity["resolved"]["model"]
+    assert (model["family"], model["kind"], model["state_shape"]) == ("diffusers", "dit", [4, 8, 8])
+    assert identity["cfg_scale"] == 1.5 and identity["guidance_form"] == "algorithm3"
+    traj = json.loads((out / "trajectory.json").read_text())
+    assert all(g is not None and g > 0 for g in traj["curves"]["grad_norm"])  # real ‖∇S‖
+    # a different CFG scale into the same folder is another run: refused
+    other = list(argv)
+    other[other.index("--cfg-scale") + 1] = "1.0"
+    assert main(other) == 2
+    assert "cfg_scale: 1.5 -> 1.0" in capsys.readouterr().err
+    # batch size 1: the same samples up to float rounding (per-sample noise; CFG per sample)
+    one = tmp_path / "dit-one"
+    assert main([*argv, "--out", str(one), "--batch-size", "1"]) == 0  # last flags win
+    with np.load(one / "samples.npz") as z:
+        assert np.abs(z["arr_0"].astype(int) - images.astype(int)).max() <= 1
+
+
+def test_algorithm3_needs_an_explicit_scale(dit_dir: Path, tmp_path: Path) -> None:
+    from fguide.sampling_config import SampleConfig, resolve_config
+
+    cfg = SampleConfig(out=tmp_path, model=dit_dir, classifier="test_hf_diffusers:cli_classifier")
+    with pytest.raises(ValueError, match="scale: give --scale"):
+        resolve_config(cfg)
+    with pytest.raises(ValueError, match="ddpm or ddim"):
+        resolve_config(SampleConfig(out=tmp_path, model=dit_dir, method="none", sampler="heun"))
+
+
+def test_dit_configuration_runs_on_the_tiny_pipeline(dit_dir: Path, tmp_path: Path) -> None:
+    from fguide.cli.main import main
+    from fguide.io.runs import read_run
+
+    out = tmp_path / "cfg"
+    argv = [
+        "sample", "--config", "elucd-dit-xl2-256", "--model", str(dit_dir), "--out", str(out),
+        "--classifier", "test_hf_diffusers:cli_classifier",
+        "--scale", "0.2", "--steps", "4", "--num-samples", "2", "--device", "cpu",
+        "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    identity = read_run(out).manifest["identity"]
+    assert (identity["cfg_scale"], identity["cfg_channels"], identity["tau2"]) == (1.5, 3, 0.5)
+    assert identity["sine_factor"] == 0.3
+    assert identity["resolved"]["model"]["clip_denoised"] is False  # DiT's rule, not the flag

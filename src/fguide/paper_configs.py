@@ -233,6 +233,28 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             method="none",
         ),
         _cfg(
+            "elucd-dit-xl2-256",
+            "EluCD §5.3 / Algorithm 3: DiT-XL/2 256 (a diffusers pipeline folder, VAE "
+            "sd-vae-ft-ema) with CFG 1.5 on 3 latent channels, learned variance, 250 steps, plus "
+            "ResNet-101 V2 (Softplus 3, τ2 0.5) on the decoded x̂0; give --scale (G): EluCD does "
+            "not publish it",
+            "EluCD Table 9: FID 2.27 (CFG alone, DiT) → 2.12 (+ ResNet-101) (50k)",
+            _R101_FILE,
+            sampler="ddpm",
+            steps="250",
+            cfg_scale=1.5,
+            cfg_channels=3,
+            guidance_form="algorithm3",
+            classifier="resnet101",
+            classifier_input_mode="elucd",
+            softplus_beta=defaults.softplus_beta("ddpm"),
+            method="base",
+            tau1=defaults.TAU1,
+            tau2=defaults.tau2("base", "ddpm"),
+            sine_factor=defaults.SINE_FACTOR,
+            num_samples=50000,
+        ),
+        _cfg(
             "elucd-clip-256",
             "EluCD §5.4 text guidance: ADM's 256x256_diffusion_uncond guided by an off-the-shelf "
             "CLIP (ViT-L/14 at 336 px; give --guide clip:FOLDER --prompt TEXT) on x̂0, S = "

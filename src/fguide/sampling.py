@@ -37,6 +37,7 @@ merged over all shards and ranks).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -152,7 +153,25 @@ def sample_batch(
     Sample i's noise comes from :class:`~fguide.samplers.SampleNoise` seeded by (seed, i).
     """
     noise = SampleNoise(cfg.seed, indices)
-    z = noise.initial((comp.channels, comp.image_size, comp.image_size), device=comp.device)
+    shape = comp.state_shape or (3, comp.image_size, comp.image_size)
+    z = noise.initial(shape, device=comp.device)
+    x = _sample_state(comp, cfg, z, noise, labels, callback)
+    if comp.to_image is None:
+        return x
+    with torch.no_grad():
+        return comp.to_image(x)
+
+
+def _sample_state(
+    comp: Components,
+    cfg: SampleConfig,
+    z: Tensor,
+    noise: SampleNoise,
+    labels: NDArray[np.int64] | Tensor | None,
+    callback: Callable[[StepRecord], None] | None,
+) -> Tensor:
+    """The sampler's final state (pixels, or latents for a latent model)."""
+    clip_denoised = cfg.clip_denoised if comp.clip_denoised is None else comp.clip_denoised
     y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=comp.device)
     with torch.no_grad():  # guidance enables grad for its own classifier pass
         if cfg.sampler == "ddpm":
@@ -165,7 +184,7 @@ def sample_batch(
                 guide=comp.guide,
                 noise=noise,
                 callback=callback,
-                clip_denoised=cfg.clip_denoised,
+                clip_denoised=clip_denoised,
                 sine_factor=cfg.sine_factor or 0.0,
                 variance_tracking=cfg.variance_tracking or "per_sample",  # type: ignore[arg-type]
             )
@@ -179,7 +198,7 @@ def sample_batch(
                 guide=comp.guide,
                 noise=noise,
                 callback=callback,
-                clip_denoised=cfg.clip_denoised,
+                clip_denoised=clip_denoised,
                 eta=cfg.eta or 0.0,
             )
         assert comp.denoiser is not None and comp.sigmas is not None
@@ -331,6 +350,18 @@ def _identity(cfg: SampleConfig, comp: Components, hashes: Mapping[str, str | No
     )
 
 
+def _model_sha256(path: Path) -> str:
+    """SHA-256 of a model file, or of a diffusers folder's files (names and contents)."""
+    if path.is_file():
+        return sha256_file(path)
+    from fguide.models.hf_diffusers import pipeline_files
+
+    h = hashlib.sha256()
+    for f in pipeline_files(path):
+        h.update(f"{f.relative_to(path).as_posix()}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
 def _log(dist: Dist, msg: str) -> None:
     if dist.rank == 0:
         print(f"fguide sample: {msg}", file=sys.stderr, flush=True)
@@ -409,7 +440,7 @@ def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult
     if dist.rank == 0:
         try:
             lock.acquire()
-            hashes = {"model": sha256_file(cfg.model)}
+            hashes = {"model": _model_sha256(cfg.model)}
             if cfg.classifier_weights is not None:
                 hashes["classifier"] = sha256_file(cfg.classifier_weights)
             identity = _identity(cfg, comp, hashes)

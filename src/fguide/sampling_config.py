@@ -93,6 +93,15 @@ class SampleConfig:
     sine_factor: float | None = None
     variance_tracking: str | None = None
     guidance_input: str | None = None
+    cfg_scale: float | None = None
+    """diffusers DiT pipelines: the classifier-free guidance scale s (1: conditional only)."""
+    cfg_channels: int | None = None
+    """DiT: guide only the first N latent channels with CFG (DiT's own code: 3; None: all)."""
+    guidance_form: str | None = None
+    """diffusers pipelines: ``algorithm3`` (EluCD's CFG + classifier, DiT) or ``mean``
+    (EluCD's DDPM mean shift; unconditional pixel models)."""
+    guidance_microbatch: int | None = None
+    """Micro-batch of the classifier pass (bounds the VAE decoder's backward memory)."""
     s_churn: float | None = None
     """Heun only: EDM's stochastic churn S_churn (0, the default: deterministic Heun)."""
     s_tmin: float | None = None
@@ -182,8 +191,38 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
     _check_positive_int("seed", c.seed, 0)
     if c.max_shards is not None:
         _check_positive_int("max_shards", c.max_shards)
+    family = model_family(c.model)
     if c.sampler is None:
-        c.sampler = "heun" if model_family(c.model) == "nvlabs" else "ddpm"
+        c.sampler = "heun" if family == "nvlabs" else "ddpm"
+    if family == "diffusers":
+        if c.sampler == "heun":
+            raise ValueError("sampler: diffusers pipelines are sampled with ddpm or ddim")
+        if c.model_preset is not None or c.model_flags:
+            raise ValueError("model_preset and model_flags apply to ADM checkpoints")
+        if c.cfg_scale is not None and not (math.isfinite(c.cfg_scale) and c.cfg_scale >= 0):
+            raise ValueError(f"cfg_scale must be finite and >= 0; got {c.cfg_scale}")
+        c.cfg_scale = 1.0 if c.cfg_scale is None else float(c.cfg_scale)
+        c.clip_denoised = True  # unused: the pipeline's scheduler decides (resolved model info)
+        if c.cfg_channels is not None:
+            _check_positive_int("cfg_channels", c.cfg_channels)
+        if c.guidance_microbatch is not None:
+            _check_positive_int("guidance_microbatch", c.guidance_microbatch)
+        if c.method != "none":
+            c.guidance_form = c.guidance_form or "algorithm3"
+            if c.guidance_form not in ("algorithm3", "mean"):
+                raise ValueError(
+                    f"guidance_form must be algorithm3 or mean; got {c.guidance_form!r}"
+                )
+        elif c.guidance_form is not None or c.guidance_microbatch is not None:
+            raise ValueError("guidance_form and guidance_microbatch need a guided method")
+    elif any(
+        getattr(c, n) is not None
+        for n in ("cfg_scale", "cfg_channels", "guidance_form", "guidance_microbatch")
+    ):
+        raise ValueError(
+            "cfg_scale, cfg_channels, guidance_form and guidance_microbatch apply to diffusers "
+            "pipeline folders (--model DIR)"
+        )
     if c.sampler not in defaults.SAMPLERS:
         raise ValueError(
             f"sampler must be one of {', '.join(defaults.SAMPLERS)}; got {c.sampler!r}"
@@ -309,6 +348,11 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
     elif c.tilt_group is not None:
         raise ValueError("tilt_group needs tilting (method 'tilted' or --t-tilt)")
     if c.scale is None:
+        if c.guidance_form == "algorithm3":
+            raise ValueError(
+                "scale: give --scale, the maximum guidance G of EluCD's Algorithm 3 (EluCD does "
+                "not publish its DiT value; choose it by a sweep on a validation seed)"
+            )
         if c.sampler == "heun":
             c.scale = defaults.heun_scale(int(c.steps))
         elif adm_clf:

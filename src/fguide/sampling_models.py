@@ -5,7 +5,7 @@ checkpoint), the schedule the sampler walks, and the guide (through the one clas
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +51,13 @@ class Components:
     info: dict[str, Any]
     """Resolved model and classifier description (part of the run's identity)."""
     label_mode: str = "uniform"
-    channels: int = 3
-    """Channels of the state the sampler walks (3 for pixel models)."""
     """How labels are drawn (:func:`sample_labels`): the configuration's, or a CLIP target."""
+    state_shape: tuple[int, int, int] | None = None
+    """(C, H, W) of the state the sampler walks; None: (3, image_size, image_size)."""
+    to_image: Callable[[Tensor], Tensor] | None = None
+    """The final state → the image in [−1, 1] (a latent model's VAE decoder); None: itself."""
+    clip_denoised: bool | None = None
+    """The model's own x̂0 clipping (diffusers pipelines); None: the configuration's."""
 
 
 def _model_flags(cfg: SampleConfig, state_dict: Mapping[str, Tensor]) -> tuple[str | None, dict]:
@@ -141,11 +145,21 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
     """Load and check the networks of a resolved configuration and build the schedule."""
     dev = torch.device(device)
     # Check every file before loading any: a 2 GB checkpoint takes a while to read.
-    if not cfg.model.is_file():
-        raise FileNotFoundError(f"model: diffusion checkpoint not found: {cfg.model}")
+    family = model_family(cfg.model)
+    if not (cfg.model.is_file() or family == "diffusers"):
+        raise FileNotFoundError(
+            f"model: diffusion checkpoint not found: {cfg.model}"
+            + (
+                " (a folder, but not a diffusers pipeline: no model_index.json)"
+                if cfg.model.is_dir()
+                else ""
+            )
+        )
     if cfg.classifier_weights is not None and not cfg.classifier_weights.is_file():
         raise FileNotFoundError(f"classifier_weights: file not found: {cfg.classifier_weights}")
-    if model_family(cfg.model) == "nvlabs":
+    if family == "diffusers":
+        return _pipeline(cfg, dev)
+    if family == "nvlabs":
         edm, den, grid, size, n_cond, edm_info = _edm_network(cfg, dev)
         return _with_guide(cfg, dev, edm, None, None, grid, den, size, n_cond, {"model": edm_info})
     net, model_info = _load_diffusion(cfg, dev)
@@ -175,6 +189,35 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
     return _with_guide(
         cfg, dev, net, model, process, sigmas, denoiser, size, 1000 if class_cond else None, info
     )
+
+
+def _pipeline(cfg: SampleConfig, dev: torch.device) -> Components:
+    """A diffusers pipeline folder (DiT with CFG in a VAE latent space, or a pixel UNet2DModel)
+    with its guide: EluCD's Algorithm 3 or the DDPM mean shift through the decoder."""
+    from fguide.models.hf_diffusers import build_pipeline_sampling, load_pipeline_model
+
+    if cfg.precision != "fp32":
+        raise ValueError("precision: diffusers pipelines run in fp32 here (fp16/bf16: not yet)")
+    pm = load_pipeline_model(cfg.model, device=dev)
+    comp = _with_guide(
+        cfg, dev, pm.net, None, None, None, None, pm.image_size, pm.num_classes,
+        {"model": {"family": "diffusers", **pm.info()}},
+    )  # fmt: skip
+    s = build_pipeline_sampling(
+        pm,
+        respacing=cfg.steps,
+        cfg_scale=cfg.cfg_scale if cfg.cfg_scale is not None else 1.0,
+        cfg_channels=cfg.cfg_channels,
+        classifier=None if comp.guide is None else comp.guide.classifier,
+        objective=None if comp.guide is None else comp.guide.objective,
+        scale=cfg.scale or 0.0,
+        guidance=cfg.guidance_form or "algorithm3",  # type: ignore[arg-type]
+        sine_factor=cfg.sine_factor or 0.0,
+        microbatch=cfg.guidance_microbatch,
+    )
+    comp.model, comp.process, comp.guide = s.model, s.process, s.guide
+    comp.state_shape, comp.to_image, comp.clip_denoised = s.state_shape, s.to_image, s.clip_denoised
+    return comp
 
 
 def _with_guide(

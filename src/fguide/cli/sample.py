@@ -105,8 +105,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         metavar="FILE",
-        help="diffusion model: an ADM checkpoint (plain state dict) or an NVlabs EDM network "
-        "pickle (read without running its code)",
+        help="diffusion model: an ADM checkpoint (plain state dict), an NVlabs EDM network "
+        "pickle (read without running its code) or a diffusers pipeline folder (DiT, "
+        "UNet2DModel; safetensors, offline)",
     )
     m.add_argument(
         "--model-preset",
@@ -126,6 +127,30 @@ def configure(p: argparse.ArgumentParser) -> None:
         help=f"DDPM/DDIM respacing ('250', '10,10,5', 'ddim25'); Heun: steps (default {D.STEPS})",
     )
     m.add_argument("--eta", type=float, metavar="X", help=f"DDIM η (default {D.ETA:g})")
+    m.add_argument(
+        "--cfg-scale",
+        type=float,
+        metavar="S",
+        help="diffusers DiT pipelines: classifier-free guidance scale (default 1: none)",
+    )
+    m.add_argument(
+        "--cfg-channels",
+        type=int,
+        metavar="N",
+        help="DiT: CFG on the first N latent channels only (DiT's own code: 3; default all)",
+    )
+    m.add_argument(
+        "--guidance-form",
+        choices=["algorithm3", "mean"],
+        help="diffusers pipelines: EluCD's Algorithm 3 (DiT, default) or the DDPM mean shift",
+    )
+    m.add_argument(
+        "--guidance-microbatch",
+        type=int,
+        metavar="B",
+        help="diffusers pipelines: micro-batch of the classifier pass through the VAE decoder "
+        "(bounds its backward memory; same result)",
+    )
     m.add_argument(
         "--s-churn", type=float, metavar="X", help="Heun: EDM's stochastic churn (default 0)"
     )
