@@ -528,3 +528,9 @@ def test_fguide_sample_with_a_clip_guide_writes_a_clip_score_curve(
     described = manifest["identity"]["resolved"]["classifier"]
     assert described["kind"] == "clip" and described["num_prompts"] == 2
     assert main(argv) == 0  # resumes as a complete run: same identity
+    # fguide calibration draws the CLIP-score curve (EluCD Figure 7) beside Figure 1
+    report = tmp_path / "calibration"
+    assert main(["calibration", "--trajectory", str(out), "--out", str(report)]) == 0
+    assert (report / "clip_score_vs_step.png").stat().st_size > 0
+    runs = json.loads((report / "calibration.json").read_text())["runs"]
+    assert runs[0]["curves"]["clip_score"] == scores

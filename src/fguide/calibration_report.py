@@ -85,7 +85,9 @@ __all__ = [
 TRAJECTORY_FILE = TRAJECTORY
 #: Curves a trajectory file must have (one value per recorded step; None where undefined).
 REQUIRED_CURVES = ("step", "confidence_mean", "confidence_top25", "grad_norm", "ece")
-OPTIONAL_CURVES = ("t", "accuracy", "vanished_fraction", "max_tilt_weight")
+OPTIONAL_CURVES = (
+    "t", "accuracy", "vanished_fraction", "max_tilt_weight", "clip_score", "clip_cosine",
+)  # fmt: skip
 
 
 # -- 1. trajectories --------------------------------------------------------------------------

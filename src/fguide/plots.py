@@ -158,6 +158,7 @@ FIGURE_FILES = {
     "confidence": "confidence_vs_step.png",
     "grad_norm": "grad_norm_vs_step.png",
 }
+CLIP_FIGURE = "clip_score_vs_step.png"
 
 
 def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> None:
@@ -172,6 +173,9 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
         elif kind == "confidence":
             ax.plot(x, _values(run.curves["confidence_mean"]), color=color, label=run.label)
             ax.plot(x, _values(run.curves["confidence_top25"]), color=color, ls="--", lw=1)
+        elif kind == "clip_score":
+            if "clip_score" in run.curves:
+                ax.plot(x, _values(run.curves["clip_score"]), color=color, label=run.label)
         else:
             g = _values(run.curves["grad_norm"])
             if np.isfinite(g).any():
@@ -185,6 +189,9 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
         ax.set_ylabel("confidence in the target p_y")
         ax.set_title("confidence: mean (solid), top 25% (dashed)")
         ax.set_ylim(0, 1.02)
+    elif kind == "clip_score":
+        ax.set_ylabel("CLIP score 100·max(cos, 0) of x̂0")
+        ax.set_title("CLIP score along the trajectory (EluCD Fig. 7)")
     else:
         ax.set_ylabel("guidance-gradient norm ‖∇S‖")
         ax.set_title("guidance-gradient norm")
@@ -202,16 +209,20 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
 def plot_trajectory_figures(
     runs: Sequence[TrajectoryCurves], out_dir: str | os.PathLike[str]
 ) -> dict[str, Path]:
-    """Write the three curves as separate PNGs and side by side (``figure1.png``)."""
+    """Write the three curves as separate PNGs and side by side (``figure1.png``); runs with a
+    CLIP guide add the CLIP score per step (``clip_score_vs_step.png``, a fourth panel)."""
     out = Path(out_dir)
     written: dict[str, Path] = {}
-    for kind, name in FIGURE_FILES.items():
+    kinds = dict(FIGURE_FILES)
+    if any("clip_score" in r.curves for r in runs):
+        kinds["clip_score"] = CLIP_FIGURE
+    for kind, name in kinds.items():
         fig, (ax,) = new_figure(1)
         _trajectory_panel(ax, runs, kind)
         fig.tight_layout()
         written[kind] = save_figure(fig, out / name)
-    fig, axes = new_figure(3)
-    for ax, kind in zip(axes, FIGURE_FILES, strict=True):
+    fig, axes = new_figure(len(kinds))
+    for ax, kind in zip(axes, kinds, strict=True):
         _trajectory_panel(ax, runs, kind)
     fig.tight_layout()
     written["figure1"] = save_figure(fig, out / "figure1.png")

@@ -32,8 +32,8 @@ from fguide.calibration_report import (
     write_reliability_diagrams,
 )
 from fguide.cli import add_hidden_alias
-from fguide.evaluation import open_images
 from fguide.io.files import atomic_write_json, provenance, sha256_file
+from fguide.io.images import open_images
 from fguide.models.classifiers import load_classifier
 from fguide.runtime import resolve_device
 from fguide.schedules import make_process

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from numpy.typing import NDArray
 
 from fguide.diagnostics import TrajectoryRecorder
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.plots import image_grid_png
 
 __all__ = [
     "FORMAT",
@@ -303,19 +303,6 @@ def write_shard(
     return side
 
 
-def _grid_png(images: NDArray[np.uint8], columns: int = 8) -> Callable[[IO[bytes]], None]:
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[k]
-    return lambda f: Image.fromarray(canvas).save(f, format="PNG")
-
-
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
@@ -504,7 +491,7 @@ def merge_run(
 
     samples = atomic_write(out / SAMPLES, write)
     if first:
-        atomic_write(out / GRID, _grid_png(np.concatenate(first)))
+        atomic_write(out / GRID, image_grid_png(np.concatenate(first)))
     traj = trajectory_dict(merge_states(states))
     traj["run"] = {**trajectory_run, "num_samples": num_samples, "identity_sha256": identity_sha}
     atomic_write_json(out / TRAJECTORY, traj)

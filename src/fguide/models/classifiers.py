@@ -238,6 +238,11 @@ def load_classifier(
         net = load_model(obj, path) if path is not None else obj
         kind = "import"
         aware = bool(time_aware or getattr(net, "time_aware", False))
+    elif spec in PRESETS:
+        raise ValueError(
+            f"classifier: {spec!r} is a diffusion model preset; classifier presets: "
+            + ", ".join(classifier_presets())
+        )
     else:
         raise ValueError(_kinds_message(spec))
     if flags and kind != "adm":
