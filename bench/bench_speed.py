@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import json
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 import fguide
-from fguide.accel import compile_model, with_precision
+from fguide.accel import compile_model, to_channels_last, with_precision
 from fguide.denoisers import ADMModel
 from fguide.models import adm
 from fguide.models.presets import build_preset, create_model
@@ -244,12 +245,15 @@ def _guided_batch(
     device: torch.device,
     method: str | None,
     model_precision: str = "fp32",
+    channels_last: bool = False,
 ) -> Callable[[], torch.Tensor]:
     proc = make_process("linear", 1000, str(args.steps), "learned_range")
     labels = torch.arange(args.batch, device=device) % 1000
     noise = fguide.SampleNoise(0, range(args.batch))
     z = noise.initial((3, size, size), device=device)
     model = with_precision(ADMModel(net), model_precision)  # type: ignore[arg-type]
+    if channels_last:
+        model = to_channels_last(model)
     guide = None
     if method is not None:
         kw = dict(METHODS[method])
@@ -366,12 +370,18 @@ def section_precision(net, clf, size, args, device):  # type: ignore[no-untyped-
     variants = {
         p: _guided_batch(net, classifier, size, args, device, "base", p) for p in args.precisions
     }
+    if args.channels_last:  # NHWC copies of both networks (the originals stay NCHW)
+        net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        clf_cl = to_channels_last(with_precision(copy.deepcopy(clf), args.classifier_precision))
+        for p in args.precisions:
+            fn = _guided_batch(net_cl, clf_cl, size, args, device, "base", p, channels_last=True)
+            variants[f"{p}+channels_last"] = fn
     best, costs = interleaved(variants, device, args.repeats)
     return {
         "classifier_precision": args.classifier_precision,
         "images_per_s": {p: args.batch / s for p, s in best.items()},
         "peak_memory_bytes": {p: peak_memory(fn, device) for p, fn in variants.items()},
-        "vs_fp32": {p: ratio(costs, p, "fp32") for p in args.precisions if "fp32" in variants},
+        "vs_fp32": {p: ratio(costs, p, "fp32") for p in variants if "fp32" in variants},
     }
 
 
@@ -456,6 +466,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--only", default="unet,guidance,precision,memory")
     ap.add_argument("--precisions", default="fp32,bf16,fp16" if gpu else "fp32,bf16")
     ap.add_argument("--classifier-precision", default="fp32")
+    ap.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=gpu,
+        help="precision section: also NHWC copies of the networks (default on a GPU)",
+    )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet")
     ap.add_argument("--reference", default=None, help="a guided-diffusion checkout (optional)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
