@@ -54,7 +54,7 @@ import fguide
 from fguide.accel import compile_model, to_channels_last, with_precision
 from fguide.denoisers import ADMModel
 from fguide.models import adm
-from fguide.models.presets import build_preset, create_model
+from fguide.models.presets import build_preset, create_model, model_defaults
 from fguide.models.resnet import ImageClassifier, resnet
 from fguide.runtime import resolve_device
 from fguide.schedules import make_process
@@ -336,8 +336,13 @@ def _reference_unet(
     sys.path.insert(0, str(path))
     from guided_diffusion.script_util import create_model as ref_create_model  # type: ignore
 
-    flags = dict(REDUCED_64) if args.unet == "reduced64" else dict(build_preset_flags(args.unet))
+    flags = (
+        {**model_defaults(), **REDUCED_64}
+        if args.unet == "reduced64"
+        else dict(build_preset_flags(args.unet))
+    )
     kw = {k: v for k, v in flags.items() if k in ref_create_model.__code__.co_varnames}
+    kw["use_fp16"] = False  # fguide's network is float32 here too (fp16 torso: convert_to_fp16)
     ref = ref_create_model(**kw)
     ref.load_state_dict(net.state_dict())
     return ref.to(device).eval().requires_grad_(False)
@@ -528,7 +533,10 @@ def report_section(name: str, r: dict[str, Any]) -> str:
         lines.append(f"fguide / non-contiguous SDPA: {_r(r['fguide_vs_noncontiguous_sdpa'])}")
         lines.append(f"max |fguide - einsum| = {r['max_abs_diff_vs_einsum']:.2e}")
         if "fguide_vs_reference" in r:
-            lines.append(f"fguide / guided-diffusion: {_r(r['fguide_vs_reference'])}")
+            lines.append(
+                f"fguide / guided-diffusion: {_r(r['fguide_vs_reference'])} "
+                f"(max |reference - einsum| = {r['max_abs_diff_reference_vs_einsum']:.2e})"
+            )
     elif name == "guidance":
         lines.append("images/s: " + ", ".join(f"{k} {v:.3f}" for k, v in r["images_per_s"].items()))
         lines.append(f"base / unguided: {_r(r['base_vs_unguided'])}")
