@@ -224,27 +224,8 @@ def _stored_noise(noise: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.T
     return draw, used
 
 
-_AT_X_HAT = (
-    "known divergence, for samplers.py to resolve: fguide.heun computes EluCD's displacement at "
-    "the churned state x̂ (x_in = x̂/max(1, rms(x̂)), size rms(x̂)); EluCD's EDM/generate.py "
-    "computes it at x_i, before the churn (METHODS.md §5), and adds it to x̂. Identical without "
-    "churn; the two differ by ~0.1 here."
-)
-
-
 def _sampler_params() -> list[Any]:
-    return [
-        pytest.param(
-            c,
-            id=c["name"],
-            marks=(
-                [pytest.mark.xfail(strict=True, raises=AssertionError, reason=_AT_X_HAT)]
-                if c["churn"].get("S_churn", 0.0) > 0
-                else []
-            ),
-        )
-        for c in _cases("sampler")
-    ]
+    return [pytest.param(c, id=c["name"]) for c in _cases("sampler")]
 
 
 @pytest.mark.parametrize("case", _sampler_params())

@@ -358,10 +358,11 @@ def heun(
     1. churn: γ_i = min(S_churn/n, √2 − 1) if S_tmin ≤ σ_i ≤ S_tmax else 0; σ̂ = σ_i + γ_i σ_i
        and x̂ = x_i + sqrt(σ̂² − σ_i²) S_noise ε_i (σ̂ is not rounded: EDM's ``round_sigma`` is
        the identity for these float grids);
-    2. guidance (EluCD Algorithm 2) enters here, on x̂, before the ODE step: x̂ ← x̂ + Δ with
-       Δ = g/rms(g) · rms(x̂) · c_i (:func:`elucd_heun_scale`, G = ``guide.scale``) and g the
-       guidance gradient at x_in = x̂ / max(1, rms(x̂)) (``guidance_input="denoised"``: at
-       D(x̂, σ̂)), the guide receiving σ̂ as its t;
+    2. guidance (EluCD Algorithm 2, EluCD's EDM ``generate.py``): x̂ ← x̂ + Δ with
+       Δ = g/rms(g) · rms(x_i) · c_i (:func:`elucd_heun_scale`, G = ``guide.scale``) and g the
+       guidance gradient at x_in = x_i / max(1, rms(x_i)) (``guidance_input="denoised"``: at
+       D(x_i, σ_i)), the guide receiving σ_i: computed at x_i before the churn, added after it
+       (without churn, x̂ = x_i);
     3. Euler: d = (x̂ − D(x̂, σ̂))/σ̂, x_{i+1} = x̂ + (σ_{i+1} − σ̂) d, and where σ_{i+1} > 0
        Heun's correction x_{i+1} = x̂ + (σ_{i+1} − σ̂)(d + d')/2, d' = (x_{i+1} −
        D(x_{i+1}, σ_{i+1}))/σ_{i+1}.
@@ -388,6 +389,19 @@ def heun(
     with torch.no_grad():
         for i in range(n):
             s, s_next = sig[i], sig[i + 1]
+            res, delta = None, None
+            if guide is not None and labels is not None:
+                # EluCD Algorithm 2: the displacement is computed at x_i, before the churn
+                s_i = s.expand(b)
+                if guidance_input == "x":
+                    x_in = x / _rms(x).clamp_min(1.0)
+                else:
+                    x_in = model(x, s_i, labels)
+                    checks.model(x_in, i)
+                res = _guide(guide, x, x_in, s_i, labels, i / max(n - 1, 1))
+                checks.guidance(res.grad, i)
+                c_i = elucd_heun_scale(i, n, guide.scale, sine_factor)
+                delta = res.grad / _rms(res.grad) * _rms(x) * c_i
             gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sig_host[i] <= s_tmax else 0.0
             if s_churn > 0 and noise is not None:
                 s_hat = s + gamma * s
@@ -395,17 +409,8 @@ def heun(
                 s = s_hat
             t_hat_host.append(sig_host[i] * (1 + gamma))
             s_b = s.expand(b)
-            res = None
-            if guide is not None and labels is not None:
-                if guidance_input == "x":
-                    x_in = x / _rms(x).clamp_min(1.0)
-                else:
-                    x_in = model(x, s_b, labels)
-                    checks.model(x_in, i)
-                res = _guide(guide, x, x_in, s_b, labels, i / max(n - 1, 1))
-                checks.guidance(res.grad, i)
-                c_i = elucd_heun_scale(i, n, guide.scale, sine_factor)
-                x = x + res.grad / _rms(res.grad) * _rms(x) * c_i  # guidance
+            if delta is not None:
+                x = x + delta  # guidance
             denoised = model(x, s_b, labels)
             checks.model(denoised, i)
             d = (x - denoised) / s
