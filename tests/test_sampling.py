@@ -603,3 +603,21 @@ def test_edm_configurations_run_end_to_end(tmp_path: Path, name: str) -> None:
         assert identity["resolved"]["classifier"]["softplus_beta"] == 5.0
     with np.load(out / "samples.npz") as z:
         assert z["arr_0"].shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("method", ["none", "js"])
+def test_nan_from_the_diffusion_model_is_blamed_on_the_model(
+    tmp_path: Path, ckpt: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sd = torch.load(ckpt, weights_only=True)
+    key = next(k for k in sd if k.endswith("out.2.bias"))  # the output layer's bias
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    bad = tmp_path / "nan.pt"
+    torch.save(sd, bad)
+    args = cli_args(tmp_path / "run", bad, "--num-samples", "2", "--shard-size", "2")
+    args[args.index("js")] = method
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "non-finite output of the diffusion model" in err and "--model" in err, err
+    assert "sample indices [0, 1]" in err
+    assert not (tmp_path / "run" / "samples.npz").exists()  # never "complete" with black images

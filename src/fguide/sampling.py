@@ -71,7 +71,14 @@ from fguide.io.runs import (
     write_shard,
 )
 from fguide.rng import SampleNoise
-from fguide.samplers import NonFiniteGuidanceError, StepRecord, ddim, ddpm, heun
+from fguide.samplers import (
+    NonFiniteGuidanceError,
+    NonFiniteModelOutputError,
+    StepRecord,
+    ddim,
+    ddpm,
+    heun,
+)
 from fguide.sampling_config import (
     DEFAULT_SHARD_SIZE,
     SampleConfig,
@@ -99,16 +106,26 @@ __all__ = [
 
 
 class NonFiniteSamplesError(NonFiniteGuidanceError):
-    """Non-finite guidance, naming the step and the global indices of the samples."""
+    """A non-finite model output or guidance gradient, naming the step, the global indices of
+    the samples and the culprit."""
 
-    def __init__(self, step: int, t: float, samples: list[int], shard: tuple[int, int]):
-        super().__init__(step, t, samples)
+    def __init__(
+        self, err: NonFiniteGuidanceError, samples: list[int], shard: tuple[int, int]
+    ) -> None:
+        super().__init__(err.step, err.t, samples, err.what)
         shown = f"{samples[:16]}{' …' if len(samples) > 16 else ''}"
-        self.args = (
-            f"non-finite guidance gradient at sampling step {step} (t = {t:g}) for sample "
-            f"indices {shown} (shard [{shard[0]}, {shard[1]})); lower --scale, check the "
-            "classifier, or use a smoother one (--softplus-beta)",
+        where = (
+            f"at sampling step {err.step} (t = {err.t:g}) for sample indices {shown} "
+            f"(shard [{shard[0]}, {shard[1]}))"
         )
+        if isinstance(err, NonFiniteModelOutputError):
+            advice = (
+                "check the diffusion model (--model); with guidance on, a --scale too large "
+                "for the classifier can also push the state there"
+            )
+        else:
+            advice = "lower --scale, check the classifier, or use a smoother one (--softplus-beta)"
+        self.args = (f"non-finite {err.what} {where}; {advice}",)
 
 
 # -- samples ------------------------------------------------------------------------------------
@@ -254,9 +271,7 @@ def _generate_shard(
         try:
             x = sample_batch(comp, cfg, idx, lab, callback)
         except NonFiniteGuidanceError as err:
-            raise NonFiniteSamplesError(
-                err.step, err.t, [idx[p] for p in err.samples], (i0, i1)
-            ) from None
+            raise NonFiniteSamplesError(err, [idx[p] for p in err.samples], (i0, i1)) from None
         except ValueError as err:  # e.g. non-finite logits: name the samples globally
             raise ValueError(
                 f"{err} (in the batch of sample indices {idx[0]}..{idx[-1]}: batch position "
