@@ -387,3 +387,34 @@ def test_every_objective_is_free_of_host_reads_per_step(
         return sum(counts.values())
 
     assert run(3) == run(9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "heun"])
+def test_overflowing_guidance_update_is_blamed_on_the_scale(sampler: str) -> None:
+    # A finite gradient times an enormous scale overflows the state: the error says so at the
+    # step of the update, before the model sees the state (issue 10: --scale 1e30).
+    model = _TinyEps().float()
+    z = torch.randn(2, 3, 4, 4)
+    base = _tiny_guide()
+    net = base.classifier.float()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1e4)  # a steep classifier: gradients ≫ 1, so scale · g overflows float32
+    guide = fguide.ClassifierGuide(net, base.objective, 3e38)
+    labels = torch.tensor([0, 1])
+    with pytest.raises(fguide.NonFiniteGuidanceError) as info:
+        if sampler == "heun":
+            den = fguide.denoisers.VPAsEDM(model, ABAR)
+            fguide.heun(den, z, fguide.karras_sigmas(4, 0.01, 10.0), labels=labels, guide=guide)
+        else:
+            fn = fguide.ddpm if sampler == "ddpm" else fguide.ddim
+            fn(
+                model,
+                z,
+                make_process("linear", 1000, "5", "fixed_small"),
+                labels=labels,
+                guide=guide,
+            )
+    err = info.value
+    assert not isinstance(err, NonFiniteModelOutputError), str(err)
+    assert "state after the guidance update" in str(err) and err.step == 0, str(err)

@@ -119,29 +119,42 @@ class _FirstNonFinite:
     def __init__(self, batch: int, device: torch.device, model: object):
         self.model_step = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
         self.guidance_step = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
+        self.update_step = torch.full((batch,), _NEVER, dtype=torch.long, device=device)
         self.model_name = _name(model)
 
     @staticmethod
-    def _mark(first: Tensor, value: Tensor, step: int) -> None:
+    def _mark(first: Tensor, value: Tensor, step: int, given: Tensor | None = None) -> None:
         bad = ~torch.isfinite(value.flatten(1)).all(dim=1)
+        if given is not None:  # a non-finite input is not the model's fault
+            bad &= torch.isfinite(given.flatten(1)).all(dim=1)
         first.masked_fill_(bad & (first == _NEVER), step)
 
-    def model(self, out: Tensor, step: int) -> None:
-        self._mark(self.model_step, out, step)
+    def model(self, out: Tensor, step: int, given: Tensor | None = None) -> None:
+        """Mark the model's non-finite outputs (only where its input ``given`` was finite)."""
+        self._mark(self.model_step, out, step, given)
 
     def guidance(self, grad: Tensor, step: int) -> None:
         self._mark(self.guidance_step, grad, step)
 
+    def update(self, state: Tensor, step: int) -> None:
+        """The state after a finite guidance gradient was applied (γ · g can overflow)."""
+        self._mark(self.update_step, state, step)
+
     def raise_if_any(self, t_of_step: Callable[[int], float]) -> None:
-        both = torch.stack([self.model_step, self.guidance_step]).cpu()  # the one read-back
-        m, g = int(both[0].min()), int(both[1].min())
-        if m == _NEVER and g == _NEVER:
+        firsts = torch.stack([self.model_step, self.guidance_step, self.update_step]).cpu()
+        m, g, u = (int(v) for v in firsts.min(dim=1).values)  # the one read-back
+        if min(m, g, u) == _NEVER:
             return
-        if m <= g:
-            rows = (both[0] == m).nonzero().flatten().tolist()
+        if m <= g and m <= u:
+            rows = (firsts[0] == m).nonzero().flatten().tolist()
             raise NonFiniteModelOutputError(m, t_of_step(m), rows, self.model_name)
-        rows = (both[1] == g).nonzero().flatten().tolist()
-        raise NonFiniteGuidanceError(g, t_of_step(g), rows)
+        if g <= u:
+            rows = (firsts[1] == g).nonzero().flatten().tolist()
+            raise NonFiniteGuidanceError(g, t_of_step(g), rows)
+        rows = (firsts[2] == u).nonzero().flatten().tolist()
+        raise NonFiniteGuidanceError(
+            u, t_of_step(u), rows, "state after the guidance update (scale × gradient overflowed)"
+        )
 
 
 def _name(model: object) -> str:
@@ -261,6 +274,7 @@ def ddpm(
                 )
                 a_t = _bcast(elucd_sine_boost(t, n, sigma2_max, sine_factor), x)
                 mean = mean + (var + a_t) * guide.scale * res.grad  # guidance
+                checks.update(mean, step)
             draw = noise(x)
             x_prev = mean + (0.0 if t == 0 else 1.0) * torch.exp(0.5 * log_var) * draw
             if callback is not None:
@@ -314,6 +328,7 @@ def ddim(
                 eps = (
                     eps - sched.sqrt_one_minus_alphas_cumprod[t] * guide.scale * res.grad
                 )  # guidance
+                checks.update(eps, step)
                 x0 = process.x0_from_eps(x, t, eps)
             abar, abar_prev = sched.alphas_cumprod[t], sched.alphas_cumprod_prev[t]
             sigma = (
@@ -411,13 +426,14 @@ def heun(
             s_b = s.expand(b)
             if delta is not None:
                 x = x + delta  # guidance
+                checks.update(x, i)
             denoised = model(x, s_b, labels)
-            checks.model(denoised, i)
+            checks.model(denoised, i, given=x)
             d = (x - denoised) / s
             x_next = x + (s_next - s) * d
             if sig_host[i + 1] > 0:
                 second = model(x_next, s_next.expand(b), labels)
-                checks.model(second, i)
+                checks.model(second, i, given=x_next)
                 d_prime = (x_next - second) / s_next
                 x_next = x + (s_next - s) * (0.5 * d + 0.5 * d_prime)
             if callback is not None:

@@ -123,6 +123,8 @@ class NonFiniteSamplesError(NonFiniteGuidanceError):
                 "check the diffusion model (--model); with guidance on, a --scale too large "
                 "for the classifier can also push the state there"
             )
+        elif err.what.startswith("state after the guidance"):
+            advice = "lower --scale"
         else:
             advice = "lower --scale, check the classifier, or use a smoother one (--softplus-beta)"
         self.args = (f"non-finite {err.what} {where}; {advice}",)
