@@ -621,3 +621,25 @@ def test_nan_from_the_diffusion_model_is_blamed_on_the_model(
     assert "non-finite output of the diffusion model" in err and "--model" in err, err
     assert "sample indices [0, 1]" in err
     assert not (tmp_path / "run" / "samples.npz").exists()  # never "complete" with black images
+
+
+def test_gpu_path_options_on_cpu(tmp_path: Path, ckpt: Path, reference: Path) -> None:
+    # channels_last changes the memory layout only: the same samples within rounding, and the
+    # same run identity (it resumes the reference's run); the classifier's autocast precision
+    # is part of the identity. No batch size given: 64 on CPU, recorded in every shard.
+    out = tmp_path / "cl"
+    shutil.copytree(reference, out)
+    (out / "samples.npz").unlink()
+    for f in (out / "shards").glob("shard-00000004-*"):
+        f.unlink()
+    res = run_sampling(config(out, ckpt, channels_last=True))
+    assert res.generated == [(4, 6)]
+    np.testing.assert_allclose(load(out)[0], load(reference)[0], atol=1)
+
+    bf = run_sampling(config(tmp_path / "bf16", ckpt, classifier_precision="bf16", batch_size=None))
+    manifest = json.loads((bf.out / "manifest.json").read_text())
+    assert manifest["identity"]["classifier_precision"] == "bf16"
+    assert {s["batch_size"] for s in manifest["shards"]} == {64}
+    assert not np.array_equal(load(bf.out)[0], load(reference)[0])  # the guide's precision acts
+    with pytest.raises(ValueError, match="classifier_precision"):
+        resolve_config(config(tmp_path / "x", ckpt, classifier_precision="fp8"))

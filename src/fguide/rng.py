@@ -64,8 +64,10 @@ class SampleNoise:
             raise ValueError(
                 f"noise source has {len(self.generators)} samples, state has {like.shape[0]}"
             )
-        draws = [torch.randn(like.shape[1:], generator=g) for g in self.generators]
-        return torch.stack(draws).to(device=like.device, dtype=like.dtype)
+        draws = torch.stack([torch.randn(like.shape[1:], generator=g) for g in self.generators])
+        if like.device.type == "cuda":  # pinned and asynchronous: no host sync per step
+            draws = draws.pin_memory()
+        return draws.to(device=like.device, dtype=like.dtype, non_blocking=True)
 
     def initial(
         self,

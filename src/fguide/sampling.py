@@ -51,6 +51,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from fguide import rng
+from fguide.accel import choose_batch_size
 from fguide.diagnostics import TrajectoryRecorder
 from fguide.distributed import Dist, DistributedRunError
 from fguide.guidance import GuidanceResult
@@ -243,7 +244,8 @@ def _generate_shard(
 ) -> tuple[NDArray[np.uint8], NDArray[np.int64] | None, TrajState]:
     group = cfg.tilt_group if cfg.t_tilt is not None else None
     end = i1 if group is None else -(-i1 // group) * group  # complete the last tilt group
-    batch = cfg.batch_size if group is None else max(1, cfg.batch_size // group) * group
+    size = cfg.batch_size or 64  # resolved by the run (None only for direct callers)
+    batch = size if group is None else max(1, size // group) * group
     labels = sample_labels(comp.label_mode, cfg.seed, range(i0, end), comp.num_classes)
     # Unguided runs record the classifier's calibration too, when it sees x̂0.
     record = comp.guide is not None or (
@@ -343,7 +345,8 @@ def _identity(cfg: SampleConfig, comp: Components, hashes: Mapping[str, str | No
     """What determines the samples: compared on every rerun into the same folder."""
     run_only = {
         "out", "model", "classifier_weights", "num_samples", "batch_size", "device", "grid",
-        "max_shards", "progress", "config_name", "model_preset", "model_flags",
+        "max_shards", "progress", "config_name", "model_preset", "model_flags", "compile",
+        "channels_last",
     }  # fmt: skip
     settings = {k: v for k, v in cfg.to_json().items() if k not in run_only}
     if cfg.variance_tracking == "first_sample":
@@ -365,6 +368,29 @@ def _identity(cfg: SampleConfig, comp: Components, hashes: Mapping[str, str | No
             ),
         }
     )
+
+
+class _ProbeDone(Exception):
+    """Raised by the probe's callback after one sampling step."""
+
+
+def _auto_batch_size(comp: Components, cfg: SampleConfig) -> int:
+    """64 on CPU; on CUDA, from free memory and the peak of one guided step at two sizes."""
+    if comp.device.type != "cuda":
+        return 64
+
+    def one_step(b: int) -> None:
+        def stop(_: StepRecord) -> None:
+            raise _ProbeDone
+
+        labels = sample_labels(comp.label_mode, cfg.seed, range(b), comp.num_classes)
+        try:
+            sample_batch(comp, cfg, range(b), labels, stop)
+        except _ProbeDone:
+            pass
+
+    group = cfg.tilt_group if cfg.t_tilt is not None and cfg.tilt_group else 8
+    return choose_batch_size(one_step, comp.device, probe=(group, 2 * group), multiple_of=group)
 
 
 def _model_sha256(path: Path) -> str:
@@ -445,12 +471,18 @@ def _run(cfg: SampleConfig, dist: Dist) -> SampleResult:
 def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult:
     comp: Components | None = None
     err: BaseException | None = None
+    batch: int | None = cfg.batch_size
     try:
         comp = build_components(cfg, dist.device(cfg.device))
+        if batch is None and dist.rank == 0:
+            batch = _auto_batch_size(comp, cfg)
     except Exception as e:  # every rank must learn of a failure, or the others would hang
         err = e
     dist.agree(err)
     assert comp is not None
+    if cfg.batch_size is None:  # every rank uses rank 0's choice: equal bytes in every shard
+        cfg = dataclasses.replace(cfg, batch_size=int(dist.broadcast(batch)))
+        _log(dist, f"batch size {cfg.batch_size} (chosen from free memory on {comp.device})")
     plan = plan_shards(cfg.num_samples, cfg.shard_size)
 
     payload: tuple[str, Any] = ("ok", None)
@@ -518,6 +550,8 @@ def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult
         err = e
     finally:
         bar.close()
+    if comp.compiled is not None and comp.compiled.compile_seconds is not None:
+        _log(dist, f"torch.compile: {comp.compiled.compile_seconds:.1f} s (first call, included)")
     gathered = dist.all_gather((None if err is None else f"{type(err).__name__}: {err}", records))
     if err is not None:
         raise err

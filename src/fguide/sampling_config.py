@@ -117,13 +117,20 @@ class SampleConfig:
     eta: float | None = None
     clip_denoised: bool = True
     num_samples: int = 50000
-    batch_size: int = 64
+    batch_size: int | None = None
+    """Samples per forward pass; None: chosen from free GPU memory on CUDA, 64 on CPU."""
     seed: int = 0
     labels: str = "uniform"
     """``uniform`` (i.i.d. per sample), ``balanced`` (seeded permutations of the classes), or
     one class id."""
     precision: str = "fp32"
-    """The diffusion UNet's torso dtype (``fp32``, ``fp16``, ``bf16``); classifiers run fp32."""
+    """The diffusion UNet's torso dtype (``fp32``, ``fp16``, ``bf16``), as ADM converts it."""
+    classifier_precision: str = "fp32"
+    """The classifier's forward and backward under autocast (``fp32``: none; ``bf16``, ``fp16``)."""
+    compile: bool = False
+    """``torch.compile`` the ADM UNet (the compile time is reported)."""
+    channels_last: bool = False
+    """Run the diffusion network in channels_last (NHWC) memory format (GPUs, half precision)."""
     device: str = "auto"
     shard_size: int = DEFAULT_SHARD_SIZE
     image_size: int | None = None
@@ -185,7 +192,13 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
         classifier_flags=parse_flags(cfg.classifier_flags),
     )
     _check_positive_int("num_samples", c.num_samples)
-    _check_positive_int("batch_size", c.batch_size)
+    if c.batch_size is not None:
+        _check_positive_int("batch_size", c.batch_size)
+    if c.classifier_precision not in PRECISIONS:
+        raise ValueError(
+            f"classifier_precision must be one of {', '.join(PRECISIONS)}; "
+            f"got {c.classifier_precision!r}"
+        )
     _check_positive_int("shard_size", c.shard_size)
     _check_positive_int("grid", c.grid, 0)
     _check_positive_int("seed", c.seed, 0)

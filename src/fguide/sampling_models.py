@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fguide.accel import CompiledModel, compile_model, to_channels_last, with_precision
 from fguide.denoisers import ADMModel, Denoiser, EpsModel, VPAsEDM
 from fguide.guidance import ClassifierGuide
 from fguide.models.classifiers import LoadedClassifier, load_classifier
@@ -58,6 +59,8 @@ class Components:
     """The final state → the image in [−1, 1] (a latent model's VAE decoder); None: itself."""
     clip_denoised: bool | None = None
     """The model's own x̂0 clipping (diffusers pipelines); None: the configuration's."""
+    compiled: CompiledModel | None = None
+    """The ``torch.compile``d network (``--compile``): its ``compile_seconds`` after a call."""
 
 
 def _model_flags(cfg: SampleConfig, state_dict: Mapping[str, Tensor]) -> tuple[str | None, dict]:
@@ -126,15 +129,18 @@ def _edm_network(
         raise ValueError("model_preset and model_flags apply to ADM checkpoints, not EDM pickles")
     if cfg.precision == "bf16":
         raise ValueError("precision: EDM networks run in fp32 or fp16 (as EDM does), not bf16")
-    den, info = load_edm_denoiser(cfg.model)
-    den = den.to(dev)
-    net = den.net.eval().requires_grad_(False)
+    if cfg.compile:
+        raise ValueError("compile: --compile applies to ADM UNets (not yet to EDM networks)")
+    den_net, info = load_edm_denoiser(cfg.model)
+    den_net = den_net.to(dev)
+    den: Denoiser = to_channels_last(den_net, den_net.net) if cfg.channels_last else den_net
+    net = den_net.net.eval().requires_grad_(False)
     net.use_fp16 = cfg.precision == "fp16"  # EDM: the UNet body in fp16 on CUDA only
     kwargs = info["init_kwargs"]
     size, label_dim = int(kwargs["img_resolution"]), int(kwargs.get("label_dim", 0))
     if cfg.image_size is not None and cfg.image_size != size:
         raise ValueError(f"image_size: {cfg.image_size} does not match the EDM network's {size}")
-    lo, hi = max(0.002, den.sigma_min), min(80.0, den.sigma_max)
+    lo, hi = max(0.002, den_net.sigma_min), min(80.0, den_net.sigma_max)
     sigmas = karras_sigmas(int(cfg.steps), lo, hi)
     desc = {"family": "nvlabs", **{k: v for k, v in info.items() if k != "other_objects"}}
     desc["sigma_range"] = [lo, hi]
@@ -174,7 +180,10 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
         variance,  # type: ignore[arg-type]
         dflags["rescale_timesteps"],
     )
-    model = ADMModel(net, class_cond)
+    compiled = compile_model(net) if cfg.compile else None  # compiled on the first call
+    model: EpsModel = ADMModel(compiled or net, class_cond)  # type: ignore[arg-type]
+    if cfg.channels_last:
+        model = to_channels_last(model, net)
     info: dict[str, Any] = {"model": model_info, "variance_type": variance}
     sigmas: Tensor | None = None
     denoiser: Denoiser | None = None
@@ -186,9 +195,11 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
         sigmas = karras_sigmas(int(cfg.steps), lo, hi)
         info["sigma_range"] = [lo, hi]
 
-    return _with_guide(
+    comp = _with_guide(
         cfg, dev, net, model, process, sigmas, denoiser, size, 1000 if class_cond else None, info
     )
+    comp.compiled = compiled
+    return comp
 
 
 def _pipeline(cfg: SampleConfig, dev: torch.device) -> Components:
@@ -196,8 +207,10 @@ def _pipeline(cfg: SampleConfig, dev: torch.device) -> Components:
     with its guide: EluCD's Algorithm 3 or the DDPM mean shift through the decoder."""
     from fguide.models.hf_diffusers import build_pipeline_sampling, load_pipeline_model
 
-    if cfg.precision != "fp32":
-        raise ValueError("precision: diffusers pipelines run in fp32 here (fp16/bf16: not yet)")
+    if cfg.precision != "fp32" or cfg.compile or cfg.channels_last:
+        raise ValueError(
+            "precision, compile, channels_last: diffusers pipelines run in fp32 here (not yet)"
+        )
     pm = load_pipeline_model(cfg.model, device=dev)
     comp = _with_guide(
         cfg, dev, pm.net, None, None, None, None, pm.image_size, pm.num_classes,
@@ -274,7 +287,7 @@ def _with_guide(
     if cfg.method != "none":
         assert classifier is not None and cfg.scale is not None
         guide = ClassifierGuide(
-            classifier.module,
+            with_precision(classifier.module, cfg.classifier_precision),  # type: ignore[arg-type]
             build_objective(cfg),
             cfg.scale,
             input="xt" if classifier.time_aware else "x0",

@@ -61,7 +61,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         metavar="B",
-        help=f"samples per forward pass (default {_default('batch_size')})",
+        help="samples per forward pass (default: from free GPU memory on CUDA, 64 on CPU)",
     )
     io.add_argument(
         "--seed",
@@ -78,6 +78,23 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=list(PRECISIONS),
         help=f"UNet precision (default {_default('precision')})",
+    )
+    io.add_argument(
+        "--classifier-precision",
+        choices=list(PRECISIONS),
+        help="the classifier's forward/backward under autocast (default fp32)",
+    )
+    io.add_argument(
+        "--compile",
+        action="store_const",
+        const=True,
+        help="torch.compile the ADM UNet (compile time reported; pays off on long GPU runs)",
+    )
+    io.add_argument(
+        "--channels-last",
+        action="store_const",
+        const=True,
+        help="the diffusion network in channels_last memory format (GPUs, fp16/bf16)",
     )
     io.add_argument("--device", metavar="DEV", help="'auto' (default), 'cpu', 'cuda', 'cuda:1'")
     io.add_argument(
