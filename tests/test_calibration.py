@@ -305,3 +305,18 @@ def test_calibration_loss_lookup_and_errors() -> None:
         soft_binned_ece_loss(z, y, -1.0)
     with pytest.raises(ValueError, match="labels"):
         soft_binned_ece_loss(z, torch.zeros(2, dtype=torch.long))
+
+
+def test_update_confidences_equals_update_from_logits() -> None:
+    from fguide.metrics.calibration import TrajectoryCalibration
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(40, 6)) * 3, rng.integers(0, 6, 40)
+    a, b = TrajectoryCalibration(), TrajectoryCalibration()
+    a.update(2, logits, labels)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    b.update_confidences(2, p.max(1), p.argmax(1) == labels, float(p[np.arange(40), labels].sum()))
+    assert a.steps == b.steps == [2]
+    np.testing.assert_allclose(b.per_step_ece(), a.per_step_ece(), rtol=0, atol=1e-12)
+    assert b.step_stats(2) == pytest.approx(a.step_stats(2), abs=1e-12)

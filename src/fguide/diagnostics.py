@@ -22,7 +22,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from fguide.guidance import GuidanceResult
-from fguide.metrics.calibration import TrajectoryCalibration, _bin_sums, _StepAccum
+from fguide.metrics.calibration import TrajectoryCalibration
 from fguide.samplers import StepRecord
 
 _SUMS = ("n", "conf_sum", "grad_sum", "grad_n", "vanished", "max_weight")
@@ -94,7 +94,7 @@ class TrajectoryRecorder:
             s["conf_sum"] += float(conf.sum())
             self.confidences.setdefault(step, []).append(conf)
             self.t[step] = t_mean
-            _calibration_update(self.calibration, step, conf_max, correct, float(conf.sum()))
+            self.calibration.update_confidences(step, conf_max, correct, float(conf.sum()))
             if has_grad:
                 s["grad_sum"] += float(norm.sum())
                 s["grad_n"] += b
@@ -235,27 +235,6 @@ def _step_stats(
         t_mean = t.detach().to(device=logits.device, dtype=wide).mean()
         stats = torch.cat([conf, conf_max, correct, norm, t_mean[None], weight[None]])
     return stats, res is not None, res is not None and res.weights is not None
-
-
-def _calibration_update(
-    cal: TrajectoryCalibration,
-    step: int,
-    conf_max: NDArray[Any],
-    correct: NDArray[Any],
-    target: float,
-) -> None:
-    """What ``TrajectoryCalibration.update`` does after its softmax, from the statistics read
-    back from the device (it has no public entry point taking them)."""
-    count, sum_conf, sum_acc = _bin_sums(conf_max.astype(np.float64), correct, cal.n_bins)
-    acc = cal._steps.get(int(step))
-    if acc is None:
-        cal._steps[int(step)] = _StepAccum(count, sum_conf, sum_acc, target, [conf_max])
-    else:
-        acc.count += count
-        acc.sum_conf += sum_conf
-        acc.sum_acc += sum_acc
-        acc.sum_target += target
-        acc.confidences.append(conf_max)
 
 
 def load_trajectory(path: str | Path) -> dict[str, Any]:

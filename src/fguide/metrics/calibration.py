@@ -295,15 +295,28 @@ class TrajectoryCalibration:
         conf = np.exp(logp.max(axis=1))
         correct = np.argmax(x, axis=1) == y
         target_prob = float(np.exp(logp[np.arange(x.shape[0]), y]).sum())
-        count, sum_conf, sum_acc = _bin_sums(conf, correct, self.n_bins)
+        self.update_confidences(step, conf, correct, target_prob)
+
+    def update_confidences(
+        self, step: int, confidence: Any, correct: Any, target_prob_sum: float
+    ) -> None:
+        """Add per-sample statistics already computed elsewhere (e.g. on a GPU): confidence
+        p̂ = max_k p_k, correctness 1[argmax = y], and Σ_i p_{y_i} over the samples."""
+        conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+        hit = np.asarray(correct).reshape(-1).astype(bool)
+        if conf.shape != hit.shape:
+            raise ValueError(f"confidence {conf.shape} and correct {hit.shape} differ in shape")
+        count, sum_conf, sum_acc = _bin_sums(conf, hit, self.n_bins)
         acc = self._steps.get(int(step))
         if acc is None:
-            self._steps[int(step)] = _StepAccum(count, sum_conf, sum_acc, target_prob, [conf])
+            self._steps[int(step)] = _StepAccum(
+                count, sum_conf, sum_acc, float(target_prob_sum), [conf]
+            )
         else:
             acc.count += count
             acc.sum_conf += sum_conf
             acc.sum_acc += sum_acc
-            acc.sum_target += target_prob
+            acc.sum_target += float(target_prob_sum)
             acc.confidences.append(conf)
 
     @property
