@@ -159,3 +159,24 @@ def test_demo_is_deterministic(tmp_path: Path) -> None:
 def test_demo_rejects_bad_sharpness(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--sharpness", "0.5", "--out", str(tmp_path)]) == 2
     assert "--sharpness" in capsys.readouterr().err
+
+
+def test_demo_world_digits_runs_the_digits_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The whole digits job is tested end to end in test_digits.py; here: the command's wiring.
+    import fguide.worlds.digits_run as digits_run
+    from fguide.cli.main import main
+
+    calls = []
+
+    def fake(out: Path, config: object, **kw: object) -> dict:
+        calls.append((out, config, kw))
+        return {"timing_seconds": {"total": 0.0}}
+
+    monkeypatch.setattr(digits_run, "run_digits_world", fake)
+    assert main(["demo", "--world", "digits", "--quick", "--seed", "3", "--out",
+                 str(tmp_path), "--cache-dir", str(tmp_path / "c")]) == 0  # fmt: skip
+    (out, config, kw) = calls[0]
+    assert out == tmp_path and kw["cache_root"] == tmp_path / "c"
+    assert config.quick and config.seed == 3 and config.seeds[0] == 3  # type: ignore[attr-defined]
