@@ -24,8 +24,6 @@ of within-round ratios), and ``alg3-mb`` over ``alg3``.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import platform
 import statistics
@@ -37,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _memory import heap_probe
 from torch import Tensor
 
 import fguide
@@ -44,31 +43,6 @@ from fguide.models import hf_diffusers as hd
 from fguide.models.resnet import resnet
 
 CASES = ("cfg", "alg3", "alg3-mb", "mean")
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-            "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _heap_probe() -> Callable[[], int] | None:
-    """Bytes in use on glibc's heap (small blocks + mmapped blocks), if available."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-
-    def probe() -> int:
-        m = libc.mallinfo2()
-        return int(m.uordblks + m.hblkhd)
-
-    return probe
 
 
 class _Peak:
@@ -197,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     noise = fguide.SampleNoise(0, range(batch))
     z = noise.initial(pm.state_shape, device=device)
     y = torch.arange(batch, device=device) % 1000
-    probe = _heap_probe()
+    probe = heap_probe()
 
     def once(case: str) -> tuple[float, int]:
         s = setups[case]

@@ -23,8 +23,6 @@ logits, the only work they add) is also timed in isolation and given relative to
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import platform
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _memory import heap_probe
 
 from fguide.denoisers import ADMModel
 from fguide.guidance import ClassifierGuide
@@ -61,31 +60,6 @@ TINY_FLAGS = dict(
     class_cond=True,
     learn_sigma=True,
 )
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _heap_probe() -> Callable[[], int] | None:
-    """Bytes in use on glibc's heap (mallinfo2: small blocks + mmapped blocks), if available."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-
-    def probe() -> int:
-        m = libc.mallinfo2()
-        return int(m.uordblks + m.hblkhd)
-
-    return probe
 
 
 class _PeakHeap:
@@ -174,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     labels = sample_labels("uniform", 0, indices, 1000)
 
     on_gpu = device.type == "cuda"
-    heap = None if on_gpu else _heap_probe()
+    heap = None if on_gpu else heap_probe()
 
     def peak_memory(m: str) -> int:
         """Peak memory of one run of method ``m`` above the level at its start."""

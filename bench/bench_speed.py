@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import ctypes.util
 import json
 import math
 import platform
@@ -49,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _memory import heap_probe
 
 import fguide
 from fguide.accel import compile_model, to_channels_last, with_precision
@@ -128,31 +127,6 @@ def attention(fn: Callable[[torch.Tensor, int, bool], torch.Tensor] | None) -> I
 # -- timing and memory -------------------------------------------------------------------------
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (n, ctypes.c_size_t)
-        for n in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd",
-            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
-        )
-    ]  # fmt: skip
-
-
-def _heap_probe() -> Callable[[], int] | None:
-    """Bytes in use on glibc's heap (torch's CPU allocator takes its memory from malloc)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError, TypeError):
-        return None
-
-    def probe() -> int:
-        m = libc.mallinfo2()
-        return int(m.uordblks + m.hblkhd)
-
-    return probe
-
-
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak bytes allocated while ``fn()`` runs above the level at its start (CUDA allocator
     statistics; on CPU the glibc heap, polled every 0.5 ms); None when unmeasurable."""
@@ -163,7 +137,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
-    probe = _heap_probe()
+    probe = heap_probe()
     if probe is None:
         return None
     base = peak = probe()
