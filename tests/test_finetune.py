@@ -434,7 +434,7 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path, module_file: Path, capsys)
     assert "no callable" in error(_cli(tmp_path, good, f"{module_file}:nothing"))
     assert "weights" in error(_cli(tmp_path, good, linear3, "--weights", str(tmp_path / "w.pt")))
     msg = error(_cli(tmp_path, good, "128x128_diffusion"))
-    assert "'128x128_diffusion' is none of" in msg and "128x128_classifier" in msg
+    assert "'128x128_diffusion' is a diffusion model preset" in msg and "128x128_classifier" in msg
     msg = error(_cli(tmp_path, good, linear3, "--image-size", "16"))
     assert "[1, 3, 16, 16]" in msg and "image size" in msg
     assert "--denoiser" in error(_cli(tmp_path, good, linear3, "--input", "denoised"))

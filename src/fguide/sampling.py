@@ -482,7 +482,8 @@ def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult
     assert comp is not None
     if cfg.batch_size is None:  # every rank uses rank 0's choice: equal bytes in every shard
         cfg = dataclasses.replace(cfg, batch_size=int(dist.broadcast(batch)))
-        _log(dist, f"batch size {cfg.batch_size} (chosen from free memory on {comp.device})")
+        if comp.device.type == "cuda":
+            _log(dist, f"batch size {cfg.batch_size} (chosen from free memory on {comp.device})")
     plan = plan_shards(cfg.num_samples, cfg.shard_size)
 
     payload: tuple[str, Any] = ("ok", None)
