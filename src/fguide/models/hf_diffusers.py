@@ -20,15 +20,8 @@ Conventions (METHODS.md notation; z the latent state, ẑ0 its clean estimate):
 - **Latent guidance**: g = ∇_{ẑ0} S(C(Dec(ẑ0)), y): the classifier C sees the decoded image
   clipped to [−1, 1] (the gradient passes the clip unchanged, as EluCD's gradient with respect to
   the clipped x̂0 does), then one vector-Jacobian product through classifier and decoder.
-- **Algorithm 3** (:class:`CFGClassifierGuidance`): at loop step k of n (k = 0 the noisiest),
-  d = ε_c − ε_u, ε_cfg = ε_u + s d, ẑ0 = x̂0(z_t, ε_cfg), g as above, and
-  ε̃ = ε_cfg − s c_k · g/rms(g) · rms(d) = ε_u + s (d − c_k ĝ rms(d)),
-  c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2's schedule),
-  rms per sample over C, H, W (G = 0: c_k = 0, CFG alone). The sampler then uses ε̃ (and v_c)
-  as the model output. This is fguide's reading of EluCD's Algorithm 3 (gradient through the
-  decoder, normalised per sample as in Algorithm 2, added to the CFG difference before the CFG
-  scale): EluCD's DiT code is unreleased, and the reference magnitude rms(d) and the schedule
-  c_k are fguide's choices.
+- **Algorithm 3** (EluCD's CFG + classifier guidance) and micro-batched guidance passes live in
+  :mod:`fguide.cfg_guidance` (re-exported here).
 """
 
 from __future__ import annotations
@@ -44,7 +37,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fguide.guidance import ClassifierFn, ClassifierGuide, GuidanceResult, evaluate_guidance
+from fguide.cfg_guidance import (
+    CFGClassifierGuidance,
+    MicrobatchGuide,
+    evaluate_guidance_microbatched,
+    param_dtype,
+)
+from fguide.guidance import ClassifierFn, ClassifierGuide
 from fguide.objectives import Objective
 from fguide.schedules import Process, VarianceType, betas_for, space_timesteps
 
@@ -163,11 +162,6 @@ def process_from_betas(
 # -- networks as EpsModels ----------------------------------------------------------------------
 
 
-def _param_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
-    p = next(iter(net.parameters()), None)
-    return default if p is None else p.dtype
-
-
 class DiTEps:
     """A ``DiTTransformer2DModel`` as an EpsModel, with classifier-free guidance.
 
@@ -193,7 +187,7 @@ class DiTEps:
 
     def raw(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         """The network's output for (x, t, labels), in x's dtype."""
-        dt = _param_dtype(self.net, x.dtype)
+        dt = param_dtype(self.net, x.dtype)
         out = self.net(x.to(dt), timestep=t, class_labels=labels).sample
         return out.to(x.dtype)
 
@@ -225,7 +219,7 @@ class UNetEps:
         self.class_cond = getattr(net.config, "num_class_embeds", None) is not None
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        dt = _param_dtype(self.net, x.dtype)
+        dt = param_dtype(self.net, x.dtype)
         if self.class_cond:
             if labels is None:
                 raise ValueError("the UNet2DModel is class-conditional: labels are required")
@@ -247,7 +241,7 @@ class LatentDecoder(nn.Module):
         self.shift_factor = None if shift is None else float(shift)
 
     def forward(self, z: Tensor) -> Tensor:
-        dt = _param_dtype(self.vae, z.dtype)
+        dt = param_dtype(self.vae, z.dtype)
         # (1 / s) * z, not z / s: DiTPipeline's rounding, so that parity is exact
         lat = 1 / self.scaling_factor * z.to(dt)
         if self.shift_factor is not None:
@@ -298,182 +292,8 @@ class DecodedClassifier(nn.Module):
         x = _clip(self.decoder(z), self.clip)
         clf = self.classifier
         if isinstance(clf, nn.Module):
-            x = x.to(_param_dtype(clf, x.dtype))
+            x = x.to(param_dtype(clf, x.dtype))
         return clf(x)
-
-
-# -- micro-batched guidance ---------------------------------------------------------------------
-
-
-def evaluate_guidance_microbatched(
-    classifier: ClassifierFn,
-    x: Tensor,
-    labels: Tensor,
-    objective: Objective,
-    progress: float = 0.0,
-    microbatch: int | None = None,
-) -> GuidanceResult:
-    """g = Jᵀc as :func:`~fguide.guidance.evaluate_guidance`, ``microbatch`` samples per backward.
-
-    Per-sample objectives: one forward-with-grad and backward per micro-batch. Tilted ones: the
-    weights w come from the base scores of the whole group, so the logits of the full batch are
-    computed first without gradient (micro-batch by micro-batch), then c·w for the full batch,
-    then per micro-batch one forward with grad and the VJP with c·w restricted to it: the
-    gradient equals the full-batch one; the price is one extra forward pass.
-    """
-    n = len(x)
-    if microbatch is None or microbatch >= n:
-        return evaluate_guidance(classifier, x, labels, objective, progress)
-    if microbatch < 1:
-        raise ValueError(f"guidance_microbatch must be >= 1; got {microbatch}")
-    spans = [(s, min(s + microbatch, n)) for s in range(0, n, microbatch)]
-    if objective.tilt is None:
-        parts = [
-            evaluate_guidance(classifier, x[a:b], labels[a:b], objective, progress)
-            for a, b in spans
-        ]
-        return GuidanceResult(
-            grad=torch.cat([p.grad for p in parts]),
-            logits=torch.cat([p.logits for p in parts]),
-            labels=labels,
-        )
-    with torch.no_grad():
-        logits = torch.cat([classifier(x[a:b].detach()) for a, b in spans])
-    objective.check_inputs(logits, labels)
-    coeff, weights = objective.coefficients_and_weights(logits, labels, progress)
-    grads = []
-    with torch.enable_grad():
-        for a, b in spans:
-            x_in = x[a:b].detach().requires_grad_(True)
-            out = classifier(x_in)
-            (g,) = torch.autograd.grad(out, x_in, grad_outputs=coeff[a:b].to(out.dtype))
-            grads.append(g)
-    return GuidanceResult(grad=torch.cat(grads), logits=logits, labels=labels, weights=weights)
-
-
-@dataclass
-class MicrobatchGuide:
-    """:class:`~fguide.guidance.ClassifierGuide` (classifier on x̂0) with micro-batched backward."""
-
-    classifier: ClassifierFn
-    objective: Objective
-    scale: float = 1.0
-    microbatch: int | None = None
-
-    def __call__(
-        self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
-    ) -> GuidanceResult:
-        return evaluate_guidance_microbatched(
-            self.classifier, x0, labels, self.objective, progress, self.microbatch
-        )
-
-
-# -- EluCD Algorithm 3 --------------------------------------------------------------------------
-
-
-def _rms(v: Tensor) -> Tensor:
-    """sqrt(mean over C, H, W of v²) per sample, shaped for broadcasting."""
-    return v.pow(2).flatten(1).mean(1).sqrt().reshape(-1, *([1] * (v.ndim - 1)))
-
-
-def guidance_weight(k: int, n: int, scale: float, sine_factor: float) -> float:
-    """c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2).
-
-    G = 0 gives c_k = 0 (no guidance at all), not the 1e−5 floor.
-    """
-    if scale == 0:
-        return 0.0
-    return (
-        max(scale / (n + 1) * (n + 1 - k), 1e-5) + math.sin(math.pi * k / n) * scale * sine_factor
-    )
-
-
-class CFGClassifierGuidance:
-    """EluCD Algorithm 3 as fguide reads it: the normalised classifier gradient joins the CFG
-    difference before the CFG scale.
-
-    ``self`` is the EpsModel and :attr:`guide` the Guide to pass to ``fguide.ddpm`` together.
-    At respaced index i (loop step k = n−1−i, progress u = k/(n−1)):
-    d = ε_c − ε_u, ε_cfg = ε_u + s d (on ``cfg_channels``), ẑ0 = x̂0(z_t, ε_cfg) (clipped only if
-    ``clip_denoised``), g = ∇_{ẑ0} S(f(ẑ0), y) with f the (decoded) classifier and S the
-    objective (tilt weights included), ĝ = g / rms(g), and the returned output is
-    [ε_cfg − s c_k ĝ rms(d), v_c] with c_k = :func:`guidance_weight` (G = ``scale``).
-    s = 1 is classifier guidance on the conditional model; G = 0 is CFG alone.
-
-    The shift is applied to ε inside the model call, so :attr:`guide` has scale 0: it hands the
-    sampler this step's :class:`~fguide.guidance.GuidanceResult` (g unnormalised, logits,
-    weights) for its finiteness check and the trajectory recorder, and moves nothing.
-    """
-
-    def __init__(
-        self,
-        dit: DiTEps,
-        process: Process,
-        classifier: ClassifierFn,
-        objective: Objective,
-        scale: float,
-        sine_factor: float = 0.3,
-        clip_denoised: bool = False,
-        microbatch: int | None = None,
-    ):
-        if not (math.isfinite(scale) and scale >= 0):
-            raise ValueError(f"scale must be finite and >= 0; got {scale}")
-        self.dit, self.process = dit, process
-        self.classifier, self.objective = classifier, objective
-        self.scale, self.sine_factor = float(scale), float(sine_factor)
-        self.clip_denoised, self.microbatch = clip_denoised, microbatch
-        index = np.full(process.num_train_steps, -1, dtype=np.int64)
-        index[process.timestep_map] = np.arange(process.num_steps)
-        self._index = torch.from_numpy(index)
-        self.last: GuidanceResult | None = None
-        self.guide = _ReplayGuide(self)
-
-    def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        if labels is None:
-            raise ValueError("Algorithm 3 needs class labels")
-        cond, uncond = self.dit.cond_uncond(x, t, labels)
-        out = self.dit.combine(cond, uncond)
-        c = x.shape[1]
-        eps, d = out[:, :c], cond[:, :c] - uncond[:, :c]
-        i = self._index.to(t.device)[t.long()]
-        n = self.process.num_steps
-        first = int(i[0])  # one scalar read per step: progress and c_k are per step
-        if first < 0:
-            raise ValueError(f"timestep {int(t[0])} is not a step of this process's respacing")
-        k = n - 1 - first
-        x0 = self.process.x0_from_eps(x, i, eps)
-        if self.clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        res = evaluate_guidance_microbatched(
-            self.classifier, x0.detach(), labels, self.objective, k / max(n - 1, 1), self.microbatch
-        )
-        self.last = res
-        g = res.grad.to(x.dtype)
-        g_hat = g / _rms(g).clamp_min(torch.finfo(g.dtype).tiny)
-        c_k = guidance_weight(k, n, self.scale, self.sine_factor)
-        eps = eps - self.dit.cfg_scale * c_k * g_hat * _rms(d)  # Algorithm 3's guidance
-        return torch.cat([eps, out[:, c:]], dim=1)
-
-
-@dataclass
-class _ReplayGuide:
-    """The Guide half of :class:`CFGClassifierGuidance`: reports, does not move (scale 0)."""
-
-    owner: CFGClassifierGuidance
-    scale: float = 0.0
-
-    def __call__(
-        self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
-    ) -> GuidanceResult:
-        res = self.owner.last
-        if res is None or res.grad.shape != x0.shape:
-            raise RuntimeError(
-                "CFGClassifierGuidance.guide must be passed to the sampler together with the "
-                "CFGClassifierGuidance object itself as the model, to a sampler that calls the "
-                "model before the guide (ddpm, ddim)"
-            )
-        self.owner.last = None
-        return res
 
 
 # -- pipeline folders ---------------------------------------------------------------------------
