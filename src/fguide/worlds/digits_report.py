@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fguide.io.files import atomic_write_text, save_figure
+from fguide.io.files import atomic_write_text
+from fguide.plots import (
+    plot_digits_calibration,
+    plot_digits_curves,
+    plot_digits_samples,
+    plot_digits_table,
+)
 
 __all__ = ["claims", "markdown_table", "write_report"]
 
@@ -148,124 +154,18 @@ def claims(results: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _plot_table(results: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    m = results["methods"]
-    names = list(m)
-    fig = Figure(figsize=(11, 4), dpi=110)
-    FigureCanvasAgg(fig)
-    for j, (key, label) in enumerate((("fd", "FD (lower is better)"), ("accuracy", "accuracy"))):
-        ax = fig.add_subplot(1, 2, j + 1)
-        mu = [m[n]["mean"][key] or 0.0 for n in names]
-        sd = [m[n]["std"][key] or 0.0 for n in names]
-        ax.bar(range(len(names)), mu, yerr=sd, capsize=3, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-        ax.set_title(label)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _plot_curves(curves: Mapping[str, Any], path: Path) -> None:
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    colours = colormaps["tab20"]
-    fig = Figure(figsize=(13, 3.8), dpi=110)
-    FigureCanvasAgg(fig)
-    panels = (
-        ("confidence_top25", "top-25 % confidence in the target"),
-        ("grad_norm", "‖∇S‖ (mean)"),
-        ("ece", "ECE of the guide on its input"),
-    )
-    for j, (key, title) in enumerate(panels):
-        ax = fig.add_subplot(1, 3, j + 1)
-        for i, (name, c) in enumerate(curves.items()):
-            ys = c.get(key) or []
-            if not ys or all(v is None for v in ys):
-                continue
-            xs = list(range(len(ys)))
-            ax.plot(
-                xs,
-                [np.nan if v is None else v for v in ys],
-                label=name,
-                linewidth=1.2,
-                color=colours(i % 20),
-                linestyle=("-", "--", ":")[i // 7 % 3],
-            )
-        ax.set_xlabel("sampling step (noise → data)")
-        ax.set_title(title, fontsize=9)
-        if key == "grad_norm":
-            ax.set_yscale("log")
-    fig.axes[0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _plot_samples(
-    samples: Mapping[str, tuple[NDArray[np.uint8], NDArray[np.int64]]], path: Path
-) -> None:
-    """One panel per method: rows = target class 0..9, up to 6 samples each."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(samples)
-    cols = 4
-    rows = -(-len(names) // cols)
-    fig = Figure(figsize=(2.6 * cols, 4.0 * rows), dpi=110)
-    FigureCanvasAgg(fig)
-    for j, name in enumerate(names):
-        images, labels = samples[name]
-        grey = images.mean(axis=-1)
-        canvas = np.ones((10 * 9, 6 * 9))
-        for k in range(10):
-            idx = np.flatnonzero(labels == k)[:6]
-            for c, i in enumerate(idx):
-                canvas[k * 9 : k * 9 + 8, c * 9 : c * 9 + 8] = 1 - grey[i] / 255.0
-        ax = fig.add_subplot(rows, cols, j + 1)
-        ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def _plot_calibration(calib: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    regs = calib["regimes"]
-    fig = Figure(figsize=(4.5 * len(regs), 3.6), dpi=110)
-    FigureCanvasAgg(fig)
-    losses = ("before", "ce", "smooth_ece", "soft_binned_ece")
-    for j, (name, reg) in enumerate(regs.items()):
-        ax = fig.add_subplot(1, len(regs), j + 1)
-        mu = [reg["before"]["ece"]] + [reg[k]["mean"]["ece"] for k in losses[1:]]
-        sd = [0.0] + [reg[k]["std"]["ece"] for k in losses[1:]]
-        ax.bar(range(4), mu, yerr=sd, capsize=3, color=["grey", "tab:blue", "tab:red", "tab:green"])
-        ax.set_xticks(range(4))
-        ax.set_xticklabels(["before", "CE", "CE+SmoothECE", "CE+softECE"], fontsize=8)
-        ax.set_title(f"{name}: accuracy ≈ {reg['before']['accuracy']:.2f}", fontsize=9)
-        ax.set_ylabel("held-out ECE (x̂0 inputs)")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 def write_report(
     out: Path,
     results: dict[str, Any],
     samples: Mapping[str, tuple[NDArray[np.uint8], NDArray[np.int64]]],
 ) -> None:
     """Write table.png, curves.png, samples.png, calibration.png and report.md into ``out``."""
-    _plot_table(results, out / "table.png")
-    _plot_curves(results["curves"], out / "curves.png")
-    _plot_samples(samples, out / "samples.png")
+    plot_digits_table(results, out / "table.png")
+    plot_digits_curves(results["curves"], out / "curves.png")
+    plot_digits_samples(samples, out / "samples.png")
     calib = results.get("calibration_comparison")
     if calib:
-        _plot_calibration(calib, out / "calibration.png")
+        plot_digits_calibration(calib, out / "calibration.png")
     results["claims"] = claims(results)
     c = results["config"]
     tm = results["timing_seconds"]
