@@ -25,6 +25,12 @@ HOLDOUT = 0x401D
 FINETUNE_ORDER, FINETUNE_AUGMENT, FINETUNE_NOISE, FINETUNE_STEP, FINETUNE_EVAL = 1, 2, 3, 4, 5
 """``fguide finetune``: data order, augmentation, (t, ε) draws, torch's global RNG per step,
 held-out noise."""
+DEMO_LABELS, DEMO_NOISE, DEMO_REFERENCE, DEMO_BASIS = 0xDE01, 0xDE02, 0xDE03, 0xDE04
+"""``fguide demo`` (Gaussian mixture): target order, sampler noise, exact reference samples,
+the embedding of the circle in d > 2."""
+DIGITS_SPLIT, DIGITS_CALIB, DIGITS_BATCHES = 0xD161, 0xCA1B, 0xBA7C
+"""``fguide demo --world digits``: the stratified split, the calibration-loss comparison's data,
+training batches."""
 
 
 def mix(*parts: int) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fguide import rng
 from fguide.diagnostics import TrajectoryRecorder
 from fguide.guidance import ClassifierGuide
 from fguide.io.files import atomic_write_json, atomic_write_text, provenance
@@ -148,7 +149,7 @@ class World:
     def labels(self, per_class: int, seed: int) -> Tensor:
         """Class-balanced targets in a seeded random order (so tilt groups mix classes)."""
         y = torch.arange(self.mixture.num_classes).repeat_interleave(per_class)
-        return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))]
+        return y[torch.randperm(len(y), generator=rng.generator(seed, rng.DEMO_LABELS))]
 
     def sample(
         self,
@@ -159,7 +160,7 @@ class World:
         seed: int,
         callback: Callable[[StepRecord], None] | None = None,
     ) -> Tensor:
-        gen = torch.Generator().manual_seed(seed)
+        gen = rng.generator(seed, rng.DEMO_NOISE)
         z = torch.randn(len(labels), self.mixture.dim, generator=gen, dtype=torch.float64)
 
         def noise(like: Tensor) -> Tensor:
@@ -210,8 +211,7 @@ class World:
         labels = self.labels(c.samples_per_class, c.seed)
         rec = TrajectoryRecorder(labels, self.classifier, self.vanish_threshold)
         x = self.sample(name, obj, scale, labels, c.seed, rec)
-        gen = torch.Generator().manual_seed(c.seed + 10_000)
-        ref = self.mixture.sample(labels, gen)
+        ref = self.mixture.sample(labels, rng.generator(c.seed, rng.DEMO_REFERENCE))
         pr = precision_recall(ref, x, k=3, mode="float64")
         fd = self.frechet(x, labels)
         acc = float((self.mixture.bayes_labels(x) == labels).double().mean())

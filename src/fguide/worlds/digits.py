@@ -41,6 +41,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from fguide import rng as streams
+
 __all__ = [
     "CLEAN_CLASSIFIER_SPEC",
     "FEATURE_NETWORK_SPEC",
@@ -99,7 +101,7 @@ def split_digits(
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         k = max(1, round(held_fraction * len(members)))
-        perm = np.random.default_rng([seed, int(c), 0xD161]).permutation(members)
+        perm = streams.numpy_rng(seed, int(c), streams.DIGITS_SPLIT).permutation(members)
         held.append(perm[:k])
     held_idx = np.sort(np.concatenate(held)).astype(np.int64)
     mask = np.ones(len(labels), dtype=bool)

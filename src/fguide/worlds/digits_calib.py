@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fguide import rng as streams
 from fguide.metrics.calibration import calibration_loss_fn, ece
 from fguide.models.loading import load_model
 from fguide.models.presets import create_model
@@ -70,7 +71,7 @@ def _finetune_once(
     net = copy.deepcopy(base).train()
     opt = torch.optim.AdamW(net.parameters(), lr=config.calib_lr, weight_decay=0.0)
     term = None if loss == "ce" else calibration_loss_fn(loss)
-    rng = np.random.default_rng([seed, 0xCA1B])
+    rng = streams.numpy_rng(seed, streams.DIGITS_CALIB)
     batch = min(config.train_batch, len(x))
     for _ in range(config.calib_steps):
         idx = torch.from_numpy(rng.choice(len(x), batch, replace=False))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fguide import rng as streams
 from fguide.io.files import atomic_write, atomic_write_json
 from fguide.models.presets import create_classifier, create_model, model_defaults
 from fguide.schedules import Process, make_process
@@ -137,7 +138,7 @@ def _gen(seed: int, tag: int) -> torch.Generator:
 
 def _batches(n: int, batch: int, steps: int, seed: int, tag: int) -> list[np.ndarray]:
     """Indices of each step: concatenated seeded permutations of range(n)."""
-    rng = np.random.default_rng([seed, tag, 0xBA7C])
+    rng = streams.numpy_rng(seed, tag, streams.DIGITS_BATCHES)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * batch // n) + 1)])
     return [order[k * batch : (k + 1) * batch] for k in range(steps)]
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fguide import rng
+
 
 @dataclass
 class GaussianMixture:
@@ -42,7 +44,7 @@ class GaussianMixture:
         circle = radius * torch.stack([angles.cos(), angles.sin()], dim=1)
         if dim == 2:
             return cls(circle, s)
-        g = torch.Generator().manual_seed(seed)
+        g = rng.generator(seed, rng.DEMO_BASIS)
         basis, _ = torch.linalg.qr(torch.randn(dim, 2, generator=g, dtype=torch.float64))
         return cls(circle @ basis.T, s)
 
