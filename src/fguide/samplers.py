@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fguide import defaults
 from fguide.denoisers import Denoiser, EpsModel, NoiseFn
 from fguide.guidance import GuidanceResult, Guide
 from fguide.rng import SampleNoise
@@ -227,7 +228,7 @@ def ddpm(
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
     clip_denoised: bool = True,
-    sine_factor: float = 0.3,
+    sine_factor: float = defaults.SINE_FACTOR,
     variance_tracking: Literal["per_sample", "first_sample"] = "per_sample",
     max_variance: float = 0.0,
     start_step: int | None = None,
@@ -294,7 +295,7 @@ def ddim(
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
     clip_denoised: bool = True,
-    eta: float = 0.0,
+    eta: float = defaults.ETA,
     start_step: int | None = None,
 ) -> Tensor:
     """DDIM sampling; guidance shifts the score: ε' = ε − sqrt(1 − ᾱ_t) γ g (ADM's form).
@@ -359,7 +360,7 @@ def heun(
     guide: Guide | None = None,
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
-    sine_factor: float = 0.3,
+    sine_factor: float = defaults.SINE_FACTOR,
     guidance_input: Literal["x", "denoised"] = "x",
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
