@@ -208,3 +208,12 @@ def test_wrong_file_is_rejected(weights: dict, tmp_path: Path) -> None:
     torch.save({**weights, "AuxLogits.fc.weight": torch.zeros(2)}, path)
     with pytest.raises(ValueError, match="unexpected.*AuxLogits"):
         load_fid_inception(path)
+
+
+def test_non_finite_weights_are_an_error_not_a_missing_fc(weights: dict, tmp_path: Path) -> None:
+    # NaN logits mean "this file has no fc" (no Inception Score); an fc holding inf is a damaged
+    # file and must say so instead (issue 10).
+    path = tmp_path / "inf.pth"
+    torch.save({**weights, "fc.bias": torch.full_like(weights["fc.bias"], float("inf"))}, path)
+    with pytest.raises(ValueError, match=r"non-finite values in \['fc.bias'\]"):
+        load_fid_inception(path)

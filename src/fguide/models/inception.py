@@ -401,6 +401,9 @@ def load_fid_inception(
         raise ValueError(f"{path}: not a state dict")
     mapping = fid_inception_key_mapping([str(k) for k in raw])
     sd: dict[str, Tensor] = {mapping[str(k)]: v for k, v in raw.items()}
+    bad = [str(k) for k, v in raw.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # a damaged file; NaN logits are reserved for "no fc layer" (see below)
+        raise ValueError(f"{path}: non-finite values in {bad[:4]}{' …' if len(bad) > 4 else ''}")
     model = FIDInception()
     expected = model.state_dict()
     for k in expected:
