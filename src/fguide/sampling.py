@@ -40,7 +40,7 @@ import dataclasses
 import hashlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,7 +341,7 @@ class SampleResult:
     manifest: Path
 
 
-def _identity(cfg: SampleConfig, comp: Components, model_sha256: str) -> dict:
+def _identity(cfg: SampleConfig, comp: Components, hashes: Mapping[str, str | None]) -> dict:
     """What determines the samples: compared on every rerun into the same folder."""
     run_only = {
         "out", "model", "classifier_weights", "num_samples", "batch_size", "device", "grid",
@@ -358,9 +358,9 @@ def _identity(cfg: SampleConfig, comp: Components, model_sha256: str) -> dict:
             "resolved": comp.info,
             "num_classes": comp.num_classes,
             "image_size": comp.image_size,
-            "model_sha256": model_sha256,
-            # the weights in use, whatever their source (a file or an import spec): the loader
-            # hashed them, so the weight file is not read a second time
+            "model_sha256": hashes["model"],
+            "classifier_weights_sha256": hashes.get("classifier"),
+            # the weights in use, whatever their source (a file or an import spec)
             "classifier_state_sha256": (
                 None
                 if comp.classifier is None
@@ -490,7 +490,10 @@ def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult
     if dist.rank == 0:
         try:
             lock.acquire()
-            identity = _identity(cfg, comp, _model_sha256(cfg.model))
+            hashes = {"model": _model_sha256(cfg.model)}
+            if cfg.classifier_weights is not None:
+                hashes["classifier"] = sha256_file(cfg.classifier_weights)
+            identity = _identity(cfg, comp, hashes)
             todo, corrupt = prepare_folder(
                 cfg.out, identity, plan, cfg.to_json(), dist.world, lambda m: _log(dist, m)
             )
