@@ -9,12 +9,15 @@ does not count), on a GPU the synchronised wall time.
 - ``unet``: fguide's ADM UNet forward (contiguous q, k, v into SDPA) against the same network
   and weights with the attention replaced by (a) the reference's einsum form
   (``QKVAttention[Legacy]``: q·k scaled by ch^-1/4 each, float32 softmax, einsum with v) and
-  (b) fguide's previous path (SDPA on non-contiguous views). With ``--reference PATH`` (a
-  guided-diffusion checkout, skipped when absent) also the reference's own ``UNetModel``
-  loaded with the same state dict.
+  (b) fguide's previous path (SDPA on non-contiguous views). With ``--reference PATH`` (an
+  EluCD or guided-diffusion checkout, skipped when absent) also the reference's own
+  ``UNetModel`` loaded with the same state dict.
 - ``guidance``: one batch of guided DDPM sampling through :func:`fguide.ddpm`: unguided, base
   (EluCD) and each regulariser (entropy, rkl, fkl, js, hellinger, tilted); ratios base /
-  unguided and regulariser / base.
+  unguided and regulariser / base. With ``--reference`` an EluCD checkout, also the same batch
+  sampled by EluCD's code (its ``p_sample_loop`` with the same weights, noise, labels and
+  classifier; its ``design_cond_fn`` restated here), unguided and guided: fguide / EluCD for
+  the guided step, and each one's guidance overhead.
 - ``precision``: images/s and peak memory of the base-guided batch with the diffusion model
   under fp32, bf16, fp16 autocast (:func:`fguide.accel.with_precision`; the classifier at
   ``--classifier-precision``).
@@ -27,6 +30,7 @@ batch 2, 2 DDPM steps. GPU: the paper's setting, ``128x128_diffusion`` + ResNet-
 weights), batch 64, 10 DDPM steps.
 
     OMP_NUM_THREADS=2 python bench/bench_speed.py [--only unet,guidance] [--out r.json]
+        [--reference PATH_TO_ELUCD_CHECKOUT]
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
+import importlib.util
+import inspect
 import json
 import math
 import platform
@@ -41,6 +48,7 @@ import statistics
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,7 @@ import torch.nn.functional as F
 from _memory import heap_probe
 
 import fguide
+from fguide import defaults
 from fguide.accel import compile_model, to_channels_last, with_precision
 from fguide.denoisers import ADMModel
 from fguide.models import adm
@@ -121,7 +130,7 @@ def attention(fn: Callable[[torch.Tensor, int, bool], torch.Tensor] | None) -> I
     try:
         yield
     finally:
-        adm.qkv_attention = original  # type: ignore[assignment]
+        adm.qkv_attention = original
 
 
 # -- timing and memory -------------------------------------------------------------------------
@@ -191,15 +200,19 @@ def ratio(costs: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
     return {"min": min(r), "median": statistics.median(r)}
 
 
+def overhead(costs: dict[str, list[float]], guided: str, unguided: str) -> float:
+    """Median over rounds of cost(guided) − cost(unguided) within a round (seconds)."""
+    return statistics.median(a - b for a, b in zip(costs[guided], costs[unguided], strict=True))
+
+
 # -- models ------------------------------------------------------------------------------------
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.nn.Module, int]:
     torch.manual_seed(0)
-    if args.unet == "reduced64":
-        net = create_model(**REDUCED_64)
-    else:
-        net = build_preset(args.unet)
+    net: torch.nn.Module = (
+        create_model(**REDUCED_64) if args.unet == "reduced64" else build_preset(args.unet)
+    )
     size = int(net.image_size)  # type: ignore[arg-type]
     with torch.no_grad():  # ADM zero-initialises its output layers: give them weights
         for p in net.parameters():
@@ -251,7 +264,9 @@ def _guided_batch(
 # -- sections ----------------------------------------------------------------------------------
 
 
-def section_unet(net: torch.nn.Module, size: int, args: argparse.Namespace, device: torch.device):
+def section_unet(  # type: ignore[no-untyped-def]
+    net: torch.nn.Module, size: int, reference: Any, args: argparse.Namespace, device: torch.device
+):
     x = torch.randn(args.batch, 3, size, size, device=device)
     t = torch.randint(0, 1000, (args.batch,), device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
@@ -271,12 +286,12 @@ def section_unet(net: torch.nn.Module, size: int, args: argparse.Namespace, devi
     with torch.no_grad():
         ref_out = forward(einsum_attention)()
         diff = float((forward(None)() - ref_out).abs().max())
-    reference = _reference_unet(net, args, device)
-    if reference is not None:
+    ref_net = _reference_unet(net, reference, args, device)
+    if ref_net is not None:
 
         def call_reference() -> torch.Tensor:
             with torch.no_grad():
-                return reference(x, t, y)
+                return ref_net(x, t, y)
 
         variants["reference"] = call_reference
         with torch.no_grad():
@@ -289,7 +304,8 @@ def section_unet(net: torch.nn.Module, size: int, args: argparse.Namespace, devi
         "fguide_vs_noncontiguous_sdpa": ratio(costs, "fguide", "noncontiguous_sdpa"),
         "max_abs_diff_vs_einsum": diff,
     }
-    if reference is not None:
+    if ref_net is not None:
+        out["reference_checkout"] = reference.checkout
         out["fguide_vs_reference"] = ratio(costs, "fguide", "reference")
         out["max_abs_diff_reference_vs_einsum"] = diff_ref
     else:
@@ -297,19 +313,51 @@ def section_unet(net: torch.nn.Module, size: int, args: argparse.Namespace, devi
     return out
 
 
-def _reference_unet(
-    net: torch.nn.Module, args: argparse.Namespace, device: torch.device
-) -> torch.nn.Module | None:
-    """guided-diffusion's UNetModel with fguide's weights, from ``--reference PATH``."""
-    if not args.reference:
+def load_reference(path: str | None) -> Any | None:
+    """The ``guided_diffusion`` package of a reference checkout, imported under a private name
+    (so two checkouts never clash in ``sys.modules``): an EluCD checkout (``PATH/DDPM``, its
+    guided step with ``gamma_factor`` and ``cond_fn([x, x̂0], ...)``) or a guided-diffusion
+    checkout (the UNet only). None, with a note on stderr, when absent."""
+    if not path:
         return None
-    path = Path(args.reference)
-    if not (path / "guided_diffusion" / "script_util.py").is_file():
-        print(f"reference: no guided-diffusion checkout at {path}: skipped", file=sys.stderr)
+    root = Path(path)
+    for pkg in (root / "DDPM" / "guided_diffusion", root / "guided_diffusion"):
+        if (pkg / "script_util.py").is_file():
+            break
+    else:
+        print(
+            f"reference: no guided-diffusion or EluCD checkout at {root}: skipped",
+            file=sys.stderr,
+        )
         return None
-    sys.path.insert(0, str(path))
-    from guided_diffusion.script_util import create_model as ref_create_model  # type: ignore
+    alias = "_bench_reference_guided_diffusion"
+    spec = importlib.util.spec_from_file_location(
+        alias, pkg / "__init__.py", submodule_search_locations=[str(pkg)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return types.SimpleNamespace(
+        script_util=importlib.import_module(f"{alias}.script_util"),
+        gaussian_diffusion=importlib.import_module(f"{alias}.gaussian_diffusion"),
+        checkout=str(root),
+    )
 
+
+def is_elucd(reference: Any) -> bool:
+    """Whether ``reference`` has EluCD's off-the-shelf guided ``p_sample``."""
+    sig = inspect.signature(reference.gaussian_diffusion.GaussianDiffusion.p_sample)
+    return "gamma_factor" in sig.parameters
+
+
+def _reference_unet(
+    net: torch.nn.Module, reference: Any, args: argparse.Namespace, device: torch.device
+) -> torch.nn.Module | None:
+    """The reference's ``UNetModel`` with fguide's weights."""
+    if reference is None:
+        return None
+    ref_create_model = reference.script_util.create_model
     flags = (
         {**model_defaults(), **REDUCED_64}
         if args.unet == "reduced64"
@@ -322,26 +370,93 @@ def _reference_unet(
     return ref.to(device).eval().requires_grad_(False)
 
 
+def _reference_guided_batch(
+    ref_net: torch.nn.Module,
+    clf: ImageClassifier,
+    size: int,
+    reference: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+    guided: bool,
+) -> Callable[[], torch.Tensor]:
+    """The batch of ``_guided_batch`` sampled by EluCD's own code: ``p_sample_loop`` of its
+    respaced diffusion with its ``design_cond_fn`` (scripts/classifier_sample.py) restated here:
+    the gradient of log(exp(τ1 l_y) / Σ_k exp(τ2 l_k)) at the (clipped) x̂0, times the scale."""
+    diffusion = reference.script_util.create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=str(args.steps)
+    )
+    labels = torch.arange(args.batch, device=device) % 1000
+    z = fguide.SampleNoise(0, range(args.batch)).initial((3, size, size), device=device)
+    tau1 = defaults.TAU1
+    tau2 = defaults.tau2("base", "ddpm", tau1)
+    resnet = clf.net  # fguide's input mode "elucd": the network sees x̂0 unchanged
+
+    def cond_fn(inputs: list[torch.Tensor], t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x0 = inputs[1].detach().requires_grad_(True)
+            logits = resnet(x0)
+            numerator = torch.exp(logits * tau1)[range(len(logits)), y.view(-1)].unsqueeze(1)
+            denominator = torch.exp(logits * tau2).sum(1, keepdim=True)
+            selected = torch.log(numerator / denominator)
+            return torch.autograd.grad(selected.sum(), x0)[0] * 1.0
+
+    def run() -> torch.Tensor:
+        out: torch.Tensor = diffusion.p_sample_loop(
+            ref_net,
+            (args.batch, 3, size, size),
+            gamma_factor=defaults.SINE_FACTOR if guided else 0.0,
+            noise=z,
+            clip_denoised=True,
+            model_kwargs={"y": labels},
+            cond_fn=cond_fn if guided else None,
+            device=device,
+        )
+        return out
+
+    return run
+
+
 def build_preset_flags(name: str) -> dict[str, Any]:
     from fguide.models.presets import PRESETS
 
     return dict(PRESETS[name].flags)
 
 
-def section_guidance(net, clf, size, args, device):  # type: ignore[no-untyped-def]
+def section_guidance(net, clf, size, reference, args, device):  # type: ignore[no-untyped-def]
     variants: dict[str, Callable[[], object]] = {
         "unguided": _guided_batch(net, clf, size, args, device, None)
     }
     for m in METHODS:
         variants[m] = _guided_batch(net, clf, size, args, device, m)
+    elucd = reference is not None and is_elucd(reference)
+    if elucd:
+        ref_net = _reference_unet(net, reference, args, device)
+        for name, guided in (("elucd_unguided", False), ("elucd_base", True)):
+            variants[name] = _reference_guided_batch(
+                ref_net, clf, size, reference, args, device, guided
+            )
     best, costs = interleaved(variants, device, args.repeats)
-    return {
+    out: dict[str, Any] = {
         "batch": args.batch,
         "steps": args.steps,
         "images_per_s": {n: args.batch / s for n, s in best.items()},
         "base_vs_unguided": ratio(costs, "base", "unguided"),
         "regulariser_vs_base": {m: ratio(costs, m, "base") for m in METHODS if m != "base"},
     }
+    if elucd:
+        out["reference_checkout"] = reference.checkout
+        out["elucd_base_vs_elucd_unguided"] = ratio(costs, "elucd_base", "elucd_unguided")
+        out["base_vs_elucd_base"] = ratio(costs, "base", "elucd_base")
+        out["unguided_vs_elucd_unguided"] = ratio(costs, "unguided", "elucd_unguided")
+        # The relative overheads have different denominators (fguide's unguided step is the
+        # cheaper one), so compare the guidance's own cost too: guided − unguided per batch.
+        fg = overhead(costs, "base", "unguided")
+        el = overhead(costs, "elucd_base", "elucd_unguided")
+        out["guidance_seconds_per_batch"] = {"fguide": fg, "elucd": el}
+        out["guidance_seconds_fguide_vs_elucd"] = fg / el if el > 0 else None
+    else:
+        out["reference"] = "skipped (--reference is not an EluCD checkout)"
+    return out
 
 
 def section_precision(net, clf, size, args, device):  # type: ignore[no-untyped-def]
@@ -452,7 +567,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="precision section: also NHWC copies of the networks (default on a GPU)",
     )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet")
-    ap.add_argument("--reference", default=None, help="a guided-diffusion checkout (optional)")
+    ap.add_argument(
+        "--reference",
+        default=None,
+        help="an EluCD checkout (UNet forward and guided DDPM sampling compared) or a "
+        "guided-diffusion checkout (UNet forward only); skipped when absent",
+    )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     args.precisions = args.precisions.split(",")
@@ -466,6 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         ap.error(f"--only: unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     net, clf, size = build(args, device)
+    reference = load_reference(args.reference)
     res: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -477,8 +598,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_clock": "synchronised wall time" if device.type == "cuda" else "process CPU time",
     }
     fns = {
-        "unet": lambda: section_unet(net, size, args, device),
-        "guidance": lambda: section_guidance(net, clf, size, args, device),
+        "unet": lambda: section_unet(net, size, reference, args, device),
+        "guidance": lambda: section_guidance(net, clf, size, reference, args, device),
         "precision": lambda: section_precision(net, clf, size, args, device),
         "memory": lambda: section_memory(net, clf, size, args, device),
         "compile": lambda: section_compile(net, clf, size, args, device),
@@ -516,6 +637,17 @@ def report_section(name: str, r: dict[str, Any]) -> str:
         lines.append(f"base / unguided: {_r(r['base_vs_unguided'])}")
         for m, v in r["regulariser_vs_base"].items():
             lines.append(f"{m} / base: {_r(v)}")
+        if "base_vs_elucd_base" in r:
+            lines.append(f"EluCD guided / EluCD unguided: {_r(r['elucd_base_vs_elucd_unguided'])}")
+            lines.append(f"fguide unguided / EluCD unguided: {_r(r['unguided_vs_elucd_unguided'])}")
+            lines.append(f"fguide base / EluCD base (guided step): {_r(r['base_vs_elucd_base'])}")
+            g = r["guidance_seconds_per_batch"]
+            rel = r["guidance_seconds_fguide_vs_elucd"]
+            lines.append(
+                f"guidance's own cost per batch (guided - unguided, median): fguide "
+                f"{g['fguide']:.4f} s, EluCD {g['elucd']:.4f} s"
+                + (f", ratio {rel:.3f}" if rel is not None else "")
+            )
     elif name == "precision":
         for p, v in r["images_per_s"].items():
             mem = r["peak_memory_bytes"][p]
