@@ -265,6 +265,34 @@ def test_the_hot_loop_reads_nothing_back_per_step(
     assert many <= 8
 
 
+def test_the_edm_network_reads_its_labels_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NVlabs EDM network (its one-hot labels checked once per labels tensor, not per call)
+    keeps the Heun loop's host reads independent of the number of steps."""
+    from pathlib import Path
+
+    from fguide.models.nvlabs import load_edm_denoiser
+
+    den, _ = load_edm_denoiser(Path(__file__).parent / "reference" / "edm_tiny_bare.pkl")
+    z = torch.randn(2, 3, 8, 8) * 80
+
+    def run(steps: int) -> int:
+        torch.manual_seed(0)
+        clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4))
+        guide = fguide.ClassifierGuide(clf, fguide.objective("base"), 0.1)
+        labels = torch.tensor([0, 3])  # a new batch: checked once
+        counts = _count_host_reads(monkeypatch)
+        with torch.no_grad():
+            fguide.heun(den, z, fguide.karras_sigmas(steps), labels=labels, guide=guide)
+        total = sum(counts.values())
+        monkeypatch.undo()
+        return total
+
+    few, many = run(3), run(9)
+    assert few == many, f"host reads grow with the number of steps: {few} vs {many}"
+    with pytest.raises(ValueError, match="labels must lie in"):
+        den(z, torch.full((2,), 1.0), torch.tensor([0, 4]))
+
+
 # ---------------------------------------------------------------- EDM stochastic churn
 
 

@@ -32,7 +32,7 @@ convolutions etc.): these modules are meant to receive trained weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -410,11 +410,15 @@ class EDMDenoiser:
     ``(x, σ[B], labels[B] long or None) -> D(x, σ)`` in x's dtype. Integer labels become the
     one-hot ``class_labels`` EDM feeds its network (``generate.py``:
     ``torch.eye(label_dim)[labels]``); None gives EDM's zero row; an unconditional network
-    (``label_dim == 0``) ignores them (they still steer a guide).
+    (``label_dim == 0``) ignores them (they still steer a guide). ``forward``, when given,
+    is called in place of ``net`` (e.g. its ``torch.compile``d form). Labels are validated once
+    per labels tensor, so that a sampling loop reads nothing back from the device per step.
     """
 
-    def __init__(self, net: EDMPrecond):
+    def __init__(self, net: EDMPrecond, forward: Callable[..., Tensor] | None = None):
         self.net = net
+        self.forward: Callable[..., Tensor] = forward if forward is not None else net
+        self._checked: Tensor | None = None
 
     def to(self, device: torch.device | str) -> EDMDenoiser:
         """Move the network (in place) and return self."""
@@ -448,5 +452,12 @@ class EDMDenoiser:
         return F.one_hot(labels.long(), self.label_dim).to(torch.float32)
 
     def __call__(self, x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-        y = self.one_hot(labels.to(x.device)) if self.label_dim and labels is not None else None
-        return self.net(x, sigma, y).to(x.dtype)
+        y = None
+        if self.label_dim and labels is not None:
+            labels = labels.to(x.device)
+            if labels is self._checked:
+                y = F.one_hot(labels.long(), self.label_dim).to(torch.float32)
+            else:
+                y = self.one_hot(labels)
+                self._checked = labels
+        return self.forward(x, sigma, y).to(x.dtype)
