@@ -643,3 +643,31 @@ def test_gpu_path_options_on_cpu(tmp_path: Path, ckpt: Path, reference: Path) ->
     assert not np.array_equal(load(bf.out)[0], load(reference)[0])  # the guide's precision acts
     with pytest.raises(ValueError, match="classifier_precision"):
         resolve_config(config(tmp_path / "x", ckpt, classifier_precision="fp8"))
+
+
+def test_edm_gpu_path_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --compile of the EDM denoiser (eager backend here: inductor takes minutes on CPU) gives
+    # the same samples and reports its compile time; channels_last changes layouts only.
+    from functools import partial
+
+    import fguide.sampling_models as sm
+    from fguide.accel import compile_model
+
+    monkeypatch.setattr(sm, "compile_model", partial(compile_model, backend="eager"))
+    argv = [
+        "sample", "--model", str(EDM_PICKLE), "--classifier", "test_sampling:tiny4_classifier",
+        "--steps", "4", "--seed", "1", "--num-samples", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+
+    def run(name: str, *extra: str) -> np.ndarray:
+        assert main([*argv, "--out", str(tmp_path / name), *extra]) == 0
+        with np.load(tmp_path / name / "samples.npz") as z:
+            return z["arr_0"].astype(int)
+
+    plain = run("plain")
+    capsys.readouterr()
+    np.testing.assert_array_equal(run("compiled", "--compile"), plain)
+    assert "torch.compile:" in capsys.readouterr().err
+    assert np.abs(run("nhwc", "--channels-last") - plain).max() <= 1

@@ -17,6 +17,7 @@ from fguide.accel import CompiledModel, compile_model, to_channels_last, with_pr
 from fguide.denoisers import ADMModel, Denoiser, EpsModel, VPAsEDM
 from fguide.guidance import ClassifierGuide
 from fguide.models.classifiers import LoadedClassifier, load_classifier
+from fguide.models.edm import EDMDenoiser
 from fguide.models.loading import load_model, load_state_dict_file, matching_presets
 from fguide.models.nvlabs import load_edm_denoiser
 from fguide.models.presets import (
@@ -120,22 +121,25 @@ def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module,
 
 def _edm_network(
     cfg: SampleConfig, dev: torch.device
-) -> tuple[nn.Module, Denoiser, Tensor, int, int | None, dict[str, Any]]:
-    """(network, denoiser, σ grid, image size, classes or None, description) of an NVlabs
-    EDM network pickle, read without running its embedded code."""
+) -> tuple[nn.Module, Denoiser, Tensor, int, int | None, dict[str, Any], CompiledModel | None]:
+    """(network, denoiser, σ grid, image size, classes or None, description, compiled network
+    or None) of an NVlabs EDM network pickle, read without running its embedded code."""
     if cfg.sampler != "heun":
         raise ValueError(f"sampler: EDM networks are sampled with heun, not {cfg.sampler!r}")
     if cfg.model_preset is not None or cfg.model_flags:
         raise ValueError("model_preset and model_flags apply to ADM checkpoints, not EDM pickles")
     if cfg.precision == "bf16":
         raise ValueError("precision: EDM networks run in fp32 or fp16 (as EDM does), not bf16")
-    if cfg.compile:
-        raise ValueError("compile: --compile applies to ADM UNets (not yet to EDM networks)")
     den_net, info = load_edm_denoiser(cfg.model)
     den_net = den_net.to(dev)
-    den: Denoiser = to_channels_last(den_net, den_net.net) if cfg.channels_last else den_net
     net = den_net.net.eval().requires_grad_(False)
     net.use_fp16 = cfg.precision == "fp16"  # EDM: the UNet body in fp16 on CUDA only
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # The whole preconditioned denoiser is compiled: c_in, c_skip, c_out fuse with the UNet.
+    compiled = compile_model(net) if cfg.compile else None
+    den_net = EDMDenoiser(net, compiled)
+    den: Denoiser = to_channels_last(den_net) if cfg.channels_last else den_net
     kwargs = info["init_kwargs"]
     size, label_dim = int(kwargs["img_resolution"]), int(kwargs.get("label_dim", 0))
     if cfg.image_size is not None and cfg.image_size != size:
@@ -144,7 +148,7 @@ def _edm_network(
     sigmas = karras_sigmas(int(cfg.steps), lo, hi)
     desc = {"family": "nvlabs", **{k: v for k, v in info.items() if k != "other_objects"}}
     desc["sigma_range"] = [lo, hi]
-    return net, den, sigmas, size, (label_dim or None), desc
+    return net, den, sigmas, size, (label_dim or None), desc, compiled
 
 
 def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> Components:
@@ -166,8 +170,10 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
     if family == "diffusers":
         return _pipeline(cfg, dev)
     if family == "nvlabs":
-        edm, den, grid, size, n_cond, edm_info = _edm_network(cfg, dev)
-        return _with_guide(cfg, dev, edm, None, None, grid, den, size, n_cond, {"model": edm_info})
+        edm, den, grid, size, n_cond, edm_info, edm_compiled = _edm_network(cfg, dev)
+        comp = _with_guide(cfg, dev, edm, None, None, grid, den, size, n_cond, {"model": edm_info})
+        comp.compiled = edm_compiled
+        return comp
     net, model_info = _load_diffusion(cfg, dev)
     mflags, dflags = model_info["model"], model_info["diffusion"]
     size = int(mflags["image_size"])
@@ -204,29 +210,44 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
 
 def _pipeline(cfg: SampleConfig, dev: torch.device) -> Components:
     """A diffusers pipeline folder (DiT with CFG in a VAE latent space, or a pixel UNet2DModel)
-    with its guide: EluCD's Algorithm 3 or the DDPM mean shift through the decoder."""
+    with its guide: EluCD's Algorithm 3 or the DDPM mean shift through the decoder.
+
+    ``precision`` casts the denoising network's weights (diffusers' ``torch_dtype``; its inputs
+    are cast to them and its outputs back to float32); the guidance's decoder and classifier
+    run under autocast in ``classifier_precision``; the final decode stays float32.
+    ``channels_last`` converts the convolutional networks (UNet2DModel, the VAE); ``compile``
+    compiles the denoising network.
+    """
     from fguide.models.hf_diffusers import build_pipeline_sampling, load_pipeline_model
 
-    if cfg.precision != "fp32" or cfg.compile or cfg.channels_last:
-        raise ValueError(
-            "precision, compile, channels_last: diffusers pipelines run in fp32 here (not yet)"
-        )
     pm = load_pipeline_model(cfg.model, device=dev)
+    if cfg.precision != "fp32":
+        pm.net.to(PRECISIONS[cfg.precision])
+    if cfg.channels_last:
+        for module in ([pm.net] if pm.kind == "unet" else []) + (
+            [pm.decoder.vae] if pm.decoder is not None else []
+        ):
+            module.to(memory_format=torch.channels_last)
     comp = _with_guide(
         cfg, dev, pm.net, None, None, None, None, pm.image_size, pm.num_classes,
         {"model": {"family": "diffusers", **pm.info()}},
     )  # fmt: skip
+    if cfg.compile:
+        comp.compiled = compile_model(pm.net)
+        pm.net = comp.compiled  # type: ignore[assignment]  # called like the module it wraps
+    guided = comp.guide is not None and comp.classifier is not None
     s = build_pipeline_sampling(
         pm,
         respacing=cfg.steps,
         cfg_scale=cfg.cfg_scale if cfg.cfg_scale is not None else 1.0,
         cfg_channels=cfg.cfg_channels,
-        classifier=None if comp.guide is None else comp.guide.classifier,
+        classifier=comp.classifier.module if guided else None,  # type: ignore[union-attr]
         objective=None if comp.guide is None else comp.guide.objective,
         scale=cfg.scale or 0.0,
         guidance=cfg.guidance_form or "algorithm3",  # type: ignore[arg-type]
         sine_factor=cfg.sine_factor or 0.0,
         microbatch=cfg.guidance_microbatch,
+        classifier_precision=cfg.classifier_precision,  # type: ignore[arg-type]
     )
     comp.model, comp.process, comp.guide = s.model, s.process, s.guide
     comp.state_shape, comp.to_image, comp.clip_denoised = s.state_shape, s.to_image, s.clip_denoised

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fguide.accel import Precision, with_precision
 from fguide.cfg_guidance import (
     CFGClassifierGuidance,
     MicrobatchGuide,
@@ -552,6 +553,7 @@ def build_pipeline_sampling(
     sine_factor: float = 0.3,
     microbatch: int | None = None,
     clip: ClipMode = "straight_through",
+    classifier_precision: Precision = "fp32",
 ) -> PipelineSampling:
     """Model, process and guide for ``fguide.ddpm(s.model, z, s.process, labels=y,
     guide=s.guide, noise=..., clip_denoised=s.clip_denoised, sine_factor=...)``.
@@ -560,7 +562,8 @@ def build_pipeline_sampling(
     (DiT only) is :class:`CFGClassifierGuidance` with G = ``scale``; ``"mean"`` is EluCD's DDPM
     mean shift μ' = μ + (Σ + a_t) γ g with γ = ``scale`` and g the (decoded) classifier's
     gradient at x̂0 of the CFG output, the sampler's ``sine_factor`` giving a_t. The final state
-    goes through ``s.to_image`` (the VAE decoder for latents).
+    goes through ``s.to_image`` (the VAE decoder for latents). ``classifier_precision`` runs the
+    guidance's C∘Dec (decoder and classifier) under autocast (gradients included).
     """
     proc = pm.process(respacing)
     eps = pm.eps_model(cfg_scale, cfg_channels)
@@ -569,7 +572,7 @@ def build_pipeline_sampling(
     if classifier is not None:
         if objective is None:
             raise ValueError("objective is required with a classifier")
-        clf = pm.guidance_classifier(classifier, clip)
+        clf = with_precision(pm.guidance_classifier(classifier, clip), classifier_precision)
         if guidance == "algorithm3":
             if not isinstance(eps, DiTEps):
                 raise ValueError("guidance 'algorithm3' needs a DiT pipeline (CFG); use 'mean'")
