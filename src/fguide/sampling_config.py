@@ -124,11 +124,15 @@ class SampleConfig:
     """``uniform`` (i.i.d. per sample), ``balanced`` (seeded permutations of the classes), or
     one class id."""
     precision: str = "fp32"
-    """The diffusion UNet's torso dtype (``fp32``, ``fp16``, ``bf16``), as ADM converts it."""
+    """The diffusion network's precision (``fp32``, ``fp16``, ``bf16``): an ADM UNet's torso
+    dtype as ADM converts it, an EDM network's fp16 body (CUDA, as EDM; no bf16), a diffusers
+    pipeline network's weight dtype."""
     classifier_precision: str = "fp32"
-    """The classifier's forward and backward under autocast (``fp32``: none; ``bf16``, ``fp16``)."""
+    """The classifier's forward and backward under autocast (``fp32``: none; ``bf16``, ``fp16``);
+    for a latent pipeline, the VAE decoder of the guidance too."""
     compile: bool = False
-    """``torch.compile`` the ADM UNet (the compile time is reported)."""
+    """``torch.compile`` the diffusion network: ADM UNet, EDM denoiser or pipeline network (the
+    compile time is reported)."""
     channels_last: bool = False
     """Run the diffusion network in channels_last (NHWC) memory format (GPUs, half precision)."""
     device: str = "auto"

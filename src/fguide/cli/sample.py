@@ -77,18 +77,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     io.add_argument(
         "--precision",
         choices=list(PRECISIONS),
-        help=f"UNet precision (default {_default('precision')})",
+        help="the diffusion network's precision: ADM's torso dtype, EDM's fp16 body, a "
+        f"pipeline's network dtype (default {_default('precision')})",
     )
     io.add_argument(
         "--classifier-precision",
         choices=list(PRECISIONS),
-        help="the classifier's forward/backward under autocast (default fp32)",
+        help="the classifier's forward/backward under autocast (with a latent pipeline's "
+        "decoder) (default fp32)",
     )
     io.add_argument(
         "--compile",
         action="store_const",
         const=True,
-        help="torch.compile the ADM UNet (compile time reported; pays off on long GPU runs)",
+        help="torch.compile the diffusion network (ADM UNet, EDM denoiser, pipeline network; "
+        "compile time reported; pays off on long GPU runs)",
     )
     io.add_argument(
         "--channels-last",
