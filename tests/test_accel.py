@@ -75,6 +75,15 @@ def test_compile_model_reports_its_compile_time() -> None:
     assert eager.compile_seconds is not None
     net.num_classes = 5
     assert compiled.num_classes == 5  # the module's attributes stay reachable
+    # eager(): the module itself, no compilation (the batch-size probe's other shapes)
+    lazy = compile_model(net, backend="eager")
+    calls: list[int] = []
+    net.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    with lazy.eager():
+        torch.testing.assert_close(lazy(x[:1]), net(x[:1]))
+    assert lazy.compile_seconds is None and calls == [1, 1]
+    lazy(x)
+    assert lazy.compile_seconds is not None
 
 
 def test_auto_batch_size_is_the_largest_batch_that_fits() -> None:

@@ -113,8 +113,21 @@ class CompiledModel:
         self.module = module
         self.compiled: Callable[..., Any] = torch.compile(module, **compile_kwargs)
         self.compile_seconds: float | None = None
+        self._eager = False
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Calls inside run the module uncompiled: a probe at other batch sizes (the automatic
+        batch size) costs no compilations of shapes the run never uses."""
+        self._eager = True
+        try:
+            yield
+        finally:
+            self._eager = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._eager:
+            return self.module(*args, **kwargs)
         if self.compile_seconds is not None:
             return self.compiled(*args, **kwargs)
         start = time.perf_counter()

@@ -36,6 +36,7 @@ merged over all shards and ranks).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import sys
@@ -390,7 +391,11 @@ def _auto_batch_size(comp: Components, cfg: SampleConfig) -> int:
             pass
 
     group = cfg.tilt_group if cfg.t_tilt is not None and cfg.tilt_group else 8
-    return choose_batch_size(one_step, comp.device, probe=(group, 2 * group), multiple_of=group)
+    # Probe uncompiled (compiled code has a lower peak, so the choice stays safe): compiling
+    # for the two probe sizes would cost two compilations of shapes the run never uses.
+    probing = comp.compiled.eager() if comp.compiled is not None else contextlib.nullcontext()
+    with probing:
+        return choose_batch_size(one_step, comp.device, probe=(group, 2 * group), multiple_of=group)
 
 
 def _model_sha256(path: Path) -> str:
