@@ -428,7 +428,9 @@ def section_guidance(net, clf, size, reference, args, device):  # type: ignore[n
     }
     for m in METHODS:
         variants[m] = _guided_batch(net, clf, size, args, device, m)
-    elucd = reference is not None and is_elucd(reference)
+    # EluCD's respaced diffusion cannot be built with a single step (its posterior variance
+    # indexes step 1), so the comparison needs two or more.
+    elucd = reference is not None and is_elucd(reference) and args.steps >= 2
     if elucd:
         ref_net = _reference_unet(net, reference, args, device)
         for name, guided in (("elucd_unguided", False), ("elucd_base", True)):
@@ -455,7 +457,7 @@ def section_guidance(net, clf, size, reference, args, device):  # type: ignore[n
         out["guidance_seconds_per_batch"] = {"fguide": fg, "elucd": el}
         out["guidance_seconds_fguide_vs_elucd"] = fg / el if el > 0 else None
     else:
-        out["reference"] = "skipped (--reference is not an EluCD checkout)"
+        out["reference"] = "skipped (needs --reference an EluCD checkout and --steps >= 2)"
     return out
 
 
