@@ -638,35 +638,18 @@ def test_pipeline_gpu_path_options(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # --compile (the eager backend here: inductor would take minutes on CPU) gives the same
-    # samples and reports its compile time; channels_last changes layouts only; --precision
-    # bf16 runs the transformer in bf16 and --classifier-precision bf16 the decoder and
-    # classifier of the guidance: close to float32, not equal to it.
-    from functools import partial
-
+    # --compile and --channels-last as for every family; --precision bf16 runs the transformer
+    # in bf16 and --classifier-precision bf16 the decoder and classifier of the guidance: close
+    # to float32, not equal to it.
     import numpy as np
+    from test_sampling import check_compile_and_channels_last
 
-    import fguide.sampling_models as sm
-    from fguide.accel import compile_model
-    from fguide.cli.main import main
-
-    monkeypatch.setattr(sm, "compile_model", partial(compile_model, backend="eager"))
     argv = [
         "sample", "--model", str(dit_dir), "--cfg-scale", "1.5", "--classifier",
         "test_hf_diffusers:cli_classifier", "--scale", "2", "--steps", "3",
         "--num-samples", "4", "--batch-size", "4", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
-
-    def run(name: str, *extra: str) -> np.ndarray:
-        assert main([*argv, "--out", str(tmp_path / name), *extra]) == 0
-        with np.load(tmp_path / name / "samples.npz") as z:
-            return z["arr_0"].astype(int)
-
-    fp32 = run("fp32")
-    capsys.readouterr()
-    np.testing.assert_array_equal(run("compiled", "--compile"), fp32)
-    assert "torch.compile:" in capsys.readouterr().err
-    assert np.abs(run("nhwc", "--channels-last") - fp32).max() <= 1
+    run, fp32 = check_compile_and_channels_last(argv, tmp_path, monkeypatch, capsys)
     for flag in ("--precision", "--classifier-precision"):
         d = np.abs(run(flag[2:], flag, "bf16") - fp32)
         assert 0 < d.max() and d.mean() < 4, (flag, d.max(), d.mean())

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -645,29 +645,41 @@ def test_gpu_path_options_on_cpu(tmp_path: Path, ckpt: Path, reference: Path) ->
         resolve_config(config(tmp_path / "x", ckpt, classifier_precision="fp8"))
 
 
-def test_edm_gpu_path_options(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # --compile of the EDM denoiser (eager backend here: inductor takes minutes on CPU) gives
-    # the same samples and reports its compile time; channels_last changes layouts only.
+def check_compile_and_channels_last(
+    argv: list[str],
+    out: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> tuple[Callable[..., np.ndarray], np.ndarray]:
+    """Run ``fguide sample *argv`` plainly, with ``--compile`` (the eager backend: inductor takes
+    minutes on CPU) and with ``--channels-last``; assert the compiled run gives the same bytes
+    and logs its compile time, and NHWC changes a sample by rounding only. Returns ``run(name,
+    *flags)`` (the samples as ints) and the plain samples."""
     from functools import partial
 
     import fguide.sampling_models as sm
     from fguide.accel import compile_model
 
     monkeypatch.setattr(sm, "compile_model", partial(compile_model, backend="eager"))
-    argv = [
-        "sample", "--model", str(EDM_PICKLE), "--classifier", "test_sampling:tiny4_classifier",
-        "--steps", "4", "--seed", "1", "--num-samples", "2", "--device", "cpu", "--no-progress",
-    ]  # fmt: skip
 
     def run(name: str, *extra: str) -> np.ndarray:
-        assert main([*argv, "--out", str(tmp_path / name), *extra]) == 0
-        with np.load(tmp_path / name / "samples.npz") as z:
-            return z["arr_0"].astype(int)
+        assert main([*argv, "--out", str(out / name), *extra]) == 0
+        with np.load(out / name / "samples.npz") as z:
+            return np.asarray(z["arr_0"], dtype=int)
 
     plain = run("plain")
     capsys.readouterr()
     np.testing.assert_array_equal(run("compiled", "--compile"), plain)
     assert "torch.compile:" in capsys.readouterr().err
     assert np.abs(run("nhwc", "--channels-last") - plain).max() <= 1
+    return run, plain
+
+
+def test_edm_gpu_path_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "sample", "--model", str(EDM_PICKLE), "--classifier", "test_sampling:tiny4_classifier",
+        "--steps", "4", "--seed", "1", "--num-samples", "2", "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    check_compile_and_channels_last(argv, tmp_path, monkeypatch, capsys)
