@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from fguide.objectives import Objective
+from fguide.objectives import Objective, check_labels
 
 ClassifierFn = Callable[..., Tensor]
 
@@ -70,29 +70,6 @@ def evaluate_guidance(
             coeff, weights = objective.coefficients_and_weights(logits.detach(), labels, progress)
         (grad,) = torch.autograd.grad(logits, x_in, grad_outputs=coeff.to(logits.dtype))
     return GuidanceResult(grad=grad, logits=logits.detach(), labels=labels, weights=weights)
-
-
-def check_labels(logits: Tensor, labels: Tensor) -> None:
-    """Raise a ValueError naming ``labels`` unless they are [B] integers in [0, N) for logits
-    [B, N] (reads the label range back from the device once)."""
-    if logits.ndim != 2:
-        raise ValueError(
-            f"classifier must return logits of shape [B, N]; got {tuple(logits.shape)}"
-        )
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"labels must have shape [{logits.shape[0]}] to match the logits; "
-            f"got {tuple(labels.shape)}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype.is_complex:
-        raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}")
-    if labels.numel():
-        lo_i, hi_i = torch.stack(list(torch.aminmax(labels))).tolist()
-        if lo_i < 0 or hi_i >= logits.shape[-1]:
-            raise ValueError(
-                f"labels must lie in [0, {logits.shape[-1]}) for a classifier with "
-                f"{logits.shape[-1]} classes; got range [{lo_i}, {hi_i}]"
-            )
 
 
 def guidance_gradient(

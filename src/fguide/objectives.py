@@ -42,12 +42,27 @@ def _check_finite_logits(logits: Tensor) -> None:
         )
 
 
-def _check_labels(labels: Tensor, num_classes: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+def check_labels(logits: Tensor, labels: Tensor) -> None:
+    """Raise a ValueError naming ``labels`` unless they are [B] integers in [0, N) for logits
+    [B, N] (reads the label range back from the device once)."""
+    if logits.ndim != 2:
         raise ValueError(
-            f"labels must lie in [0, {num_classes}) for a classifier with {num_classes} classes; "
-            f"got range [{int(labels.min())}, {int(labels.max())}]"
+            f"classifier must return logits of shape [B, N]; got {tuple(logits.shape)}"
         )
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"labels must have shape [{logits.shape[0]}] to match the logits; "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}")
+    if labels.numel():
+        lo_i, hi_i = torch.stack(list(torch.aminmax(labels))).tolist()
+        if lo_i < 0 or hi_i >= logits.shape[-1]:
+            raise ValueError(
+                f"labels must lie in [0, {logits.shape[-1]}) for a classifier with "
+                f"{logits.shape[-1]} classes; got range [{lo_i}, {hi_i}]"
+            )
 
 
 def base_score(logits: Tensor, labels: Tensor, tau1: float, tau2: float) -> Tensor:
@@ -266,17 +281,9 @@ class Objective:
         return (c if w is None else c * w[:, None]), w
 
     def check_inputs(self, logits: Tensor, labels: Tensor) -> None:
-        """Raise a clear error for non-finite logits or labels outside [0, N)."""
-        if logits.ndim != 2:
-            raise ValueError(
-                f"classifier must return logits of shape [B, N]; got {tuple(logits.shape)}"
-            )
-        if labels.shape != logits.shape[:1]:
-            raise ValueError(
-                f"labels must have shape [{logits.shape[0]}] to match the logits; "
-                f"got {tuple(labels.shape)}"
-            )
-        _check_labels(labels, logits.shape[-1])
+        """Raise a clear error for labels that do not fit the logits (:func:`check_labels`) or
+        non-finite logits."""
+        check_labels(logits, labels)
         _check_finite_logits(logits)
 
 
