@@ -267,30 +267,22 @@ def load_or_train(
     _save(files["unet"], _train_unet(data, config, process, progress))
     seconds["unet"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    _init_seed(config, "classifier")
-    sd = _train_classifier(
-        DigitsCNN(), data, config, "classifier", config.classifier_steps, None, progress
-    )
-    _save(files["classifier"], sd)
-    seconds["classifier"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    _init_seed(config, "noisy_classifier")
-    noisy = create_classifier(**config.adm_classifier)
-    sd = _train_classifier(
-        noisy, data, config, "noisy_classifier", config.noisy_classifier_steps, process, progress
-    )
-    _save(files["noisy_classifier"], sd)
-    seconds["noisy_classifier"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    _init_seed(config, "feature_net")
-    sd = _train_classifier(
-        FeatureNet(), data, config, "feature_net", config.feature_steps, None, progress
-    )
-    _save(files["feature_net"], sd)
-    seconds["feature_net"] = time.perf_counter() - t0
+    classifiers: list[tuple[str, Callable[[], nn.Module], int, Process | None]] = [
+        ("classifier", DigitsCNN, config.classifier_steps, None),
+        (
+            "noisy_classifier",
+            lambda: create_classifier(**config.adm_classifier),
+            config.noisy_classifier_steps,
+            process,
+        ),
+        ("feature_net", FeatureNet, config.feature_steps, None),
+    ]
+    for name, build, steps, noise in classifiers:
+        t0 = time.perf_counter()
+        _init_seed(config, name)
+        sd = _train_classifier(build(), data, config, name, steps, noise, progress)
+        _save(files[name], sd)
+        seconds[name] = time.perf_counter() - t0
 
     meta = {
         "format": _FORMAT,
