@@ -144,29 +144,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or (5 if preset == "256" else 3)
     pm, clf = _model(preset, device)
     obj = fguide.objective("base")
+    common: dict[str, Any] = dict(respacing=str(steps), cfg_scale=1.5)
+    guided: dict[str, Any] = dict(common, classifier=clf, objective=obj)
     setups = {
-        "cfg": hd.build_pipeline_sampling(pm, respacing=str(steps), cfg_scale=1.5),
-        "alg3": hd.build_pipeline_sampling(
-            pm, respacing=str(steps), cfg_scale=1.5, classifier=clf, objective=obj, scale=0.1
-        ),
+        "cfg": hd.build_pipeline_sampling(pm, **common),
+        "alg3": hd.build_pipeline_sampling(pm, **guided, scale=0.1),
         "alg3-mb": hd.build_pipeline_sampling(
-            pm,
-            respacing=str(steps),
-            cfg_scale=1.5,
-            classifier=clf,
-            objective=obj,
-            scale=0.1,
-            microbatch=max(1, batch // 4),
+            pm, **guided, scale=0.1, microbatch=max(1, batch // 4)
         ),
-        "mean": hd.build_pipeline_sampling(
-            pm,
-            respacing=str(steps),
-            cfg_scale=1.5,
-            classifier=clf,
-            objective=obj,
-            scale=1.0,
-            guidance="mean",
-        ),
+        "mean": hd.build_pipeline_sampling(pm, **guided, scale=1.0, guidance="mean"),
     }
     noise = fguide.SampleNoise(0, range(batch))
     z = noise.initial(pm.state_shape, device=device)

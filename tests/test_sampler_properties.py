@@ -349,31 +349,16 @@ def test_heun_churn_matches_edm_algorithm_2_and_draws_once_per_step() -> None:
     # the churn noise only enters inside [S_tmin, S_tmax]: other draws do not change the result
     inside = [(0.05 <= s <= 10.0) for s in sig[:-1].tolist()]
     assert any(inside) and not all(inside)
+
+    def churned(draws: torch.Tensor) -> torch.Tensor:
+        churn = dict(s_churn=40.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.007)
+        return fguide.heun(_edm_denoiser, z, sig, noise=_Replay(draws), **churn)
+
     changed = draws.clone()
     changed[[i for i, ins in enumerate(inside) if not ins]] = 7.0
-    same = fguide.heun(
-        _edm_denoiser,
-        z,
-        sig,
-        noise=_Replay(changed),
-        s_churn=40.0,
-        s_tmin=0.05,
-        s_tmax=10.0,
-        s_noise=1.007,
-    )
-    torch.testing.assert_close(same, out, atol=0, rtol=0)
+    torch.testing.assert_close(churned(changed), out, atol=0, rtol=0)
     changed[[i for i, ins in enumerate(inside) if ins][0]] += 1.0
-    other = fguide.heun(
-        _edm_denoiser,
-        z,
-        sig,
-        noise=_Replay(changed),
-        s_churn=40.0,
-        s_tmin=0.05,
-        s_tmax=10.0,
-        s_noise=1.007,
-    )
-    assert not torch.allclose(other, out)
+    assert not torch.allclose(churned(changed), out)
 
 
 def test_heun_without_churn_never_draws_and_equals_the_deterministic_sampler() -> None:
