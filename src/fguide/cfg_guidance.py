@@ -13,15 +13,16 @@ The models themselves live in :mod:`fguide.models.hf_diffusers`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fguide.guidance import ClassifierFn, GuidanceResult, evaluate_guidance
-from fguide.objectives import Objective
+from fguide.guidance import ClassifierFn, GuidanceResult, LabelsCheck, evaluate_guidance
+from fguide.objectives import Objective, check_labels
+from fguide.samplers import _rms, elucd_heun_scale
 from fguide.schedules import Process
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def evaluate_guidance_microbatched(
     objective: Objective,
     progress: float = 0.0,
     microbatch: int | None = None,
+    *,
+    check: bool | Literal["labels"] = True,
 ) -> GuidanceResult:
     """g = Jᵀc as :func:`~fguide.guidance.evaluate_guidance`, ``microbatch`` samples per backward.
 
@@ -59,17 +62,18 @@ def evaluate_guidance_microbatched(
     weights w come from the base scores of the whole group, so the logits of the full batch are
     computed first without gradient (micro-batch by micro-batch), then c·w for the full batch,
     then per micro-batch one forward with grad and the VJP with c·w restricted to it: the
-    gradient equals the full-batch one; the price is one extra forward pass.
+    gradient equals the full-batch one; the price is one extra forward pass. ``check`` as for
+    :func:`~fguide.guidance.evaluate_guidance`.
     """
     n = len(x)
     if microbatch is None or microbatch >= n:
-        return evaluate_guidance(classifier, x, labels, objective, progress)
+        return evaluate_guidance(classifier, x, labels, objective, progress, check=check)
     if microbatch < 1:
         raise ValueError(f"guidance_microbatch must be >= 1; got {microbatch}")
     spans = [(s, min(s + microbatch, n)) for s in range(0, n, microbatch)]
     if objective.tilt is None:
         parts = [
-            evaluate_guidance(classifier, x[a:b], labels[a:b], objective, progress)
+            evaluate_guidance(classifier, x[a:b], labels[a:b], objective, progress, check=check)
             for a, b in spans
         ]
         return GuidanceResult(
@@ -79,7 +83,10 @@ def evaluate_guidance_microbatched(
         )
     with torch.no_grad():
         logits = torch.cat([classifier(x[a:b].detach()) for a, b in spans])
-    objective.check_inputs(logits, labels)
+    if check == "labels":
+        check_labels(logits, labels)
+    elif check:
+        objective.check_inputs(logits, labels)
     coeff, weights = objective.coefficients_and_weights(logits, labels, progress)
     grads = []
     with torch.enable_grad():
@@ -99,33 +106,32 @@ class MicrobatchGuide:
     objective: Objective
     scale: float = 1.0
     microbatch: int | None = None
+    _labels: LabelsCheck = field(default_factory=lambda: LabelsCheck(), init=False, repr=False)
 
     def __call__(
         self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
     ) -> GuidanceResult:
-        return evaluate_guidance_microbatched(
-            self.classifier, x0, labels, self.objective, progress, self.microbatch
+        res = evaluate_guidance_microbatched(
+            self.classifier,
+            x0,
+            labels,
+            self.objective,
+            progress,
+            self.microbatch,
+            check=self._labels.mode(labels),
         )
+        self._labels.passed(labels)
+        return res
 
 
 # -- EluCD Algorithm 3 --------------------------------------------------------------------------
 
 
-def _rms(v: Tensor) -> Tensor:
-    """sqrt(mean over C, H, W of v²) per sample, shaped for broadcasting."""
-    return v.pow(2).flatten(1).mean(1).sqrt().reshape(-1, *([1] * (v.ndim - 1)))
-
-
 def guidance_weight(k: int, n: int, scale: float, sine_factor: float) -> float:
-    """c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2).
-
-    G = 0 gives c_k = 0 (no guidance at all), not the 1e−5 floor.
-    """
-    if scale == 0:
-        return 0.0
-    return (
-        max(scale / (n + 1) * (n + 1 - k), 1e-5) + math.sin(math.pi * k / n) * scale * sine_factor
-    )
+    """c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2, as
+    :func:`~fguide.samplers.elucd_heun_scale`), except that G = 0 gives c_k = 0 (no guidance
+    at all), not the 1e−5 floor."""
+    return 0.0 if scale == 0 else elucd_heun_scale(k, n, scale, sine_factor)
 
 
 class CFGClassifierGuidance:
@@ -165,7 +171,9 @@ class CFGClassifierGuidance:
         index = np.full(process.num_train_steps, -1, dtype=np.int64)
         index[process.timestep_map] = np.arange(process.num_steps)
         self._index = torch.from_numpy(index)
+        self._index_on: dict[torch.device, Tensor] = {}  # the table per device, copied once
         self.last: GuidanceResult | None = None
+        self._labels = LabelsCheck()
         self.guide = _ReplayGuide(self)
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
@@ -175,7 +183,10 @@ class CFGClassifierGuidance:
         out = self.dit.combine(cond, uncond)
         c = x.shape[1]
         eps, d = out[:, :c], cond[:, :c] - uncond[:, :c]
-        i = self._index.to(t.device)[t.long()]
+        table = self._index_on.get(t.device)
+        if table is None:
+            table = self._index_on[t.device] = self._index.to(t.device)
+        i = table[t.long()]
         n = self.process.num_steps
         first = int(i[0])  # one scalar read per step: progress and c_k are per step
         if first < 0:
@@ -185,8 +196,15 @@ class CFGClassifierGuidance:
         if self.clip_denoised:
             x0 = x0.clamp(-1, 1)
         res = evaluate_guidance_microbatched(
-            self.classifier, x0.detach(), labels, self.objective, k / max(n - 1, 1), self.microbatch
+            self.classifier,
+            x0.detach(),
+            labels,
+            self.objective,
+            k / max(n - 1, 1),
+            self.microbatch,
+            check=self._labels.mode(labels),
         )
+        self._labels.passed(labels)
         self.last = res
         g = res.grad.to(x.dtype)
         g_hat = g / _rms(g).clamp_min(torch.finfo(g.dtype).tiny)

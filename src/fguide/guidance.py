@@ -106,6 +106,23 @@ class Guide(Protocol):
     ) -> GuidanceResult: ...
 
 
+class LabelsCheck:
+    """The ``check`` a guide passes to :func:`evaluate_guidance`: ``"labels"`` on the first call
+    with a given labels tensor (once per batch: the samplers pass the same tensor every step),
+    nothing afterwards, so that later steps read nothing back from the device; non-finite
+    gradients are caught by the samplers' device-side check."""
+
+    def __init__(self) -> None:
+        self._passed: Tensor | None = None
+
+    def mode(self, labels: Tensor) -> Literal["labels"] | bool:
+        return False if labels is self._passed else "labels"
+
+    def passed(self, labels: Tensor) -> None:
+        """Record that ``labels`` passed the check (a failed check is repeated next call)."""
+        self._passed = labels
+
+
 @dataclass
 class ClassifierGuide:
     """Guidance by a classifier and an objective, with classifier scale γ.
@@ -120,15 +137,11 @@ class ClassifierGuide:
     scale: float = 1.0
     input: Literal["x0", "xt"] = "x0"
     time_aware: bool = False
-    _checked: Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _labels: LabelsCheck = field(default_factory=lambda: LabelsCheck(), init=False, repr=False)
 
     def __call__(
         self, x_t: Tensor, x0: Tensor, t: Tensor, labels: Tensor, progress: float
     ) -> GuidanceResult:
-        # Labels are validated on the first call with a given labels tensor (once per batch:
-        # the samplers pass the same tensor every step); later steps read nothing back from
-        # the device, and non-finite gradients are caught by the samplers' device-side check.
-        check: Literal["labels"] | bool = "labels" if labels is not self._checked else False
         x = x0 if self.input == "x0" else x_t
         res = evaluate_guidance(
             self.classifier,
@@ -137,7 +150,7 @@ class ClassifierGuide:
             self.objective,
             progress,
             timesteps=t if self.time_aware else None,
-            check=check,
+            check=self._labels.mode(labels),
         )
-        self._checked = labels
+        self._labels.passed(labels)
         return res

@@ -409,15 +409,16 @@ def heun(
             if guide is not None and labels is not None:
                 # EluCD Algorithm 2: the displacement is computed at x_i, before the churn
                 s_i = s.expand(b)
+                rms_x = _rms(x)
                 if guidance_input == "x":
-                    x_in = x / _rms(x).clamp_min(1.0)
+                    x_in = x / rms_x.clamp_min(1.0)
                 else:
                     x_in = model(x, s_i, labels)
                     checks.model(x_in, i)
                 res = _guide(guide, x, x_in, s_i, labels, i / max(n - 1, 1))
                 checks.guidance(res.grad, i)
                 c_i = elucd_heun_scale(i, n, guide.scale, sine_factor)
-                delta = res.grad / _rms(res.grad) * _rms(x) * c_i
+                delta = res.grad / _rms(res.grad) * rms_x * c_i
             gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= sig_host[i] <= s_tmax else 0.0
             if s_churn > 0 and noise is not None:
                 s_hat = s + gamma * s
