@@ -246,16 +246,3 @@ def choose_batch_size(
         max_batch=max_batch,
         multiple_of=multiple_of,
     )
-
-
-def fast_math(
-    device: torch.device | str, *, tf32: bool = True, cudnn_benchmark: bool = True
-) -> None:
-    """On CUDA: TF32 matmuls/convolutions (float32 storage, 10-bit mantissa products) and
-    cuDNN autotuning for the fixed sampling shapes. Changes global backend flags; no-op on CPU.
-    """
-    if torch.device(device).type != "cuda":
-        return
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = cudnn_benchmark

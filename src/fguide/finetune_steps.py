@@ -20,7 +20,6 @@ x̂0 = clip(x̂0(x_t, t), −1, 1) of a diffusion model.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from fguide import rng as streams
+from fguide.accel import autocast
 from fguide.finetune_config import ClassifierInput, Precision
 from fguide.finetune_data import TrainLoader
 from fguide.metrics.calibration import calibration_loss_fn, reliability_diagram, smooth_ece_loss
@@ -119,13 +119,6 @@ class BatchStats:
     labels: Tensor
 
 
-def _autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def accumulate_gradients(
     module: nn.Module,
     x: Tensor,
@@ -151,7 +144,7 @@ def accumulate_gradients(
     for i in range(0, n, step):
         sl = slice(i, min(i + step, n))
         w = (sl.stop - sl.start) / n
-        with _autocast(x.device, precision):
+        with autocast(x.device, precision):
             logits = call_classifier(module, x[sl], None if t is None else t[sl])
         loss, ce, sece = training_loss(logits, labels[sl], ece_weight, beta, calibration_loss)
         weighted = loss * w
@@ -211,15 +204,16 @@ def evaluate_held_out(
                         g = streams.generator(seed, streams.FINETUNE_EVAL, int(i))
                         ts.append(torch.randint(0, process.num_steps, (1,), generator=g))
                         noises.append(torch.randn(x0.shape[1:], generator=g))
-                    t = torch.cat(ts).to(device)
+                    t_host = torch.cat(ts)
+                    t = t_host.to(device)
                     x_t = process.q_sample(x0, t, torch.stack(noises).to(device, x0.dtype))
-                    t_all.append(t.cpu())
+                    t_all.append(t_host)
                     if kind == "noisy":
                         x_in, t_in = x_t, process.model_timesteps(t)
                     else:
                         assert denoiser is not None
                         x_in = denoiser(x_t, process.model_timesteps(t), y).to(x0.dtype)
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     logits = call_classifier(module, x_in, t_in)
                 logits_all.append(logits.float().cpu())
                 labels_all.append(y.cpu())
