@@ -19,7 +19,7 @@ from fguide.guidance import ClassifierGuide
 from fguide.models.classifiers import LoadedClassifier, load_classifier
 from fguide.models.edm import EDMDenoiser
 from fguide.models.loading import load_model, load_state_dict_file, matching_presets
-from fguide.models.nvlabs import load_edm_denoiser
+from fguide.models.nvlabs import load_network_pickle
 from fguide.models.presets import (
     PRESETS,
     create_model,
@@ -130,16 +130,13 @@ def _edm_network(
         raise ValueError("model_preset and model_flags apply to ADM checkpoints, not EDM pickles")
     if cfg.precision == "bf16":
         raise ValueError("precision: EDM networks run in fp32 or fp16 (as EDM does), not bf16")
-    den_net, info = load_edm_denoiser(cfg.model)
-    den_net = den_net.to(dev)
-    net = den_net.net.eval().requires_grad_(False)
+    net, info = load_network_pickle(cfg.model)  # eval mode, no gradients
+    net = net.to(dev)
     net.use_fp16 = cfg.precision == "fp16"  # EDM: the UNet body in fp16 on CUDA only
-    if cfg.channels_last:
-        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # The whole preconditioned denoiser is compiled: c_in, c_skip, c_out fuse with the UNet.
     compiled = compile_model(net) if cfg.compile else None
     den_net = EDMDenoiser(net, compiled)
-    den: Denoiser = to_channels_last(den_net) if cfg.channels_last else den_net
+    den: Denoiser = to_channels_last(den_net, net) if cfg.channels_last else den_net
     kwargs = info["init_kwargs"]
     size, label_dim = int(kwargs["img_resolution"]), int(kwargs.get("label_dim", 0))
     if cfg.image_size is not None and cfg.image_size != size:

@@ -411,14 +411,16 @@ class EDMDenoiser:
     one-hot ``class_labels`` EDM feeds its network (``generate.py``:
     ``torch.eye(label_dim)[labels]``); None gives EDM's zero row; an unconditional network
     (``label_dim == 0``) ignores them (they still steer a guide). ``forward``, when given,
-    is called in place of ``net`` (e.g. its ``torch.compile``d form). Labels are validated once
-    per labels tensor, so that a sampling loop reads nothing back from the device per step.
+    is called in place of ``net`` (e.g. its ``torch.compile``d form). Labels are validated and
+    one-hot encoded once per labels tensor, so that a sampling loop reads nothing back from
+    the device per step.
     """
 
     def __init__(self, net: EDMPrecond, forward: Callable[..., Tensor] | None = None):
         self.net = net
         self.forward: Callable[..., Tensor] = forward if forward is not None else net
-        self._checked: Tensor | None = None
+        self._labels: Tensor | None = None
+        self._one_hot: Tensor | None = None
 
     def to(self, device: torch.device | str) -> EDMDenoiser:
         """Move the network (in place) and return self."""
@@ -455,9 +457,7 @@ class EDMDenoiser:
         y = None
         if self.label_dim and labels is not None:
             labels = labels.to(x.device)
-            if labels is self._checked:
-                y = F.one_hot(labels.long(), self.label_dim).to(torch.float32)
-            else:
-                y = self.one_hot(labels)
-                self._checked = labels
+            if labels is not self._labels:  # a new batch: checked and encoded once
+                self._one_hot, self._labels = self.one_hot(labels), labels
+            y = self._one_hot
         return self.forward(x, sigma, y).to(x.dtype)
