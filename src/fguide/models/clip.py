@@ -55,6 +55,7 @@ __all__ = [
     "CLIPPreprocess",
     "CLIPScoreRecorder",
     "clip_preprocess",
+    "clip_score",
     "encode_prompts",
     "imagenet_prompts",
     "load_clip_head",
@@ -138,7 +139,9 @@ def resize_output_size(height: int, width: int, size: int) -> tuple[int, int]:
     return (new_long, size) if width <= height else (size, new_long)
 
 
-def clip_preprocess(x: Tensor, cfg: CLIPPreprocess) -> Tensor:
+def clip_preprocess(
+    x: Tensor, cfg: CLIPPreprocess, mean: Tensor | None = None, std: Tensor | None = None
+) -> Tensor:
     """CLIP's ``pixel_values`` from x ∈ [−1, 1] (NCHW), differentiably.
 
     (x + 1)/2 → resize (shortest side to ``size``) → centre crop → (v − mean)/std. The resize is
@@ -146,7 +149,8 @@ def clip_preprocess(x: Tensor, cfg: CLIPPreprocess) -> Tensor:
     by the scale when shrinking), which the PIL processor applies. Differences from the
     processor, all below one grey level: PIL resamples the uint8 image and rounds (and clamps
     bicubic overshoot to [0, 255]) before rescaling; here nothing is rounded or clamped, so the
-    gradient exists everywhere.
+    gradient exists everywhere. ``mean``/``std`` ([3, 1, 1], on x's device) save building
+    them from ``cfg`` on every call.
     """
     v = (x + 1) / 2
     if cfg.do_resize:
@@ -164,8 +168,10 @@ def clip_preprocess(x: Tensor, cfg: CLIPPreprocess) -> Tensor:
             )
         top, left = (h - cfg.crop_height) // 2, (w - cfg.crop_width) // 2
         v = v[..., top : top + cfg.crop_height, left : left + cfg.crop_width]
-    mean = torch.tensor(cfg.mean, dtype=v.dtype, device=v.device)[:, None, None]
-    std = torch.tensor(cfg.std, dtype=v.dtype, device=v.device)[:, None, None]
+    if mean is None:
+        mean = torch.tensor(cfg.mean, dtype=v.dtype, device=v.device)[:, None, None]
+    if std is None:
+        std = torch.tensor(cfg.std, dtype=v.dtype, device=v.device)[:, None, None]
     return (v - mean) / std
 
 
@@ -211,6 +217,8 @@ class CLIPHead(nn.Module):
     """
 
     text_embeds: Tensor
+    pixel_mean: Tensor
+    pixel_std: Tensor
 
     def __init__(
         self,
@@ -236,6 +244,13 @@ class CLIPHead(nn.Module):
         self.register_buffer("text_embeds", text_embeds.detach().clone())
         # In the state dict too, so that a weights checksum also identifies an overridden scale.
         self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
+        # Not persistent: the normalisation constants move with the module but stay out of the
+        # state dict (and so out of its checksum).
+        dt = text_embeds.dtype
+        mean = torch.tensor(preprocess.mean, dtype=dt)[:, None, None]
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        std = torch.tensor(preprocess.std, dtype=dt)[:, None, None]
+        self.register_buffer("pixel_std", std, persistent=False)
 
     @property
     def num_classes(self) -> int:
@@ -243,7 +258,9 @@ class CLIPHead(nn.Module):
 
     def pixel_values(self, x: Tensor) -> Tensor:
         """The processor-equivalent ``pixel_values`` of x ∈ [−1, 1]."""
-        return clip_preprocess(x.to(self.text_embeds.dtype), self.preprocess)
+        return clip_preprocess(
+            x.to(self.text_embeds.dtype), self.preprocess, self.pixel_mean, self.pixel_std
+        )
 
     def image_embeds(self, x: Tensor) -> Tensor:
         """Unit-norm CLIP image embeddings [B, D] of x ∈ [−1, 1]."""
@@ -256,11 +273,6 @@ class CLIPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.logit_scale * self.cosine(x)
-
-    def clip_score(self, x: Tensor, labels: Tensor) -> Tensor:
-        """CLIP score of each sample against its target prompt: 100 · max(cos, 0), [B]."""
-        cos = self.cosine(x).gather(-1, labels[:, None].to(x.device)).squeeze(-1)
-        return CLIP_SCORE_WEIGHT * cos.clamp_min(0)
 
     def target_index(self, target: int | str) -> int:
         """The class index of a target given as an index or as the exact prompt text."""
@@ -397,6 +409,11 @@ def load_clip_head(
 _CLIP_SUMS = ("n", "cos_sum", "score_sum")
 
 
+def clip_score(cos: Tensor) -> Tensor:
+    """The CLIP score of a cosine similarity: 100 · max(cos, 0) (:data:`CLIP_SCORE_WEIGHT`)."""
+    return CLIP_SCORE_WEIGHT * cos.clamp_min(0)
+
+
 class CLIPScoreRecorder:
     """Sampler callback: per step, the mean CLIP score of x̂0 against each sample's target prompt.
 
@@ -413,6 +430,7 @@ class CLIPScoreRecorder:
     ):
         self.head, self.labels, self.from_guidance = head, labels, from_guidance
         self.sums: dict[int, dict[str, float]] = {}
+        self._pending: list[tuple[int, int, Tensor]] = []  # (step, n, [Σ cos, Σ score]) on device
 
     def __call__(self, rec: StepRecord) -> None:
         res = rec.guidance
@@ -428,17 +446,31 @@ class CLIPScoreRecorder:
             with torch.no_grad():
                 cos = self.head.cosine(rec.x0).double()
             cos = cos.gather(-1, labels[:, None].to(cos.device)).squeeze(-1)
-        s = self.sums.setdefault(rec.step, dict.fromkeys(_CLIP_SUMS, 0.0))
-        s["n"] += len(cos)
-        s["cos_sum"] += float(cos.sum())
-        s["score_sum"] += float((CLIP_SCORE_WEIGHT * cos.clamp_min(0)).sum())
+        sums = torch.stack([cos.sum(), clip_score(cos).sum()])
+        self._pending.append((rec.step, len(cos), sums))
+
+    def finalize(self) -> None:
+        """Fold the pending steps' device sums into the host sums (one transfer), as
+        :meth:`TrajectoryRecorder.finalize` does."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        values = torch.stack([p[2] for p in pending]).cpu().tolist()  # the one read
+        for (step, n, _), (cos_sum, score_sum) in zip(pending, values, strict=True):
+            s = self.sums.setdefault(step, dict.fromkeys(_CLIP_SUMS, 0.0))
+            s["n"] += n
+            s["cos_sum"] += cos_sum
+            s["score_sum"] += score_sum
 
     @property
     def steps(self) -> list[int]:
+        self.finalize()
         return sorted(self.sums)
 
     def merge(self, other: CLIPScoreRecorder) -> None:
         """Add another recorder's observations (another batch, shard or process)."""
+        self.finalize()
+        other.finalize()
         for k, o in other.sums.items():
             s = self.sums.setdefault(k, dict.fromkeys(_CLIP_SUMS, 0.0))
             for key in _CLIP_SUMS:
