@@ -41,6 +41,7 @@ __all__ = [
     "NoiseFn",
     "NonFiniteGuidanceError",
     "NonFiniteModelOutputError",
+    "NonFiniteUpdateError",
     "SampleNoise",
     "StepRecord",
     "ddim",
@@ -54,7 +55,8 @@ __all__ = [
 class NonFiniteGuidanceError(RuntimeError):
     """The guidance gradient (or state) became non-finite; names the step and the samples.
 
-    The base class of the samplers' non-finite errors (:class:`NonFiniteModelOutputError`);
+    The base class of the samplers' non-finite errors (:class:`NonFiniteModelOutputError`,
+    :class:`NonFiniteUpdateError`);
     ``what`` says which tensor was non-finite.
     """
 
@@ -72,6 +74,16 @@ class NonFiniteModelOutputError(NonFiniteGuidanceError):
     def __init__(self, step: int, t: float, samples: list[int], model: str):
         self.model = model
         super().__init__(step, t, samples, f"output of the diffusion model {model}")
+
+
+class NonFiniteUpdateError(NonFiniteGuidanceError):
+    """The state became non-finite when a finite guidance gradient was applied (γ · g
+    overflowed)."""
+
+    def __init__(self, step: int, t: float, samples: list[int]):
+        super().__init__(
+            step, t, samples, "state after the guidance update (scale × gradient overflowed)"
+        )
 
 
 @dataclass
@@ -153,9 +165,7 @@ class _FirstNonFinite:
             rows = (firsts[1] == g).nonzero().flatten().tolist()
             raise NonFiniteGuidanceError(g, t_of_step(g), rows)
         rows = (firsts[2] == u).nonzero().flatten().tolist()
-        raise NonFiniteGuidanceError(
-            u, t_of_step(u), rows, "state after the guidance update (scale × gradient overflowed)"
-        )
+        raise NonFiniteUpdateError(u, t_of_step(u), rows)
 
 
 def _name(model: object) -> str:

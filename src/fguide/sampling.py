@@ -76,6 +76,7 @@ from fguide.rng import SampleNoise
 from fguide.samplers import (
     NonFiniteGuidanceError,
     NonFiniteModelOutputError,
+    NonFiniteUpdateError,
     StepRecord,
     ddim,
     ddpm,
@@ -125,7 +126,7 @@ class NonFiniteSamplesError(NonFiniteGuidanceError):
                 "check the diffusion model (--model); with guidance on, a --scale too large "
                 "for the classifier can also push the state there"
             )
-        elif err.what.startswith("state after the guidance"):
+        elif isinstance(err, NonFiniteUpdateError):
             advice = "lower --scale"
         else:
             advice = "lower --scale, check the classifier, or use a smoother one (--softplus-beta)"
