@@ -189,7 +189,7 @@ def _run_classifier(args: argparse.Namespace) -> int:
             "kind": source.kind,
             "num_images": source.count,
             "image_size": list(source.size),
-            "sha256": sha256_file(source.path) if source.kind == "npz" else None,
+            "sha256": source.sha256 if source.kind == "npz" else None,
         },
         noise_schedule=args.noise_schedule if process is not None else None,
         diffusion_steps=args.diffusion_steps if process is not None else None,

@@ -69,17 +69,18 @@ def load_state_dict_file(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {p}")
-    from fguide.models.nvlabs import is_network_pickle  # lazy: nvlabs imports this module
-
-    if is_network_pickle(p):
-        raise UnsafeCheckpointError(
-            f"{p} is an NVlabs network pickle (EDM): read it with "
-            "fguide.models.nvlabs.load_network_pickle(path), which rebuilds the network "
-            "without running the code embedded in the file"
-        )
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # Only a file torch refuses is looked at again (NVlabs' persistent classes always are).
+        from fguide.models.nvlabs import is_network_pickle  # lazy: nvlabs imports this module
+
+        if is_network_pickle(p):
+            raise UnsafeCheckpointError(
+                f"{p} is an NVlabs network pickle (EDM): read it with "
+                "fguide.models.nvlabs.load_network_pickle(path), which rebuilds the network "
+                "without running the code embedded in the file"
+            ) from None
         raise UnsafeCheckpointError(
             f"refusing to load {p}: it is not a plain state dict that "
             f"torch.load(weights_only=True) can read ({_unpickler_reason(err)}). {_CONVERT_HINT}"
