@@ -220,13 +220,6 @@ def write_report(
             _calib_table(calib),
             "",
         ]
-    ft = results.get("finetuned", {})
-    skipped = [k for k, v in ft.items() if "skipped" in v]
-    if skipped:
-        lines += [
-            f"Fine-tuning with {', '.join(skipped)} skipped: {ft[skipped[0]]['skipped']}.",
-            "",
-        ]
     lines += [
         "Files: `results.json` (everything above, per seed, with provenance), `table.png`, "
         "`curves.png` (the paper's Figure 1 from the first seed's trajectory.json), "
