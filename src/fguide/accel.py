@@ -29,21 +29,29 @@ from torch import Tensor, nn
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
-    "bf16": torch.bfloat16,
     "fp16": torch.float16,
+    "bf16": torch.bfloat16,
 }
+"""The precisions by name, with the reduced dtype they cast to (None: float32, no cast)."""
 
 
-def _check_precision(precision: str, what: str) -> torch.dtype | None:
+def check_precision(precision: str, what: str) -> torch.dtype | None:
+    """The reduced dtype of ``precision`` (None for fp32); a ValueError naming ``what`` for an
+    unknown name."""
     if precision not in PRECISIONS:
         raise ValueError(f"{what} must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     return PRECISIONS[precision]
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype a network is cast to for ``precision`` (float32 for fp32)."""
+    return check_precision(precision, "precision") or torch.float32
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device | str, precision: Precision = "fp32") -> Iterator[None]:
     """``torch.autocast`` on ``device``'s type in ``precision`` (a no-op for ``"fp32"``)."""
-    dtype = _check_precision(precision, "precision")
+    dtype = check_precision(precision, "precision")
     if dtype is None:
         yield
         return
@@ -60,7 +68,7 @@ class WithPrecision:
     """
 
     def __init__(self, model: Callable[..., Tensor], precision: Precision):
-        _check_precision(precision, "precision")
+        check_precision(precision, "precision")
         self.model, self.precision = model, precision
 
     def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -78,7 +86,7 @@ def with_precision(model: Callable[..., Tensor], precision: Precision) -> Callab
     Use it once for the diffusion model (``EpsModel``/``Denoiser``) and once, with its own
     precision, for the guiding classifier.
     """
-    if _check_precision(precision, "precision") is None:
+    if check_precision(precision, "precision") is None:
         return model
     return WithPrecision(model, precision)
 

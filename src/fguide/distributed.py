@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from fguide.runtime import resolve_device
+
 __all__ = ["Dist", "DistributedRunError"]
 
 
@@ -39,7 +41,7 @@ class Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         owned = False
         if not dist.is_initialized():
-            use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+            use_cuda = resolve_device(device).type == "cuda"
             if use_cuda:
                 torch.cuda.set_device(local % torch.cuda.device_count())
             dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -48,8 +50,6 @@ class Dist:
 
     def device(self, device: str) -> torch.device:
         """This process's device for ``device`` (``auto``: its local GPU when there is one)."""
-        from fguide.runtime import resolve_device
-
         dev = resolve_device(device)
         if dev.type == "cuda":
             if dev.index is None:

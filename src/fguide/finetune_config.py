@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from fguide import accel
 from fguide.metrics.calibration import CALIBRATION_LOSSES
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
 ClassifierInput = Literal["noisy", "clean", "denoised"]
 Precision = Literal["fp32", "fp16", "bf16"]
 INPUTS: tuple[str, ...] = ("noisy", "clean", "denoised")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+PRECISIONS: tuple[str, ...] = tuple(accel.PRECISIONS)
 
 
 @dataclass(frozen=True)

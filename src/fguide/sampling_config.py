@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fguide import defaults
+from fguide.accel import PRECISIONS, check_precision
 from fguide.models.classifiers import CLIP_PREFIX, is_adm_classifier
 from fguide.models.presets import PRESETS, parse_flag_string
 from fguide.models.resnet import ARCHS, INPUT_MODES
@@ -35,11 +34,6 @@ __all__ = [
     "resolve_config",
 ]
 
-PRECISIONS: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
 DEFAULT_SHARD_SIZE = 256
 """Samples per shard: at most this much work is lost to a kill (per process)."""
 
@@ -198,11 +192,7 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
     _check_positive_int("num_samples", c.num_samples)
     if c.batch_size is not None:
         _check_positive_int("batch_size", c.batch_size)
-    if c.classifier_precision not in PRECISIONS:
-        raise ValueError(
-            f"classifier_precision must be one of {', '.join(PRECISIONS)}; "
-            f"got {c.classifier_precision!r}"
-        )
+    check_precision(c.classifier_precision, "classifier_precision")
     _check_positive_int("shard_size", c.shard_size)
     _check_positive_int("grid", c.grid, 0)
     _check_positive_int("seed", c.seed, 0)
@@ -252,8 +242,7 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
             raise ValueError(f"steps: Heun takes a number of steps, got {c.steps!r}") from None
         if n_heun < 2:
             raise ValueError(f"steps: Heun needs at least 2 steps, got {n_heun}")
-    if c.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {c.precision!r}")
+    check_precision(c.precision, "precision")
     c.labels = str(c.labels).strip()
     if c.labels not in ("uniform", "balanced"):
         try:

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fguide.accel import CompiledModel, compile_model, to_channels_last, with_precision
+from fguide.accel import (
+    CompiledModel,
+    compile_model,
+    precision_dtype,
+    to_channels_last,
+    with_precision,
+)
 from fguide.denoisers import ADMModel, Denoiser, EpsModel, VPAsEDM
 from fguide.guidance import ClassifierGuide
 from fguide.models.classifiers import LoadedClassifier, load_classifier
@@ -28,7 +34,7 @@ from fguide.models.presets import (
     preset_info,
     split_flags,
 )
-from fguide.sampling_config import PRECISIONS, SampleConfig, build_objective, model_family
+from fguide.sampling_config import SampleConfig, build_objective, model_family
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process
 
 __all__ = ["Components", "build_components"]
@@ -115,7 +121,7 @@ def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module,
         net = load_model(create_model(**flags["model"]), sd)
     net = net.to(device).eval().requires_grad_(False)
     if cfg.precision != "fp32":
-        net.convert_torso(PRECISIONS[cfg.precision])  # type: ignore[operator]
+        net.convert_torso(precision_dtype(cfg.precision))  # type: ignore[operator]
     return net, {"preset": preset, **flags}
 
 
@@ -219,7 +225,7 @@ def _pipeline(cfg: SampleConfig, dev: torch.device) -> Components:
 
     pm = load_pipeline_model(cfg.model, device=dev)
     if cfg.precision != "fp32":
-        pm.net.to(PRECISIONS[cfg.precision])
+        pm.net.to(precision_dtype(cfg.precision))
     if cfg.channels_last:
         for module in ([pm.net] if pm.kind == "unet" else []) + (
             [pm.decoder.vae] if pm.decoder is not None else []

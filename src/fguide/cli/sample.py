@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from fguide import defaults as D
+from fguide.accel import PRECISIONS
 from fguide.io import runs
 from fguide.objectives import METHODS
 from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.samplers import NonFiniteGuidanceError
 from fguide.sampling import DistributedRunError, run_sampling
-from fguide.sampling_config import DEFAULT_SHARD_SIZE, PRECISIONS, SampleConfig
+from fguide.sampling_config import DEFAULT_SHARD_SIZE, SampleConfig
 
 HELP = "Draw guided samples into resumable ADM-format shards (torchrun for several GPUs)."
 
