@@ -125,11 +125,15 @@ def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module,
     return net, {"preset": preset, **flags}
 
 
-def _edm_network(
-    cfg: SampleConfig, dev: torch.device
-) -> tuple[nn.Module, Denoiser, Tensor, int, int | None, dict[str, Any], CompiledModel | None]:
-    """(network, denoiser, σ grid, image size, classes or None, description, compiled network
-    or None) of an NVlabs EDM network pickle, read without running its embedded code."""
+def _karras(cfg: SampleConfig, sigma_min: float, sigma_max: float) -> tuple[Tensor, list[float]]:
+    """EDM's σ grid of ``cfg.steps`` steps within the network's range and EDM's [0.002, 80]."""
+    lo, hi = max(0.002, sigma_min), min(80.0, sigma_max)
+    return karras_sigmas(int(cfg.steps), lo, hi), [lo, hi]
+
+
+def _edm_network(cfg: SampleConfig, dev: torch.device) -> Components:
+    """The run's parts for an NVlabs EDM network pickle, read without running its embedded
+    code, with its guide."""
     if cfg.sampler != "heun":
         raise ValueError(f"sampler: EDM networks are sampled with heun, not {cfg.sampler!r}")
     if cfg.model_preset is not None or cfg.model_flags:
@@ -147,11 +151,14 @@ def _edm_network(
     size, label_dim = int(kwargs["img_resolution"]), int(kwargs.get("label_dim", 0))
     if cfg.image_size is not None and cfg.image_size != size:
         raise ValueError(f"image_size: {cfg.image_size} does not match the EDM network's {size}")
-    lo, hi = max(0.002, den_net.sigma_min), min(80.0, den_net.sigma_max)
-    sigmas = karras_sigmas(int(cfg.steps), lo, hi)
+    sigmas, sigma_range = _karras(cfg, den_net.sigma_min, den_net.sigma_max)
     desc = {"family": "nvlabs", **{k: v for k, v in info.items() if k != "other_objects"}}
-    desc["sigma_range"] = [lo, hi]
-    return net, den, sigmas, size, (label_dim or None), desc, compiled
+    desc["sigma_range"] = sigma_range
+    comp = _with_guide(
+        cfg, dev, net, None, None, sigmas, den, size, label_dim or None, {"model": desc}
+    )
+    comp.compiled = compiled
+    return comp
 
 
 def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> Components:
@@ -173,10 +180,7 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
     if family == "diffusers":
         return _pipeline(cfg, dev)
     if family == "nvlabs":
-        edm, den, grid, size, n_cond, edm_info, edm_compiled = _edm_network(cfg, dev)
-        comp = _with_guide(cfg, dev, edm, None, None, grid, den, size, n_cond, {"model": edm_info})
-        comp.compiled = edm_compiled
-        return comp
+        return _edm_network(cfg, dev)
     net, model_info = _load_diffusion(cfg, dev)
     mflags, dflags = model_info["model"], model_info["diffusion"]
     size = int(mflags["image_size"])
@@ -198,11 +202,8 @@ def build_components(cfg: SampleConfig, device: torch.device | str = "cpu") -> C
     denoiser: Denoiser | None = None
     if cfg.sampler == "heun":
         abar = np.cumprod(1.0 - betas_for(dflags["noise_schedule"], dflags["diffusion_steps"]))
-        vp = VPAsEDM(model, abar)
-        lo, hi = max(0.002, vp.sigma_min), min(80.0, vp.sigma_max)
-        denoiser = vp
-        sigmas = karras_sigmas(int(cfg.steps), lo, hi)
-        info["sigma_range"] = [lo, hi]
+        denoiser = VPAsEDM(model, abar)
+        sigmas, info["sigma_range"] = _karras(cfg, denoiser.sigma_min, denoiser.sigma_max)
 
     comp = _with_guide(
         cfg, dev, net, model, process, sigmas, denoiser, size, 1000 if class_cond else None, info
@@ -233,19 +234,20 @@ def _pipeline(cfg: SampleConfig, dev: torch.device) -> Components:
             module.to(memory_format=torch.channels_last)
     comp = _with_guide(
         cfg, dev, pm.net, None, None, None, None, pm.image_size, pm.num_classes,
-        {"model": {"family": "diffusers", **pm.info()}},
+        {"model": {"family": "diffusers", **pm.info()}}, make_guide=False,
     )  # fmt: skip
     if cfg.compile:
         comp.compiled = compile_model(pm.net)
         pm.net = comp.compiled  # type: ignore[assignment]  # called like the module it wraps
-    guided = comp.guide is not None and comp.classifier is not None
+    guided = cfg.method != "none"
+    assert comp.classifier is not None or not guided
     s = build_pipeline_sampling(
         pm,
         respacing=cfg.steps,
         cfg_scale=cfg.cfg_scale if cfg.cfg_scale is not None else 1.0,
         cfg_channels=cfg.cfg_channels,
         classifier=comp.classifier.module if guided else None,  # type: ignore[union-attr]
-        objective=None if comp.guide is None else comp.guide.objective,
+        objective=build_objective(cfg) if guided else None,
         scale=cfg.scale or 0.0,
         guidance=cfg.guidance_form or "algorithm3",  # type: ignore[arg-type]
         sine_factor=cfg.sine_factor or 0.0,
@@ -268,8 +270,10 @@ def _with_guide(
     size: int,
     num_classes: int | None,
     info: dict[str, Any],
+    make_guide: bool = True,
 ) -> Components:
-    """Load the guide (when there is one), check it against the model, build the run's parts."""
+    """Load the guide's classifier (when there is one), check it against the model, build the
+    run's parts; ``make_guide=False`` leaves the guide to the caller (diffusers pipelines)."""
     class_cond = num_classes is not None
     classifier = None
     if cfg.classifier is not None:
@@ -308,7 +312,7 @@ def _with_guide(
         if not 0 <= cls < num_classes:
             raise ValueError(f"labels: class {cls} is out of range [0, {num_classes})")
     guide = None
-    if cfg.method != "none":
+    if cfg.method != "none" and make_guide:
         assert classifier is not None and cfg.scale is not None
         guide = ClassifierGuide(
             with_precision(classifier.module, cfg.classifier_precision),  # type: ignore[arg-type]
