@@ -309,19 +309,33 @@ def make_process(
             "variance_type must be learned_range, fixed_large or fixed_small; "
             f"got {variance_type!r}"
         )
-    base = betas_for(noise_schedule, diffusion_steps)
-    kept = space_timesteps(diffusion_steps, timestep_respacing)
-    ac = np.cumprod(1.0 - base)
-    new_betas = []
-    last = 1.0
-    for k in kept:
-        new_betas.append(1 - ac[k] / last)
-        last = ac[k]
+    return process_from_betas(
+        betas_for(noise_schedule, diffusion_steps),
+        timestep_respacing,
+        variance_type,
+        rescale_timesteps,
+    )
+
+
+def process_from_betas(
+    betas: np.ndarray,
+    respacing: str = "",
+    variance_type: VarianceType = "learned_range",
+    rescale_timesteps: bool = False,
+) -> Process:
+    """The ADM-respaced process of training betas (:func:`make_process` for named schedules).
+
+    Kept steps k_i from :func:`space_timesteps`; β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    kept = space_timesteps(len(betas), respacing)
+    ac = np.cumprod(1.0 - betas)
+    prev = np.append(1.0, ac[kept][:-1])
     return Process(
-        betas=np.array(new_betas, dtype=np.float64),
-        timestep_map=np.array(kept, dtype=np.int64),
+        betas=1.0 - ac[kept] / prev,
+        timestep_map=np.asarray(kept, dtype=np.int64),
         variance_type=variance_type,
-        num_train_steps=diffusion_steps,
+        num_train_steps=len(betas),
         rescale_timesteps=rescale_timesteps,
     )
 

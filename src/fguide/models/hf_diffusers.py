@@ -46,7 +46,7 @@ from fguide.cfg_guidance import (
 )
 from fguide.guidance import ClassifierFn, ClassifierGuide
 from fguide.objectives import Objective
-from fguide.schedules import Process, VarianceType, betas_for, space_timesteps
+from fguide.schedules import Process, VarianceType, betas_for, process_from_betas
 
 __all__ = [
     "ELUCD_DIT_XL2_256",
@@ -139,25 +139,6 @@ def scheduler_betas(config: dict[str, Any], where: str = "scheduler config") -> 
     if not (np.all(betas > 0) and np.all(betas < 1)):
         raise ValueError(f"{where}: betas must lie in (0, 1)")
     return betas
-
-
-def process_from_betas(
-    betas: np.ndarray, respacing: str = "", variance_type: VarianceType = "learned_range"
-) -> Process:
-    """The ADM-respaced process of arbitrary training betas (``make_process`` for named ones).
-
-    Kept steps k_i from :func:`~fguide.schedules.space_timesteps`; β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}}.
-    """
-    betas = np.asarray(betas, dtype=np.float64)
-    kept = space_timesteps(len(betas), respacing)
-    ac = np.cumprod(1.0 - betas)
-    prev = np.append(1.0, ac[kept][:-1])
-    return Process(
-        betas=1.0 - ac[kept] / prev,
-        timestep_map=np.asarray(kept, dtype=np.int64),
-        variance_type=variance_type,
-        num_train_steps=len(betas),
-    )
 
 
 # -- networks as EpsModels ----------------------------------------------------------------------
