@@ -385,7 +385,7 @@ def finetune(
         )
 
         def held_out_eval() -> dict[str, Any]:
-            result, _, _ = evaluate_held_out(
+            result = evaluate_held_out(
                 module,
                 loader,
                 held_idx,

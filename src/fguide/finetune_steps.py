@@ -177,7 +177,7 @@ def evaluate_held_out(
     n_bins: int,
     beta: float,
     calibration_loss: str = "smooth_ece",
-) -> tuple[dict[str, Any], Tensor, Tensor]:
+) -> dict[str, Any]:
     """ECE, accuracy, NLL, Smooth ECE (and the ``calibration_loss`` term when it is another)
     and the reliability diagram on ``indices``.
 
@@ -251,4 +251,4 @@ def evaluate_held_out(
                     }
                 )
         result["by_t"] = buckets
-    return result, logits, labels
+    return result
