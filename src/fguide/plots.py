@@ -52,13 +52,19 @@ __all__ = [
 ]
 
 
-def new_figure(ncols: int = 1, width: float = 4.6, height: float = 3.6) -> tuple[Any, list[Any]]:
-    """A figure with ``ncols`` axes side by side, on an Agg canvas (120 dpi)."""
+def _figure(width: float, height: float) -> Any:
+    """An empty figure of ``width`` × ``height`` inches on an Agg canvas (120 dpi, as saved)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height), dpi=120)
+    fig = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def new_figure(ncols: int = 1, width: float = 4.6, height: float = 3.6) -> tuple[Any, list[Any]]:
+    """A figure with ``ncols`` axes side by side, on an Agg canvas (120 dpi)."""
+    fig = _figure(width * ncols, height)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
@@ -277,11 +283,7 @@ def plot_demo(
         methods = list(samples[d])
         cols = 5
         rows = (len(methods) + cols - 1) // cols
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(3 * cols, 3 * rows))
-        FigureCanvasAgg(fig)
+        fig = _figure(3 * cols, 3 * rows)
         grid = fig.subplots(rows, cols, squeeze=False)
         for ax, name in zip(grid.flat, methods, strict=False):
             x = samples[d][name]["x"] @ plane
@@ -338,13 +340,9 @@ def image_grid_png(images: NDArray[np.uint8], columns: int = 8) -> Callable[[IO[
 
 
 def plot_digits_table(results: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     m = results["methods"]
     names = list(m)
-    fig = Figure(figsize=(11, 4), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _figure(11, 4)
     for j, (key, label) in enumerate((("fd", "FD (lower is better)"), ("accuracy", "accuracy"))):
         ax = fig.add_subplot(1, 2, j + 1)
         mu = [m[n]["mean"][key] or 0.0 for n in names]
@@ -359,12 +357,9 @@ def plot_digits_table(results: Mapping[str, Any], path: Path) -> None:
 
 def plot_digits_curves(curves: Mapping[str, Any], path: Path) -> None:
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     colours = colormaps["tab20"]
-    fig = Figure(figsize=(13, 3.8), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _figure(13, 3.8)
     panels = (
         ("confidence_top25", "top-25 % confidence in the target"),
         ("grad_norm", "‖∇S‖ (mean)"),
@@ -398,14 +393,11 @@ def plot_digits_samples(
     samples: Mapping[str, tuple[NDArray[np.uint8], NDArray[np.int64]]], path: Path
 ) -> None:
     """One panel per method: rows = target class 0..9, up to 6 samples each."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     names = list(samples)
     cols = 4
     rows = -(-len(names) // cols)
-    fig = Figure(figsize=(2.6 * cols, 4.0 * rows), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _figure(2.6 * cols, 4.0 * rows)
     for j, name in enumerate(names):
         images, labels = samples[name]
         grey = images.mean(axis=-1)
@@ -423,12 +415,8 @@ def plot_digits_samples(
 
 
 def plot_digits_calibration(calib: Mapping[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     regs = calib["regimes"]
-    fig = Figure(figsize=(4.5 * len(regs), 3.6), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _figure(4.5 * len(regs), 3.6)
     losses = ("before", "ce", "smooth_ece", "soft_binned_ece")
     for j, (name, reg) in enumerate(regs.items()):
         ax = fig.add_subplot(1, len(regs), j + 1)
