@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from fguide import rng as streams
-from fguide.io.images import ImageSource, center_crop_arr, random_crop_arr
+from fguide.io.images import ImageSource, center_crop_arr, from_uint8_nhwc, random_crop_arr
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -167,7 +167,7 @@ class TrainLoader:
         imgs = self._map(
             lambda j: load_one(self.source, int(indices[j]), self.size, rngs[j]), len(indices)
         )
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = from_uint8_nhwc(np.stack(imgs))
         y = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
         return x.contiguous(), y
 

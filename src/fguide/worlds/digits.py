@@ -42,6 +42,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from fguide import rng as streams
+from fguide.io.images import from_uint8_nhwc
 
 __all__ = [
     "CLEAN_CLASSIFIER_SPEC",
@@ -87,7 +88,7 @@ def to_model_input(images: NDArray[np.uint8]) -> Tensor:
     """uint8 NHWC → float32 NCHW, x = u / 127.5 − 1 (the pipeline's map, as ADM's)."""
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [n, H, W, C], got {images.dtype} {images.shape}")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
+    return from_uint8_nhwc(images).contiguous()
 
 
 def split_digits(

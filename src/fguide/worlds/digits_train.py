@@ -166,7 +166,7 @@ def _train_unet(
 ) -> dict[str, Tensor]:
     """ε-prediction MSE (ADM's L_simple) with t uniform over T, Adam; returns the EMA weights."""
     tag = _TAGS["unet"]
-    torch.manual_seed(int(np.random.SeedSequence([config.seed, tag, 1]).generate_state(1)[0]))
+    _init_seed(config, "unet")
     net = create_model(**unet_model_flags(config)).train()  # init and dropout: global RNG
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=config.diffusion_lr)
