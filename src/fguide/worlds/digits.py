@@ -33,6 +33,7 @@ orchestrates, :mod:`fguide.worlds.digits_report` writes the report.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -54,6 +55,7 @@ __all__ = [
     "clean_classifier",
     "feature_network",
     "load_digits_data",
+    "mean_std",
     "split_digits",
     "to_model_input",
 ]
@@ -331,3 +333,17 @@ class DigitsConfig:
 
     def with_(self, **kw: Any) -> DigitsConfig:
         return replace(self, **kw)
+
+
+def mean_std(
+    per_seed: Sequence[Mapping[str, Any]], keys: Iterable[str]
+) -> dict[str, dict[str, float | None]]:
+    """Mean and sample standard deviation (ddof 1; 0 for one seed) over seeds of each of
+    ``keys`` (None values left out; None when there is none)."""
+    mean: dict[str, float | None] = {}
+    std: dict[str, float | None] = {}
+    for k in keys:
+        vals = [r[k] for r in per_seed if r.get(k) is not None]
+        mean[k] = float(np.mean(vals)) if vals else None
+        std[k] = float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)
+    return {"mean": mean, "std": std}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,10 +24,9 @@ from torch import Tensor, nn
 from fguide import rng as streams
 from fguide.metrics.calibration import calibration_loss_fn, ece
 from fguide.models.loading import load_model
-from fguide.models.presets import create_model
-from fguide.schedules import Process, make_process
-from fguide.worlds.digits import DigitsConfig, DigitsData, clean_classifier
-from fguide.worlds.digits_train import TrainedWorld, unet_model_flags
+from fguide.schedules import Process
+from fguide.worlds.digits import DigitsConfig, DigitsData, clean_classifier, mean_std
+from fguide.worlds.digits_train import TrainedWorld, load_unet, training_process
 
 __all__ = ["compare_calibration_losses", "denoised_bank"]
 
@@ -90,10 +88,8 @@ def compare_calibration_losses(
 ) -> dict[str, Any]:
     """Held-out ECE after CE, CE + Smooth ECE and CE + soft-binned ECE fine-tuning, in a
     low-accuracy and a high-accuracy regime of x̂0 inputs; mean ± std over ``calib_seeds``."""
-    unet = load_model(create_model(**unet_model_flags(config)), world.files["unet"]).eval()
-    unet.requires_grad_(False)
+    unet, process = load_unet(world, config), training_process(config)
     clf = load_model(clean_classifier(), world.files["classifier"]).eval()
-    process = make_process("linear", int(config.unet["diffusion_steps"]), "", "fixed_large")
     x_tr, y_tr = data.x(data.train), data.y(data.train)
     x_he, y_he = data.x(data.held), data.y(data.held)
 
@@ -118,14 +114,7 @@ def compare_calibration_losses(
                 _measure(_finetune_once(clf, xb, yb, loss, config, s), xh, yh)
                 for s in config.calib_seeds
             ]
-            res[loss] = {
-                "per_seed": runs,
-                "mean": {k: float(np.mean([r[k] for r in runs])) for k in runs[0]},
-                "std": {
-                    k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
-                    for k in runs[0]
-                },
-            }
+            res[loss] = {"per_seed": runs, **mean_std(runs, runs[0])}
         regimes[f"t{t}"] = res
     return {
         "accuracy_by_t": {str(t): a for t, a in acc_by_t.items()},

@@ -36,9 +36,15 @@ from fguide.worlds.digits import (
     DigitsData,
     FeatureNet,
     load_digits_data,
+    mean_std,
     to_model_input,
 )
-from fguide.worlds.digits_train import TrainedWorld, load_or_train, unet_model_flags
+from fguide.worlds.digits_train import (
+    TrainedWorld,
+    load_or_train,
+    load_unet,
+    training_process,
+)
 
 __all__ = ["DigitsEvaluator", "main", "run_digits_world", "sample_method"]
 
@@ -159,17 +165,6 @@ def sample_method(
     return images, labels, load_trajectory(run_dir / "trajectory.json")
 
 
-def _aggregate(per_seed: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Mean and sample standard deviation (ddof 1; 0 for one seed) of each metric."""
-    mean: dict[str, float | None] = {}
-    std: dict[str, float | None] = {}
-    for k in _METRICS:
-        vals = [r[k] for r in per_seed if r.get(k) is not None]
-        mean[k] = float(np.mean(vals)) if vals else None
-        std[k] = float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)
-    return {"mean": mean, "std": std}
-
-
 def _sweep(
     out: Path,
     world: TrainedWorld,
@@ -208,8 +203,6 @@ def _finetune(
     code, input ``denoised``), into the cache folder: (model file, report)."""
     from fguide.finetune import FinetuneConfig, adm_x0_estimator, finetune, wrap_module
     from fguide.io.images import from_arrays
-    from fguide.models.presets import create_model
-    from fguide.schedules import make_process
     from fguide.worlds.digits import clean_classifier
 
     ft = FinetuneConfig(
@@ -226,9 +219,7 @@ def _finetune(
         calibration_loss=loss,
     )
     net = load_model(clean_classifier(), world.files["classifier"])
-    unet = load_model(create_model(**unet_model_flags(config)), world.files["unet"]).eval()
-    unet.requires_grad_(False)
-    process = make_process("linear", int(config.unet["diffusion_steps"]), "", "fixed_large")
+    unet, process = load_unet(world, config), training_process(config)
     source = from_arrays(data.images[data.train], data.labels[data.train], "digits-train")
     key = f"finetune-{loss}-{config.finetune_iters}-{config.finetune_lr:g}"
     res = finetune(
@@ -287,7 +278,7 @@ def _run_methods(
             "method": method,
             "scale": scale,
             "per_seed": per_seed,
-            **_aggregate(per_seed),
+            **mean_std(per_seed, _METRICS),
         }
     return table, extras
 

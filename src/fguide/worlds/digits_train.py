@@ -35,12 +35,15 @@ from torch import Tensor, nn
 
 from fguide import rng as streams
 from fguide.io.files import atomic_write, atomic_write_json
+from fguide.models.loading import load_model
 from fguide.models.presets import create_classifier, create_model, model_defaults
 from fguide.schedules import Process, make_process
 from fguide.worlds.digits import DigitsCNN, DigitsConfig, DigitsData, FeatureNet
 
 __all__ = [
     "TrainedWorld",
+    "load_unet",
+    "training_process",
     "cache_dir",
     "cache_key",
     "data_fingerprint",
@@ -237,6 +240,17 @@ def _init_seed(config: DigitsConfig, name: str) -> None:
     )
 
 
+def training_process(config: DigitsConfig) -> Process:
+    """The unrespaced process the UNet is trained on (fixed-large variance, t in training steps)."""
+    return make_process("linear", int(config.unet["diffusion_steps"]), "", "fixed_large")
+
+
+def load_unet(world: TrainedWorld, config: DigitsConfig) -> nn.Module:
+    """The trained UNet, frozen, for x̂0 estimates."""
+    net = load_model(create_model(**unet_model_flags(config)), world.files["unet"])
+    return net.eval().requires_grad_(False)
+
+
 def load_or_train(
     data: DigitsData,
     config: DigitsConfig,
@@ -260,7 +274,7 @@ def load_or_train(
         return TrainedWorld(folder, key, files, [], meta)
     if log:
         log(f"digits world: training the networks into {folder} (once per configuration)")
-    process = make_process("linear", int(config.unet["diffusion_steps"]), "", "fixed_large")
+    process = training_process(config)
     seconds: dict[str, float] = {}
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
