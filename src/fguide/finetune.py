@@ -230,7 +230,7 @@ def adm_x0_estimator(unet: nn.Module, process: Process, class_cond: bool) -> X0E
     learns Σ, are ignored: x̂0 only needs ε.
     """
 
-    def estimate(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def estimate(x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         out = unet(x_t, t, y) if class_cond else unet(x_t, t)
         eps = out[:, : x_t.shape[1]].to(x_t.dtype)
         return process.x0_from_eps(x_t, t, eps).clamp(-1, 1)

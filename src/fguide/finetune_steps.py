@@ -47,8 +47,9 @@ __all__ = [
     "training_loss",
 ]
 
-X0Estimator = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""(x_t, t, y) -> x̂0: a diffusion model's clean-image estimate (``"denoised"`` input)."""
+X0Estimator = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+"""(x_t, t, y) -> x̂0: a diffusion model's clean-image estimate (``"denoised"`` input); y may
+be None for an unconditional model."""
 
 
 def training_loss(

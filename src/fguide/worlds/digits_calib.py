@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fguide import rng as streams
+from fguide.finetune import adm_x0_estimator
 from fguide.metrics.calibration import calibration_loss_fn, ece
 from fguide.models.loading import load_model
 from fguide.schedules import Process
@@ -38,6 +39,7 @@ def denoised_bank(
 ) -> Tensor:
     """x̂0 = clip(x̂0(x_t, t), −1, 1) for ``draws`` seeded noise draws of every image
     (draw-major: [draws · n, C, H, W])."""
+    estimate = adm_x0_estimator(unet, process, class_cond=False)
     gen = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
@@ -46,8 +48,7 @@ def denoised_bank(
                 xb = x0[i : i + 256]
                 tt = torch.full((len(xb),), t, dtype=torch.long)
                 x_t = process.q_sample(xb, tt, torch.randn(xb.shape, generator=gen))
-                eps = unet(x_t, tt)[:, : xb.shape[1]]
-                out.append(process.x0_from_eps(x_t, tt, eps).clamp(-1, 1))
+                out.append(estimate(x_t, tt, None))
     return torch.cat(out)
 
 
