@@ -2,9 +2,11 @@
 
 Each configuration is a set of :class:`fguide.sampling.SampleConfig` field values: the model
 preset, the sampler and its steps, the classifier, the method and its parameters. File paths
-(the diffusion checkpoint, the classifier weights) are never part of a configuration; the
-user gives them. ``fguide sample --config NAME`` starts from these values and every flag given
-explicitly overrides them (:func:`apply_paper_config`).
+(the diffusion checkpoint, the classifier weights) are never part of a configuration's
+settings; the user gives them, or ``--weights-dir`` finds the files the configuration names
+(``model_file``, ``weights``; :mod:`fguide.weights` says where each comes from).
+``fguide sample --config NAME`` starts from these values and every flag given explicitly
+overrides them (:func:`apply_paper_config`).
 
 All ImageNet 128×128 configurations use ADM's ``128x128_diffusion`` with 250 DDPM steps in
 fp16 (the reference samples with ``--use_fp16 True``). The EluCD ones use torchvision's V2
@@ -33,7 +35,9 @@ class PaperConfig:
     """The result the configuration reproduces (FID and sample count), as published."""
     settings: Mapping[str, Any] = field(default_factory=dict)
     weights: str | None = None
-    """The classifier weight file the configuration expects (torchvision or ADM file name)."""
+    """The guide's weight file (torchvision or ADM file name) or CLIP folder it expects."""
+    model_file: str | None = None
+    """The diffusion model's file (ADM checkpoint, NVlabs pickle) or pipeline folder name."""
 
 
 _ELUCD: dict[str, Any] = {
@@ -69,6 +73,7 @@ _R50 = {"classifier": "resnet50"}
 _R101 = {"classifier": "resnet101"}
 _R50_FILE = "resnet50-11ad3fa6.pth"
 _R101_FILE = "resnet101-cd907fc2.pth"
+_EDM_FILE = "edm-imagenet-64x64-cond-adm.pkl"
 
 # Methods that carry their own parameters: a config's values for them are dropped when the
 # user picks another method (they would not apply, and objective() refuses e.g. alpha on base).
@@ -76,9 +81,17 @@ _METHOD_PARAMS = ("alpha", "eps", "lam_max", "lam_min", "lam_schedule", "t_tilt"
 
 
 def _cfg(
-    name: str, description: str, reference: str, weights: str | None, **settings: Any
+    name: str,
+    description: str,
+    reference: str,
+    weights: str | None,
+    model_file: str | None = None,
+    **settings: Any,
 ) -> PaperConfig:
-    return PaperConfig(name, description, reference, settings, weights)
+    # ADM presets are published as <preset>.pt (openai/guided-diffusion's file names).
+    preset = settings.get("model_preset")
+    model_file = model_file or (f"{preset}.pt" if preset else None)
+    return PaperConfig(name, description, reference, settings, weights, model_file)
 
 
 PAPER_CONFIGS: dict[str, PaperConfig] = {
@@ -205,6 +218,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
                 f"G = {defaults.heun_scale(steps):g}",
                 f"EluCD Table 8: FID {fid} (50k; ~+5% time)",
                 _R101_FILE,
+                _EDM_FILE,
                 **_EDM,
                 steps=str(steps),
                 scale=defaults.heun_scale(steps),
@@ -217,6 +231,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             "250 steps, ResNet-101 guidance as in elucd-edm-r101-18, G = 0.001",
             "EluCD Table C.1: FID 1.41 → 1.33 (50k)",
             _R101_FILE,
+            _EDM_FILE,
             **_EDM,
             **_EDM_CHURN,
             steps="250",
@@ -227,6 +242,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             "EDM's own ImageNet-64 setting, unguided: stochastic Heun, 256 steps",
             "EDM paper: FID 1.36 (50k)",
             None,
+            _EDM_FILE,
             **{k: v for k, v in _EDM.items() if k in ("sampler", "precision", "num_samples")},
             **_EDM_CHURN,
             steps="256",
@@ -240,6 +256,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             "not publish it",
             "EluCD Table 9: FID 2.27 (CFG alone, DiT) → 2.12 (+ ResNet-101) (50k)",
             _R101_FILE,
+            "DiT-XL-2-256",
             sampler="ddpm",
             steps="250",
             cfg_scale=1.5,
@@ -261,7 +278,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             "s·cos(image, prompt) (τ2 = 0), sine-boosted schedule",
             "EluCD Figure 7 (CLIP score along the trajectory, boosted above linear at every "
             "step); γ = 1 is fguide's choice: EluCD's scale is not in its text or code",
-            "clip-vit-large-patch14-336 (a transformers folder with model.safetensors)",
+            "clip-vit-large-patch14-336",
             model_preset="256x256_diffusion_uncond",
             sampler="ddpm",
             steps="250",

@@ -22,6 +22,7 @@ from fguide.evaluation import default_cache_dir, evaluate
 from fguide.io.features import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB
 from fguide.io.files import atomic_write_json, provenance
 from fguide.models.inception import INCEPTION_WEIGHTS_ENV
+from fguide.weights import resolve_inception
 
 HELP = "FID, sFID, Inception Score and precision/recall of SAMPLES against REF (ADM's evaluator)."
 
@@ -49,6 +50,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"FID Inception weight file (pt_inception-2015-12-05-6726825d.pth or "
         f"weights-inception-2015-12-05-6726825d.pth); default ${INCEPTION_WEIGHTS_ENV}",
+    )
+    p.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="find the Inception weight file here by name (fguide weights download "
+        "pt_inception-2015-12-05-6726825d.pth --dir DIR)",
     )
     p.add_argument(
         "--batch-size", type=int, default=None, help="images per batch (default 64 CPU, 256 GPU)"
@@ -165,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(
             args.ref,
             args.samples,
-            weights=args.inception_weights,
+            weights=resolve_inception(args.inception_weights, args.weights_dir),
             batch_size=args.batch_size,
             device=args.device,
             cache_dir=cache_dir,

@@ -20,6 +20,7 @@ COMMANDS = {
     "evaluate": "fguide.cli.evaluate",
     "calibration": "fguide.cli.calibration",
     "finetune": "fguide.cli.finetune",
+    "weights": "fguide.cli.weights",
 }
 
 

@@ -23,6 +23,7 @@ from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.samplers import NonFiniteGuidanceError
 from fguide.sampling import DistributedRunError, run_sampling
 from fguide.sampling_config import DEFAULT_SHARD_SIZE, SampleConfig
+from fguide.weights import weights_dir_overrides
 
 HELP = "Draw guided samples into resumable ADM-format shards (torchrun for several GPUs)."
 
@@ -52,6 +53,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         + ", ".join(PAPER_CONFIGS),
     )
     io.add_argument("--list-configs", action="store_true", help="print the configurations")
+    io.add_argument(
+        "--weights-dir",
+        type=Path,
+        metavar="DIR",
+        help="find the --config's model, classifier and CLIP files here by name (where they "
+        "come from: fguide weights list; fguide weights download CONFIG --dir DIR)",
+    )
     io.add_argument(
         "--num-samples",
         type=int,
@@ -297,13 +305,16 @@ def _print_configs() -> None:
     for cfg in PAPER_CONFIGS.values():
         settings = " ".join(f"{k}={v}" for k, v in cfg.settings.items())
         print(f"{cfg.name}\n  {cfg.description}\n  reproduces: {cfg.reference}")
-        print(f"  classifier weights: {cfg.weights}\n  {settings}")
+        files = ", ".join(f for f in (cfg.model_file, cfg.weights) if f)
+        print(f"  files (fguide weights list): {files}\n  {settings}")
 
 
 def config_from_args(args: argparse.Namespace) -> SampleConfig:
     """The :class:`SampleConfig` of a command line (``--config`` first, then explicit flags)."""
     if args.out is None:
         raise ValueError("--out is required (the output folder)")
+    if args.weights_dir is not None:
+        vars(args).update(weights_dir_overrides(args.config, args.weights_dir, vars(args)))
     if args.model is None:
         raise ValueError("--model is required (the diffusion checkpoint)")
     given: dict[str, Any] = {

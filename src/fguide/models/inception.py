@@ -368,7 +368,9 @@ def _missing_weights_message(what: str) -> str:
     return (
         f"{what}. The FID Inception-v3 needs the 2015-12-05 TF graph's weights ported to "
         "PyTorch, published by pytorch-fid and torch-fidelity on their GitHub releases (either "
-        f"file works):\n{urls}\nDownload one and pass its path, or set {INCEPTION_WEIGHTS_ENV}."
+        f"file works):\n{urls}\nDownload one and pass its path, or set {INCEPTION_WEIGHTS_ENV} "
+        "(fguide weights download pt_inception-2015-12-05-6726825d.pth --dir DIR verifies it; "
+        "then --weights-dir DIR)."
     )
 
 

@@ -1,0 +1,312 @@
+"""Where the weight files come from: one table of every file a named configuration
+(:mod:`fguide.paper_configs`) or ``fguide evaluate`` needs, and finding them in a folder.
+
+Each :class:`WeightEntry` is a file or a folder (a Hugging Face repository's files in the
+layout fguide loads: safetensors and configs, never pickled ``.bin``) under the name
+``--weights-dir`` looks for. Each :class:`RemoteFile` holds its official URL and, where a public
+source states them, its size in bytes and SHA-256; ``None`` means no public source was found
+(``fguide weights list`` shows "unknown" and ``fguide weights download`` needs
+``--allow-unverified`` for it). The comment above each entry says where its numbers come from.
+Downloading is :mod:`fguide.weights_download`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fguide.paper_configs import PAPER_CONFIGS, paper_config
+
+__all__ = [
+    "EVALUATE",
+    "REGISTRY",
+    "RemoteFile",
+    "WeightEntry",
+    "download_command",
+    "entries_for",
+    "missing_files",
+    "resolve_inception",
+    "weights_dir_overrides",
+]
+
+#: The name under which ``fguide evaluate``'s Inception weights are "needed by".
+EVALUATE = "fguide evaluate"
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One downloadable file: its path inside the entry, official URL, size and SHA-256."""
+
+    path: str
+    url: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """A weight file or folder fguide loads, under the name ``--weights-dir`` looks for.
+
+    ``role`` says what it is for a configuration: ``model`` (``--model``), ``classifier``
+    (``--classifier-weights``), ``clip`` (``--guide clip:FOLDER``) or ``inception``
+    (``fguide evaluate --inception-weights``). ``local_only`` lists files the entry needs that
+    no official source publishes in a form fguide loads, each with how to make it.
+    """
+
+    name: str
+    role: str
+    files: tuple[RemoteFile, ...]
+    folder: bool = False
+    local_only: tuple[tuple[str, str], ...] = ()
+    note: str = ""
+
+    @property
+    def configs(self) -> tuple[str, ...]:
+        """The configurations (or ``fguide evaluate``) that need this entry."""
+        if self.role == "inception":
+            return (EVALUATE,)
+        return tuple(n for n, c in PAPER_CONFIGS.items() if self.name in (c.model_file, c.weights))
+
+    def target(self, root: Path, f: RemoteFile) -> Path:
+        """Where ``f`` goes under the folder ``root``."""
+        return root / self.name / f.path if self.folder else root / self.name
+
+
+_ADM = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021"
+_TV = "https://download.pytorch.org/models"
+# facebook/DiT-XL-2-256's main branch holds pickled .bin weights only; its pull request #1
+# (refs/pr/1, commit 32d0e355…) adds the safetensors files, so the folder is pinned there.
+_DIT = (
+    "https://huggingface.co/facebook/DiT-XL-2-256/resolve/32d0e3550d47bdf75c5092db378c0f32cd12e100"
+)
+# The commit "add model" of openai/clip-vit-large-patch14-336, whose file list and small-file
+# sizes its public tree page shows.
+_CLIP = (
+    "https://huggingface.co/openai/clip-vit-large-patch14-336/resolve/"
+    "a2ab452d41e630fda015a7ad3e9751aa74081239"
+)
+_CLIP_CONVERT = (
+    "the official repository publishes the CLIP weights only as pickles (pytorch_model.bin, "
+    "SHA-256 c6032c2e0caae3dc2d4fba35535fa6307dbb49df59c7e182b1bc4b3329b81801; tf_model.h5), "
+    "which fguide never loads: write model.safetensors once where you trust that file, e.g. "
+    'python -c "from transformers import CLIPModel; CLIPModel.from_pretrained('
+    "'openai/clip-vit-large-patch14-336').save_pretrained('{folder}')\""
+)
+
+
+def _file(name: str, role: str, url: str, size: int | None, sha256: str | None) -> WeightEntry:
+    return WeightEntry(name, role, (RemoteFile(name, url, size, sha256),))
+
+
+_ENTRIES = (
+    # openai/guided-diffusion's README gives the URLs of its checkpoints; no checksum or exact
+    # size of 128x128_diffusion.pt or 128x128_classifier.pt was found in a public source.
+    _file("128x128_diffusion.pt", "model", f"{_ADM}/128x128_diffusion.pt", None, None),
+    _file("128x128_classifier.pt", "classifier", f"{_ADM}/128x128_classifier.pt", None, None),
+    # SHA-256: Disco Diffusion's diff_model_map (alembics/disco-diffusion), which checks
+    # downloads of this URL against it; the same SHA-256 with 2,211,383,297 bytes in
+    # independent checkpoint manifests of this file, and in the Git LFS pointer of
+    # huggingface.co/ydshieh/256x256_diffusion_uncond_from_blended_diffusion.
+    _file(
+        "256x256_diffusion_uncond.pt",
+        "model",
+        f"{_ADM}/256x256_diffusion_uncond.pt",
+        2_211_383_297,
+        "a37c32fffd316cd494cf3f35b339936debdc1576dad13fe57c42399a5dbc78b1",
+    ),
+    # NVlabs/edm's README gives the URL; no checksum or exact size found in a public source.
+    _file(
+        "edm-imagenet-64x64-cond-adm.pkl",
+        "model",
+        "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl",
+        None,
+        None,
+    ),
+    # torchvision's IMAGENET1K_V2 files; a file name's 8 hex digits are the first 8 of its
+    # SHA-256 (torch.hub's check_hash). Full SHA-256 and size as pinned, with those URLs, by
+    # several public projects (e.g. "CHECKPOINT_SIZE = 102540417" beside this SHA-256).
+    _file(
+        "resnet50-11ad3fa6.pth",
+        "classifier",
+        f"{_TV}/resnet50-11ad3fa6.pth",
+        102_540_417,
+        "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
+    ),
+    # Full SHA-256 as pinned by two independent public projects ("official file checked
+    # locally"), consistent with the cd907fc2 prefix; no public source for the exact size.
+    _file(
+        "resnet101-cd907fc2.pth",
+        "classifier",
+        f"{_TV}/resnet101-cd907fc2.pth",
+        None,
+        "cd907fc2a0de2292b2ba2b27d2216bc672d84632d1cf20058d01c0c03b5e020e",
+    ),
+    # The 2015-12-05 Inception graph ported by pytorch-fid (mirrored by torch-fidelity as
+    # weights-inception-2015-12-05-6726825d.pth, the same bytes): SHA-256 and 95,628,359 bytes
+    # as pinned by public projects for both names; consistent with the 6726825d prefix.
+    _file(
+        "pt_inception-2015-12-05-6726825d.pth",
+        "inception",
+        "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+        "pt_inception-2015-12-05-6726825d.pth",
+        95_628_359,
+        "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+    ),
+    # DiT-XL-2-256 (diffusers layout). The two safetensors: the Git LFS pointers (oid sha256,
+    # size) shown in huggingface.co/facebook/DiT-XL-2-256/discussions/1/files. The JSON files
+    # are plain Git files (no SHA-256 published); exact sizes from the repository's tree pages
+    # where shown in bytes. Weights first, model_index.json (what marks a pipeline) last.
+    WeightEntry(
+        "DiT-XL-2-256",
+        "model",
+        (
+            RemoteFile(
+                "transformer/diffusion_pytorch_model.safetensors",
+                f"{_DIT}/transformer/diffusion_pytorch_model.safetensors",
+                2_999_370_408,
+                "2dda994f0d26fc681ff763121eea321fa936a47bddf87178d4622e639df17603",
+            ),
+            RemoteFile(
+                "vae/diffusion_pytorch_model.safetensors",
+                f"{_DIT}/vae/diffusion_pytorch_model.safetensors",
+                334_643_276,
+                "32db726da04f06c1b6b14c0043ce115cc87a501482945c5add89a40d838fcb46",
+            ),
+            RemoteFile("transformer/config.json", f"{_DIT}/transformer/config.json", 602),
+            RemoteFile("vae/config.json", f"{_DIT}/vae/config.json", 601),
+            RemoteFile(
+                "scheduler/scheduler_config.json", f"{_DIT}/scheduler/scheduler_config.json", 310
+            ),
+            RemoteFile("model_index.json", f"{_DIT}/model_index.json"),
+        ),
+        folder=True,
+    ),
+    # clip-vit-large-patch14-336: the configuration and tokenizer files of the "add model"
+    # commit (plain Git files: no SHA-256 published; exact sizes where the tree page shows
+    # bytes). config.json (what fguide checks first) last.
+    WeightEntry(
+        "clip-vit-large-patch14-336",
+        "clip",
+        (
+            RemoteFile("vocab.json", f"{_CLIP}/vocab.json"),
+            RemoteFile("merges.txt", f"{_CLIP}/merges.txt"),
+            RemoteFile("tokenizer.json", f"{_CLIP}/tokenizer.json"),
+            RemoteFile("tokenizer_config.json", f"{_CLIP}/tokenizer_config.json", 844),
+            RemoteFile("special_tokens_map.json", f"{_CLIP}/special_tokens_map.json", 389),
+            RemoteFile("preprocessor_config.json", f"{_CLIP}/preprocessor_config.json", 316),
+            RemoteFile("config.json", f"{_CLIP}/config.json"),
+        ),
+        folder=True,
+        local_only=(("model.safetensors", _CLIP_CONVERT),),
+    ),
+)
+
+REGISTRY: dict[str, WeightEntry] = {e.name: e for e in _ENTRIES}
+"""Every weight file or folder fguide's configurations and evaluation use, by name."""
+
+
+def entries_for(
+    names: Iterable[str], registry: Mapping[str, WeightEntry] | None = None
+) -> list[WeightEntry]:
+    """The entries named, in order and once each; a configuration name stands for its files."""
+    reg = REGISTRY if registry is None else registry
+    out: dict[str, WeightEntry] = {}
+    for name in names:
+        if name in reg:
+            out[name] = reg[name]
+        elif name in PAPER_CONFIGS:
+            out.update((e.name, e) for e in reg.values() if name in e.configs)
+        else:
+            raise ValueError(
+                f"unknown weight file or configuration {name!r}; valid: "
+                f"{', '.join(reg)} or a configuration ({', '.join(PAPER_CONFIGS)})"
+            )
+    return list(out.values())
+
+
+def missing_files(entry: WeightEntry, root: Path) -> list[str]:
+    """The paths under ``root`` that ``entry`` needs and that are not there (a folder that
+    is not there at all counts as one path)."""
+    if entry.folder and not (root / entry.name).is_dir():
+        return [str(root / entry.name)]
+    paths = [entry.target(root, f) for f in entry.files]
+    paths += [root / entry.name / p for p, _ in entry.local_only]
+    return [str(p) for p in paths if not p.is_file()]
+
+
+def download_command(names: Iterable[str], weights_dir: Path) -> str:
+    """The ``fguide weights download`` command line that fetches ``names`` into the folder."""
+    return shlex.join(["fguide", "weights", "download", *names, "--dir", str(weights_dir)])
+
+
+def _check_present(entries: list[WeightEntry], weights_dir: Path, needed_by: str) -> None:
+    """Raise one line naming every missing file and how to get it (the download command, or
+    how to make a file no official source publishes in a loadable form)."""
+    fetch = [
+        e.name for e in entries if any(not e.target(weights_dir, f).is_file() for f in e.files)
+    ]
+    notes = [
+        note.format(folder=weights_dir / e.name)
+        for e in entries
+        for p, note in e.local_only
+        if not (weights_dir / e.name / p).is_file()
+    ]
+    absent = [p for e in entries for p in missing_files(e, weights_dir)]
+    if not absent:
+        return
+    it = "it" if len(fetch) == 1 else "them"
+    how = [f"get {it} with: {download_command(fetch, weights_dir)}"] if fetch else []
+    raise FileNotFoundError(
+        f"--weights-dir {weights_dir}: {', '.join(absent)} not found (needed by {needed_by}); "
+        + "; ".join(how + notes)
+    )
+
+
+def weights_dir_overrides(
+    config: str | None, weights_dir: Path, given: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The configuration's files found in ``weights_dir`` by name, as ``fguide sample``
+    arguments: ``model``, ``classifier_weights`` or ``classifier`` (``clip:FOLDER``), each
+    only where ``given`` (the explicit arguments) leaves it ``None``. A missing file raises
+    ``FileNotFoundError`` naming it and the ``fguide weights download`` command.
+    """
+    if config is None:
+        raise ValueError("--weights-dir needs --config NAME (it finds that configuration's files)")
+    cfg = paper_config(config)
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(
+            f"--weights-dir {weights_dir}: not a folder; fill it with: "
+            + download_command([config], weights_dir)
+        )
+    wanted = {"model": cfg.model_file, "guide": cfg.weights}
+    entries = [REGISTRY[n] for n in wanted.values() if n is not None]
+    roles = {
+        "model": "model",
+        "classifier": "classifier_weights",
+        "clip": "classifier",
+    }
+    todo = [e for e in entries if given.get(roles[e.role]) is None]
+    _check_present(todo, weights_dir, f"--config {config}")
+    out: dict[str, Any] = {}
+    for e in todo:
+        path = weights_dir / e.name
+        out[roles[e.role]] = f"clip:{path}" if e.role == "clip" else path
+    return out
+
+
+def resolve_inception(explicit: Path | None, weights_dir: Path | None) -> Path | None:
+    """``fguide evaluate``'s Inception weight file: ``explicit`` if given, else the registry's
+    file (or torch-fidelity's copy of it) in ``weights_dir``, else ``None`` (the environment
+    variable). A folder without either raises ``FileNotFoundError`` with the download command.
+    """
+    if explicit is not None or weights_dir is None:
+        return explicit
+    entry = next(e for e in REGISTRY.values() if e.role == "inception")
+    alternate = weights_dir / "weights-inception-2015-12-05-6726825d.pth"
+    if not (weights_dir / entry.name).is_file() and alternate.is_file():
+        return alternate
+    _check_present([entry], weights_dir, EVALUATE)
+    return weights_dir / entry.name
