@@ -114,8 +114,10 @@ def _patch_scheduler_noise(monkeypatch: pytest.MonkeyPatch, draws: list[Tensor])
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
 def test_dit_matches_dit_pipeline(
-    dit_dir: Path, dit: hd.PipelineModel, monkeypatch: pytest.MonkeyPatch, cfg_scale: float
+    dit_dir: Path, monkeypatch: pytest.MonkeyPatch, cfg_scale: float
 ) -> None:
+    # DiTPipeline runs diffusers' own network (not DiT's arithmetic: test_dit_reference.py)
+    dit = hd.load_pipeline_model(dit_dir, dtype=torch.float64, dit_network="diffusers")
     steps, b = 10, 2
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(b, 4, 8, 8, generator=gen, dtype=torch.float64)

@@ -261,6 +261,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             steps="250",
             cfg_scale=1.5,
             cfg_channels=3,
+            dit_network="dit",
             guidance_form="algorithm3",
             classifier="resnet101",
             classifier_input_mode="elucd",

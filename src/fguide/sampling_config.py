@@ -10,6 +10,7 @@ differ).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shlex
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 from fguide import defaults
 from fguide.accel import PRECISIONS, check_precision
 from fguide.models.classifiers import CLIP_PREFIX, is_adm_classifier
+from fguide.models.dit_network import check_dit_network
 from fguide.models.presets import PRESETS, parse_flag_string
 from fguide.models.resnet import ARCHS, INPUT_MODES
 from fguide.objectives import METHODS, Objective, objective
@@ -91,6 +93,9 @@ class SampleConfig:
     """diffusers DiT pipelines: the classifier-free guidance scale s (1: conditional only)."""
     cfg_channels: int | None = None
     """DiT: guide only the first N latent channels with CFG (DiT's own code: 3; None: all)."""
+    dit_network: str | None = None
+    """DiT pipelines: ``dit`` (default: the network computes as DiT's own code: its timestep
+    features and LayerNorm eps) or ``diffusers`` (``DiTTransformer2DModel`` as it is)."""
     guidance_form: str | None = None
     """diffusers pipelines: ``algorithm3`` (EluCD's CFG + classifier, DiT) or ``mean``
     (EluCD's DDPM mean shift; unconditional pixel models)."""
@@ -212,6 +217,10 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
         c.clip_denoised = True  # unused: the pipeline's scheduler decides (resolved model info)
         if c.cfg_channels is not None:
             _check_positive_int("cfg_channels", c.cfg_channels)
+        if _is_dit_pipeline(c.model):
+            c.dit_network = check_dit_network(c.dit_network or "dit")
+        elif c.dit_network is not None:
+            raise ValueError("dit_network applies to DiT pipelines (a transformer component)")
         if c.guidance_microbatch is not None:
             _check_positive_int("guidance_microbatch", c.guidance_microbatch)
         if c.method != "none":
@@ -224,11 +233,17 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
             raise ValueError("guidance_form and guidance_microbatch need a guided method")
     elif any(
         getattr(c, n) is not None
-        for n in ("cfg_scale", "cfg_channels", "guidance_form", "guidance_microbatch")
+        for n in (
+            "cfg_scale",
+            "cfg_channels",
+            "dit_network",
+            "guidance_form",
+            "guidance_microbatch",
+        )
     ):
         raise ValueError(
-            "cfg_scale, cfg_channels, guidance_form and guidance_microbatch apply to diffusers "
-            "pipeline folders (--model DIR)"
+            "cfg_scale, cfg_channels, dit_network, guidance_form and guidance_microbatch apply to "
+            "diffusers pipeline folders (--model DIR)"
         )
     if c.sampler not in defaults.SAMPLERS:
         raise ValueError(
@@ -404,6 +419,16 @@ def model_family(path: str | Path) -> str:
     if p.is_file() and is_network_pickle(p):
         return "nvlabs"
     return "adm"
+
+
+def _is_dit_pipeline(path: Path) -> bool:
+    """True when a pipeline folder's ``model_index.json`` names a ``transformer`` (DiT); an
+    unreadable index counts as DiT here (the loader then says what is wrong with it)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return not isinstance(index, dict) or "transformer" in index
 
 
 def build_objective(c: SampleConfig) -> Objective:

@@ -169,6 +169,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="DiT: CFG on the first N latent channels only (DiT's own code: 3; default all)",
     )
     m.add_argument(
+        "--dit-network",
+        choices=["dit", "diffusers"],
+        help="DiT pipelines: compute the network as DiT's own code does (dit, the default: its "
+        "timestep frequencies and LayerNorm eps) or as diffusers' DiTTransformer2DModel does",
+    )
+    m.add_argument(
         "--guidance-form",
         choices=["algorithm3", "mean"],
         help="diffusers pipelines: EluCD's Algorithm 3 (DiT, default) or the DDPM mean shift",

@@ -13,6 +13,8 @@ Conventions (METHODS.md notation; z the latent state, ẑ0 its clean estimate):
   (1 − frac) · log β̃_t with frac = (v + 1)/2, as the DiT reference (ADM's diffusion code) reads
   it. ``DiTPipeline`` instead drops v and uses its scheduler's fixed variance; fguide samples as
   the DiT reference does (learned variance, ADM respacing, ``clip_denoised=False``).
+- **DiT network**: computed as DiT's own code does (its timestep features and LayerNorm eps;
+  ``dit_network="diffusers"`` keeps diffusers' own: :mod:`fguide.models.dit_network`).
 - **CFG**: ε = ε_u + s (ε_c − ε_u) with ε_c = ε(z, t, y), ε_u = ε(z, t, ∅), ∅ the null class
   (index ``num_embeds_ada_norm``); v is the conditional half's. diffusers guides every latent
   channel; the DiT reference guides channels 0..2 only (``cfg_channels=3``).
@@ -45,6 +47,7 @@ from fguide.cfg_guidance import (
     param_dtype,
 )
 from fguide.guidance import ClassifierFn, ClassifierGuide
+from fguide.models.dit_network import check_dit_network, set_dit_network
 from fguide.objectives import Objective
 from fguide.schedules import Process, VarianceType, betas_for, process_from_betas
 
@@ -344,6 +347,8 @@ class PipelineModel:
     null_class: int | None = None
     path: str = ""
     configs: dict[str, Any] = field(default_factory=dict, repr=False)
+    dit_network: str | None = None
+    """DiT: ``dit`` (computes as DiT's own code) or ``diffusers`` (:mod:`.dit_network`)."""
 
     def process(self, respacing: str = "") -> Process:
         """The ADM-respaced process (``"250"`` is DiT's sampling setting)."""
@@ -384,25 +389,32 @@ class PipelineModel:
             "num_classes": self.num_classes,
             "null_class": self.null_class,
             "num_train_steps": len(self.betas),
+            "dit_network": self.dit_network,
             "scaling_factor": None if self.decoder is None else self.decoder.scaling_factor,
             "configs": self.configs,
         }
 
 
 def load_pipeline_model(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    dit_network: str = "dit",
 ) -> PipelineModel:
     """Load a diffusers pipeline folder (``DiTPipeline`` or ``DDPMPipeline`` layout) offline.
 
     DiT (``transformer/``, ``vae/``, ``scheduler/``): a ``DiTTransformer2DModel`` whose output
     is [ε, v] when out_channels = 2 × in_channels (``learned_range``), class-conditional with
     the null class ``num_embeds_ada_norm``, an ``AutoencoderKL`` decoder, ``clip_denoised``
-    False (latents are not in [−1, 1]). UNet (``unet/``, ``scheduler/``): a ``UNet2DModel``;
-    its variance is learned when out_channels = 2 × in_channels, else the scheduler's
+    False (latents are not in [−1, 1]); ``dit_network`` ``"dit"`` (default) makes the network
+    compute as DiT's own code, ``"diffusers"`` keeps diffusers' (:mod:`.dit_network`).
+    UNet (``unet/``, ``scheduler/``): a ``UNet2DModel``; its variance is learned when
+    out_channels = 2 × in_channels, else the scheduler's
     ``variance_type`` (fixed_small, fixed_large); ``clip_denoised`` is the scheduler's
     ``clip_sample``. The betas come from ``scheduler/scheduler_config.json``
     (:func:`scheduler_betas`).
     """
+    check_dit_network(dit_network)
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"model: pipeline folder not found: {root}")
@@ -420,6 +432,7 @@ def load_pipeline_model(
 
     if "transformer" in index:
         net = _load_component(diffusers.DiTTransformer2DModel, root, "transformer", dev, dtype)
+        set_dit_network(net, dit_network)
         if "vae" not in index:
             raise ValueError(f"{root}: a DiT pipeline needs a vae/ component")
         vae = _load_component(diffusers.AutoencoderKL, root, "vae", dev, dtype)
@@ -449,6 +462,7 @@ def load_pipeline_model(
             null_class=num_classes,
             path=str(root),
             configs=_jsonable(configs),
+            dit_network=dit_network,
         )
     if "unet" in index:
         net = _load_component(diffusers.UNet2DModel, root, "unet", dev, dtype)
