@@ -491,9 +491,35 @@ def test_folder_with_foreign_files_is_refused(tmp_path: Path, ckpt: Path) -> Non
     with pytest.raises(ValueError, match="no fguide run wrote"):
         run_sampling(config(out, ckpt))
     assert (out / "samples.npz").read_bytes() == b"somebody's samples"
+    assert not (out / ".fguide.lock").exists()  # refused before the lock was taken
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="not a folder|File exists|Not a directory"):
         run_sampling(config(tmp_path / "file", ckpt))
+
+
+def test_users_files_survive_and_a_refused_folder_keeps_no_lock(
+    tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    (refused / "notes.txt").write_text("mine")
+    assert main(cli_args(refused, ckpt, "--num-samples", "2")) == 2
+    assert "(notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in refused.iterdir()] == ["notes.txt"]  # checked before locking
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lookalike = out / ".samples.npz.foo.tmp"  # a user's file in the temporaries' pattern
+    lookalike.write_bytes(b"mine")
+    assert main(cli_args(out, ckpt, "--num-samples", "2")) == 0
+    token = json.loads((out / ".fguide.json").read_text())["token"]
+    ours = [out / f".samples.npz.fg-{token}-k1ll3d.tmp"]  # writes of this run cut short
+    ours.append(out / "shards" / f".shard-00000000-00000002.npz.fg-{token}-k1ll3d.tmp")
+    for p in ours:
+        p.write_bytes(b"partial")
+    assert main(cli_args(out, ckpt, "--num-samples", "2")) == 0  # rerun into its own folder
+    assert not any(p.exists() for p in ours)
+    assert lookalike.read_bytes() == b"mine"
 
 
 def test_locked_folder_is_refused_naming_the_holder(tmp_path: Path, ckpt: Path) -> None:

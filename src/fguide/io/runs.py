@@ -10,6 +10,8 @@ Layout of a run folder ``out/`` (written by ``fguide sample``; read by ``fguide 
 - ``samples.npz``: the shards merged in index order, byte-reproducibly (``np.savez`` layout,
   fixed zip timestamps); ``grid.png``; ``trajectory.json``; ``manifest.json`` (status
   ``running`` → ``complete`` or ``incomplete``, the identity, the shards, provenance).
+- ``.fguide.json`` and ``.fguide.lock``: the folder's ownership record and lock
+  (:mod:`fguide.io.folders`; :func:`claim_run_folder`).
 
 Every write is atomic (temporary file, then rename), so a kill at any moment leaves each file
 whole or absent.
@@ -31,21 +33,37 @@ from numpy.typing import NDArray
 
 from fguide.diagnostics import TrajectoryRecorder
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.io.folders import (
+    LOCK,
+    FolderInUseError,
+    FolderLock,
+    OwnedFolder,
+    Ownership,
+    check_folder,
+    claim_folder,
+)
 from fguide.plots import image_grid_png
 
 __all__ = [
     "FORMAT",
     "GRID",
+    "KIND",
+    "LOCK",
     "MANIFEST",
+    "RUN_FILES",
     "SAMPLES",
     "SHARDS",
     "TRAJECTORY",
     "ConfigMismatchError",
     "FolderInUseError",
     "FolderLock",
+    "OwnedFolder",
     "RunInfo",
     "ShardFiles",
+    "adopt_run_folder",
     "canonical",
+    "check_run_folder",
+    "claim_run_folder",
     "identity_sha256",
     "is_run_folder",
     "merge_states",
@@ -62,69 +80,14 @@ TRAJECTORY = "trajectory.json"
 MANIFEST = "manifest.json"
 GRID = "grid.png"
 SHARDS = "shards"
-LOCK = ".fguide.lock"
 FORMAT = "fguide-sample-run/1"
+KIND = "sample"  # the job kind of a run folder (fguide.io.folders)
+RUN_FILES = (SAMPLES, TRAJECTORY, MANIFEST, GRID, SHARDS)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: equal runs give equal bytes
 
 
 class ConfigMismatchError(ValueError):
     """The output folder holds a run with another configuration."""
-
-
-class FolderInUseError(ValueError):
-    """Another process holds the output folder's lock."""
-
-
-class FolderLock:
-    """An exclusive lock on a run folder, held by one process for the whole run.
-
-    ``flock`` on ``out/.fguide.lock``: the operating system releases it when the process ends
-    (a kill included), so a stale lock never blocks a rerun. The file names the holder.
-    """
-
-    def __init__(self, out: Path):
-        self.path = Path(out) / LOCK
-        self._fh: IO[str] | None = None
-
-    def __enter__(self) -> FolderLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def acquire(self) -> FolderLock:
-        """Take the lock, or raise :class:`FolderInUseError` naming its holder."""
-        import fcntl
-        import os
-        import socket
-        import time
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is held
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise FolderInUseError(
-                f"{self.path.parent} is in use by {holder}; wait for that run to end or use "
-                "another --out"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(
-            f"pid {os.getpid()} on {socket.gethostname()} since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n"
-        )
-        fh.flush()
-        self._fh = fh
-        return self
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing releases the lock
-            self._fh = None
 
 
 def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -327,24 +290,25 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _refuse_foreign_files(out: Path) -> None:
-    """A folder without a manifest may hold only what a run leaves before writing one."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise NotADirectoryError(f"out: {out} exists and is not a folder")
-    foreign = [
-        p.name
-        for p in out.iterdir()
-        if not (p.name == LOCK or (p.name.startswith(".") and p.name.endswith(".tmp")))
-        and not (p.name == SHARDS and p.is_dir() and not any(p.iterdir()))
-    ]
-    if foreign:
-        shown = ", ".join(sorted(foreign)[:8]) + (" …" if len(foreign) > 8 else "")
-        raise ValueError(
-            f"out: {out} holds files that no fguide run wrote there ({shown}) and no "
-            f"{MANIFEST}; refusing to overwrite them. Use an empty or new folder."
-        )
+def adopt_run_folder(out: Path) -> bool:
+    """Whether ``out``, a folder without an ownership record, holds a run of an earlier fguide
+    (its manifest); a manifest that is damaged or not a run's is an error naming it."""
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        return False
+    if _read_json_object(manifest_path).get("format") != FORMAT:
+        raise ConfigMismatchError(f"{manifest_path} is not an fguide sample run manifest")
+    return True
+
+
+def check_run_folder(out: Path) -> Ownership:
+    """Refuse ``out`` unless a sampling run may write into it (:func:`check_folder`)."""
+    return check_folder(out, KIND, RUN_FILES, adopt=adopt_run_folder)
+
+
+def claim_run_folder(out: Path) -> OwnedFolder:
+    """Check, lock and record ``out`` as a sampling run's folder (:func:`claim_folder`)."""
+    return claim_folder(out, KIND, RUN_FILES, adopt=adopt_run_folder)
 
 
 def prepare_folder(
@@ -357,14 +321,16 @@ def prepare_folder(
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Check ``out`` against ``identity`` and mark the run ``running``.
 
-    Refuses a folder holding another run (:class:`ConfigMismatchError`, listing what changed);
-    removes temporary files left by interrupted writes; returns (shards to generate, shards
-    found corrupt), corrupt and missing shards having been removed.
+    Refuses a folder holding files no run wrote there or another job's files
+    (:func:`fguide.io.folders.check_folder`) and one holding another run
+    (:class:`ConfigMismatchError`, listing what changed); returns (shards to generate, shards
+    found corrupt), corrupt and missing shards having been removed. The temporary files of
+    interrupted writes are removed when the folder is claimed
+    (:func:`fguide.io.folders.claim_folder`).
     """
     manifest_path = out / MANIFEST
-    if not manifest_path.exists():
-        _refuse_foreign_files(out)
-    else:
+    check_run_folder(out)
+    if manifest_path.exists():
         old = _read_json_object(manifest_path)
         if old.get("format") != FORMAT:
             raise ConfigMismatchError(f"{manifest_path} is not an fguide sample run manifest")
@@ -375,13 +341,7 @@ def prepare_folder(
                 f"Changed: {'; '.join(changes[:8])}{' …' if len(changes) > 8 else ''}. "
                 "Rerun with the same settings to continue it, or use another --out."
             )
-    shards_dir = out / SHARDS
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    leftovers = [*shards_dir.glob(".*.tmp")]  # temporary files of writes cut short by a kill
-    for name in (SAMPLES, MANIFEST, GRID, TRAJECTORY):
-        leftovers += out.glob(f".{name}.*.tmp")
-    for tmp in leftovers:
-        tmp.unlink(missing_ok=True)
+    (out / SHARDS).mkdir(parents=True, exist_ok=True)
     sha = identity_sha256(identity)
     todo, corrupt = [], []
     for i0, i1 in plan:
