@@ -561,6 +561,31 @@ def test_cli_refuses_a_folder_holding_the_users_files(
     assert "already complete" in capsys.readouterr().out
 
 
+def test_a_finetune_folder_of_an_earlier_version_resumes_and_is_never_samples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fguide.io.files import RECORD
+
+    cfg = FinetuneConfig(iterations=1, batch_size=4, holdout=3, workers=0)
+    source = _small_images(2, 12, 3)
+    out = tmp_path / "run"
+    finetune(wrap_module(_linear3()), source, out, cfg, progress=False)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, np.zeros((4, 8, 8, 3), np.uint8))
+    for legacy in (False, True):  # with its record, and as fguide wrote it before records
+        if legacy:
+            (out / RECORD).unlink()
+        argv = ["evaluate", str(ref), str(out), "--out", str(tmp_path / "eval"), "--no-cache"]
+        assert main([*argv, "--inception-weights", str(tmp_path / "w.pth")]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is a fguide finetune folder, not a sample run or image folder" in err
+    # The folder without its record is still this job's (its checkpoint proves it).
+    config2 = dataclasses.replace(cfg, iterations=2)
+    resumed = finetune(wrap_module(_linear3()), source, out, config2, progress=False)
+    assert resumed.status == "completed"
+    assert (out / RECORD).is_file()
+
+
 def test_damaged_or_malicious_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     import pickle
 

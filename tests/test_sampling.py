@@ -522,6 +522,34 @@ def test_users_files_survive_and_a_refused_folder_keeps_no_lock(
     assert lookalike.read_bytes() == b"mine"
 
 
+def test_files_copied_in_from_another_run_are_refused(
+    tmp_path: Path, ckpt: Path, reference: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    assert run_sampling(config(other, ckpt, seed=4, num_samples=2)).complete
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+
+    def calibration(out: str) -> int:
+        return main(["calibration", "--trajectory", str(run), "--out", str(tmp_path / out)])
+
+    assert calibration("cal0") == 0  # its own trajectory
+    shutil.copy(other / "trajectory.json", run / "trajectory.json")
+    assert calibration("cal1") == 2
+    assert f"{run / 'trajectory.json'} is not the trajectory.json" in capsys.readouterr().err
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["trajectory_sha256"]  # as earlier versions wrote it: the identity decides
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert calibration("cal2") == 2
+    assert f"{run / 'trajectory.json'} is not the trajectory.json" in capsys.readouterr().err
+
+    shutil.copy(other / "samples.npz", run / "samples.npz")
+    for samples in (run, run / "samples.npz"):
+        argv = ["evaluate", str(other), str(samples), "--out", str(tmp_path / "ev"), "--no-cache"]
+        assert main([*argv, "--inception-weights", str(tmp_path / "unused.pth")]) == 2
+        assert f"{run / 'samples.npz'} is not the file" in capsys.readouterr().err
+
+
 def test_locked_folder_is_refused_naming_the_holder(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "run"
     holder = subprocess.Popen(

@@ -9,7 +9,9 @@ Layout of a run folder ``out/`` (written by ``fguide sample``; read by ``fguide 
   exists and both checksums match; the sidecar is written last.
 - ``samples.npz``: the shards merged in index order, byte-reproducibly (``np.savez`` layout,
   fixed zip timestamps); ``grid.png``; ``trajectory.json``; ``manifest.json`` (status
-  ``running`` → ``complete`` or ``incomplete``, the identity, the shards, provenance).
+  ``running`` → ``complete`` or ``incomplete``, the identity, the shards, provenance, and the
+  SHA-256 of ``samples.npz`` and ``trajectory.json``, which the readers check:
+  :func:`check_samples`, :func:`check_trajectory`).
 - ``.fguide.json`` and ``.fguide.lock``: the folder's ownership record and lock
   (:mod:`fguide.io.folders`; :func:`claim_run_folder`).
 
@@ -63,6 +65,8 @@ __all__ = [
     "adopt_run_folder",
     "canonical",
     "check_run_folder",
+    "check_samples",
+    "check_trajectory",
     "claim_run_folder",
     "identity_sha256",
     "is_run_folder",
@@ -454,7 +458,7 @@ def merge_run(
         atomic_write(out / GRID, image_grid_png(np.concatenate(first)))
     traj = trajectory_dict(merge_states(states))
     traj["run"] = {**trajectory_run, "num_samples": num_samples, "identity_sha256": identity_sha}
-    atomic_write_json(out / TRAJECTORY, traj)
+    trajectory_path = atomic_write_json(out / TRAJECTORY, traj)
     manifest.pop("missing_shards", None)
     manifest.update(
         status="complete",
@@ -466,6 +470,7 @@ def merge_run(
         },
         grid=GRID if first else None,
         trajectory=TRAJECTORY,
+        trajectory_sha256=sha256_file(trajectory_path),
     )
     atomic_write_json(manifest_path, manifest)
     return samples
@@ -508,3 +513,44 @@ def read_run(path: str | Path) -> RunInfo:
         traj if traj.is_file() else None,
         manifest,
     )
+
+
+def check_samples(run: RunInfo, sha256: str) -> None:
+    """Refuse the run's ``samples.npz`` unless ``sha256`` (its SHA-256, computed once by the
+    reader) is the one the manifest of a complete run records."""
+    recorded = run.manifest.get("samples")
+    recorded = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if run.status != "complete" or run.samples is None:
+        return  # nothing recorded yet: the reader warns that the run is not complete
+    if sha256 != recorded:
+        raise ValueError(
+            f"{run.samples} is not the file {run.path / MANIFEST} records for this run (SHA-256 "
+            f"{sha256[:12]}…, recorded {str(recorded)[:12]}…): it was copied in from another run "
+            "or changed after the run; rerun the run's fguide sample command to rebuild it from "
+            "its shards"
+        )
+
+
+def check_trajectory(run: RunInfo) -> Path:
+    """The run's ``trajectory.json``, refused unless it is the run's own: its SHA-256 as the
+    manifest records it, or (manifests of earlier versions) the run identity it repeats."""
+    traj = run.trajectory
+    if traj is None:
+        raise FileNotFoundError(
+            f"{run.path}: this fguide sample run has no {TRAJECTORY} (status {run.status!r}; "
+            "it is written when the run completes)"
+        )
+    recorded = run.manifest.get("trajectory_sha256")
+    if isinstance(recorded, str):
+        same = sha256_file(traj) == recorded
+    else:
+        of_run = _read_json_object(traj).get("run")
+        identity = of_run.get("identity_sha256") if isinstance(of_run, dict) else None
+        same = identity == run.manifest.get("identity_sha256")
+    if not same:
+        raise ValueError(
+            f"{traj} is not the {TRAJECTORY} {run.path / MANIFEST} records for this run: it was "
+            "copied in from another run or changed after the run; rerun the run's fguide "
+            "sample command to rebuild it"
+        )
+    return traj
