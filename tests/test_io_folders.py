@@ -39,6 +39,7 @@ def test_a_job_owns_what_it_wrote_and_nothing_else(tmp_path: Path) -> None:
         (out / "parts" / "p0").write_text("part")
     record = json.loads((out / RECORD).read_text())
     assert (record["kind"], record["files"], record["token"]) == ("job", sorted(FILES), owned.token)
+    (out / ".DS_Store").write_text("a file browser's")  # never written by fguide: no matter
     with folders.claim_folder(out, "job", FILES):  # a rerun overwrites its own files
         atomic_write_text(out / "result.json", "2")
     assert (out / "result.json").read_text() == "2"

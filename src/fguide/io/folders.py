@@ -60,6 +60,7 @@ DEMO_FILES = {
     ),
 }
 _LABELS = {"demo-digits": "demo --world digits"}
+_SYSTEM_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")  # a file browser's, never written
 Adopt = Callable[[Path], bool]
 
 
@@ -226,7 +227,7 @@ def _foreign(
     out = []
     for entry in folder.iterdir():
         name = entry.name
-        if name in (RECORD, LOCK) or (token and _own_temp(name, token)):
+        if name in (RECORD, LOCK, *_SYSTEM_FILES) or (token and _own_temp(name, token)):
             continue
         if _matches(name, owned) or _temp_of(name, (*owned, *kind_files)):
             continue
