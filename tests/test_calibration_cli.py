@@ -122,6 +122,31 @@ def test_trajectory_runs_overlay_with_labels(runs: dict[str, Any], tmp_path: Pat
     assert (tmp_path / "grad_norm_vs_step.png").is_file()
 
 
+def test_a_folder_holding_the_users_files_is_refused(runs: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {"calibration.json": "my numbers", "figure1.png": "my figure"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    code, _, err = _cli(
+        ["calibration", "--trajectory", str(runs["root"] / "guided"), "--out", str(out)]
+    )
+    assert code == 2 and "(calibration.json, figure1.png)" in err and "--out" in err
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine  # no lock or record added
+    # Its own folder: a rerun overwrites what it wrote.
+    for _ in range(2):
+        code, _, err = _cli(
+            [
+                "calibration",
+                "--trajectory",
+                str(runs["root"] / "guided"),
+                "--out",
+                str(tmp_path / "own"),
+            ]
+        )
+        assert code == 0, err
+
+
 def test_trajectory_errors(runs: dict[str, Any], tmp_path: Path) -> None:
     code, _, err = _cli(["calibration", "--trajectory", str(tmp_path), "--out", str(tmp_path)])
     assert code == 2 and "no trajectory.json" in err
@@ -290,7 +315,7 @@ def test_class_folders_equal_npz(
         Image.fromarray(im).save(folder / f"class{y}" / f"{i:03d}.png")
     results = []
     for src in (folder, labelled["root"] / "val.npz"):
-        out = tmp_path / src.name
+        out = tmp_path / f"out-{src.name}"  # not the image folder: it holds the user's images
         code, _, err = _cli(
             [
                 "calibration",

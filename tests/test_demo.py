@@ -149,7 +149,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
 
 
 def test_demo_is_deterministic(tmp_path: Path) -> None:
-    a, b = _demo(tmp_path, "a"), _demo(tmp_path, "b")
+    a, b = _demo(tmp_path, "a"), _demo(tmp_path, "a")  # a rerun into its own folder
     for name in a["worlds"][0]["methods"]:
         ma, mb = a["worlds"][0]["methods"][name], b["worlds"][0]["methods"][name]
         assert ma["frechet_per_class"] == mb["frechet_per_class"]
@@ -159,6 +159,17 @@ def test_demo_is_deterministic(tmp_path: Path) -> None:
 def test_demo_rejects_bad_sharpness(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--quick", "--sharpness", "0.5", "--out", str(tmp_path)]) == 2
     assert "--sharpness" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_folder_holding_the_users_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = {"results.json": "my results", "report.md": "my report", "notes.txt": "my notes"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2
+    assert "(notes.txt, report.md, results.json)" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == mine
 
 
 def test_demo_world_digits_runs_the_digits_job(

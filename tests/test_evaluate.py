@@ -9,9 +9,11 @@ the batches hold 4 images and the features of a run are shared by the tests that
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -23,6 +25,8 @@ import torch
 from fixture_utils import fixture_init
 from PIL import Image
 
+import fguide.cli.evaluate
+import fguide.evaluation
 import fguide.io.features
 from fguide.cli.main import main
 from fguide.evaluation import (
@@ -338,6 +342,77 @@ def test_out_is_checked_before_the_features(data: dict[str, Any], tmp_path: Path
 # -- bad input (the readers' own errors: tests/test_io_images.py) -----------------------------
 
 
+def test_a_folder_holding_the_users_files_is_refused(data: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {"metrics.json": "my metrics", "notes.txt": "my notes"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    code, err = _evaluate_cli(data, data["root"] / "ref.npz", data["root"] / "sam.npz", out)
+    assert code == 2 and "(metrics.json, notes.txt)" in err
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine  # no lock or record added
+
+
+def _failing_out(monkeypatch: pytest.MonkeyPatch, out: Path, failure: int) -> None:
+    """Writes into ``out`` fail with ``failure`` (a full disk, a read-only folder)."""
+    write = fguide.cli.evaluate.atomic_write_json
+
+    def failing(path: Path, obj: Any) -> Path:
+        if Path(path).parent == out:
+            raise OSError(failure, os.strerror(failure), str(path))
+        return write(path, obj)
+
+    monkeypatch.setattr(fguide.cli.evaluate, "atomic_write_json", failing)
+
+
+def test_out_filling_up_after_the_features_keeps_the_metrics(
+    data: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --out fills up once the features are computed: the table is printed and metrics.json is
+    # kept in the cache folder, which the error names.
+    failure = errno.ENOSPC
+    root = data["root"]
+    feats = {
+        root / "ref.npz": _features(data["ref_pool"], data["sam_logits"], data["ref_spatial"]),
+        root / "sam.npz": _features(data["sam_pool"], data["sam_logits"], data["sam_spatial"]),
+    }
+    monkeypatch.setattr(
+        fguide.io.features, "extract_features", lambda src, *a, **k: feats[src.path]
+    )
+    monkeypatch.setattr(fguide.evaluation, "load_fid_inception", lambda *a, **k: data["model"])
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    _failing_out(monkeypatch, out, failure)
+    code, stdout, stderr = _cli(
+        [
+            "evaluate", str(root / "ref.npz"), str(root / "sam.npz"), "--inception-weights",
+            str(data["weights"]), "--cache-dir", str(cache), "--out", str(out), "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 2 and not (out / "metrics.json").exists()
+    (kept,) = (cache / "unsaved-metrics").glob("metrics-*.json")
+    assert f"kept in {kept}" in stderr and os.strerror(failure) in stderr
+    saved = json.loads(kept.read_text())
+    assert saved["evaluator"] == EVALUATOR_VERSION and saved["samples"]["num_images"] == N
+    fid_line = next(line for line in stdout.splitlines() if line.startswith("FID "))
+    assert float(fid_line.split()[-1]) == pytest.approx(saved["metrics"]["fid"], rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("failure", [errno.EROFS, errno.ENOSPC], ids=["read-only", "full"])
+def test_metrics_go_to_a_fallback_that_the_error_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: int
+) -> None:
+    out, data = tmp_path / "out", {"metrics": {"fid": 1.5}}
+    _failing_out(monkeypatch, out, failure)
+    with pytest.raises(OSError, match=os.strerror(failure)) as err:
+        fguide.cli.evaluate.write_metrics(out, data, tmp_path / "cache")
+    (kept,) = (tmp_path / "cache" / "unsaved-metrics").glob("metrics-*.json")
+    assert f"kept in {kept}" in str(err.value) and json.loads(kept.read_text()) == data
+    # No cache folder (--no-cache): the system's temporary folder.
+    monkeypatch.setattr(fguide.cli.evaluate.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    with pytest.raises(OSError, match=f"kept in {tmp_path / 'tmp'}"):
+        fguide.cli.evaluate.write_metrics(out, data, None)
+
+
 def test_mixed_folder_error_names_the_flag_that_exists(data: dict[str, Any]) -> None:
     folder = data["root"] / "mixed_sizes"
     folder.mkdir()
@@ -425,6 +500,7 @@ def test_missing_weights_says_which_file(
     data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("FGUIDE_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.chdir(data["root"])  # the default --out, fguide-eval, goes there
     code, _, err = _cli(["evaluate", str(data["root"] / "ref.npz"), str(data["root"] / "sam.npz")])
     assert code == 2 and "pt_inception-2015-12-05-6726825d.pth" in err
 

@@ -117,6 +117,12 @@ def _load(spec: str, weights: Path | None = None) -> LoadedClassifier:
     return load_classifier(spec, weights, image_size=8, time_aware=aware, require_weights=False)
 
 
+def _linear3() -> nn.Module:
+    """The same initial weights at every call (training changes a module in place)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+
+
 def _small_images(seed: int, n: int, k: int) -> ArraySource:
     rng = np.random.default_rng(seed)
     return ArraySource(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % k)
@@ -503,23 +509,81 @@ def test_cli_defaults_are_the_api_defaults_and_old_flags_still_work(capsys) -> N
     assert "--n-bins" not in help_text and "--bins" in help_text
 
 
-def test_one_run_per_folder_and_stale_temporaries_removed(tmp_path: Path) -> None:
+def test_one_run_per_folder_and_only_its_own_temporaries_removed(tmp_path: Path) -> None:
+    from fguide.io.files import RECORD
     from fguide.io.runs import FolderLock
 
-    out = tmp_path / "run"
-    out.mkdir()
-    stale = out / ".checkpoint.pt.k1ll3d.tmp"  # a checkpoint write cut short by a kill
-    stale.write_bytes(b"partial")
-    other = out / "notes.tmp"  # not fguide's naming: left alone
-    other.write_text("mine")
     cfg = FinetuneConfig(iterations=1, batch_size=4, holdout=3, workers=0)
     source = _small_images(2, 12, 3)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    out = tmp_path / "run"
+    finetune(wrap_module(_linear3()), source, out, cfg, progress=False)
+    token = json.loads((out / RECORD).read_text())["token"]
+    stale = out / f".checkpoint.pt.fg-{token}-k1ll3d.tmp"  # a write of this run cut short
+    stale.write_bytes(b"partial")
+    lookalike = out / ".checkpoint.pt.k1ll3d.tmp"  # fguide's pattern, not this folder's token
+    lookalike.write_bytes(b"a user's file")
     with FolderLock(out), pytest.raises(ValueError, match="in use by pid"):
-        finetune(wrap_module(net), source, out, cfg)
+        finetune(wrap_module(_linear3()), source, out, cfg)
     assert stale.exists()  # nothing was touched while another process held the folder
-    res = finetune(wrap_module(net), source, out, cfg, progress=False)
-    assert res.status == "completed" and not stale.exists() and other.exists()
+    res = finetune(wrap_module(_linear3()), source, out, cfg, progress=False)
+    assert res.status == "already_complete" and not stale.exists()
+    assert lookalike.read_bytes() == b"a user's file"
+
+
+def test_cli_refuses_a_folder_holding_the_users_files(
+    tmp_path: Path, module_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data.npz"
+    np.savez(
+        data, np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), np.uint8), np.arange(12) % 3
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {
+        "model.pt": b"my model",
+        "report.json": b"{}",
+        "log.jsonl": b"{}\n",
+        "eval_before.json": b"{}",
+        "reliability_before.png": b"my plot",
+        "figure.png": b"my other plot",
+    }
+    for name, content in mine.items():
+        (out / name).write_bytes(content)
+    assert main(_cli(tmp_path, data, f"{module_file}:linear3")) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and all(name in err for name in mine), err
+    # Untouched, and no lock file or record left in the user's folder.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == mine
+    # The same command into a new folder runs; rerun into its own folder, it finds its work.
+    fresh = _cli(tmp_path, data, f"{module_file}:linear3")
+    fresh[fresh.index("--out") + 1] = str(tmp_path / "new")
+    assert main(fresh) == 0 and main(fresh) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_a_finetune_folder_of_an_earlier_version_resumes_and_is_never_samples(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fguide.io.files import RECORD
+
+    cfg = FinetuneConfig(iterations=1, batch_size=4, holdout=3, workers=0)
+    source = _small_images(2, 12, 3)
+    out = tmp_path / "run"
+    finetune(wrap_module(_linear3()), source, out, cfg, progress=False)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, np.zeros((4, 8, 8, 3), np.uint8))
+    for legacy in (False, True):  # with its record, and as fguide wrote it before records
+        if legacy:
+            (out / RECORD).unlink()
+        argv = ["evaluate", str(ref), str(out), "--out", str(tmp_path / "eval"), "--no-cache"]
+        assert main([*argv, "--inception-weights", str(tmp_path / "w.pth")]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is a fguide finetune folder, not a sample run or image folder" in err
+    # The folder without its record is still this job's (its checkpoint proves it).
+    config2 = dataclasses.replace(cfg, iterations=2)
+    resumed = finetune(wrap_module(_linear3()), source, out, config2, progress=False)
+    assert resumed.status == "completed"
+    assert (out / RECORD).is_file()
 
 
 def test_damaged_or_malicious_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

@@ -132,22 +132,26 @@ def test_the_cache_is_bounded_least_recently_used_first(
     now = time.time()
     files = {}
     for age, name in ((30, "old"), (20, "mid"), (10, "new"), (40, "kept")):
-        f = tmp_path / f"{name}-inception-w-float32-v1.npz"
+        key = f"{ord(name[0]):x}" * 32  # a file checksum, as the cache names its files
+        f = features.feature_cache_path(tmp_path, key, "ab" * 32, torch.float32)
         f.write_bytes(b"x" * 100)
         os.utime(f, (now - age, now - age))
         files[name] = f
-    left_over = tmp_path / ".a-inception-w-float32-v1.npz.x1.tmp"  # a write cut short long ago
-    left_over.write_bytes(b"x")
-    os.utime(left_over, (now - 7200, now - 7200))
-    in_flight = tmp_path / ".b-inception-w-float32-v1.npz.x2.tmp"  # another process's write
-    in_flight.write_bytes(b"x")
+    left_over = tmp_path / f".{files['old'].name}.x1yz_3ab.tmp"  # a write cut short long ago
+    in_flight = tmp_path / f".{files['mid'].name}.x2yz_3ab.tmp"  # another process's write
+    # A user's files in a --cache-dir that only look like the cache's: never deleted.
+    lookalike = tmp_path / "my-inception-features-v1.npz"
+    temp_lookalike = tmp_path / ".my-inception-w-float32-v1.npz.x1.tmp"
+    for f, age in ((left_over, 7200), (in_flight, 0), (lookalike, 9000), (temp_lookalike, 7200)):
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (now - age, now - age))
     unrelated = tmp_path / "notes.npz"
     unrelated.write_bytes(b"x" * 1000)
     removed = features.prune_cache(tmp_path, 200, keep=files["kept"])
     # 400 bytes of cache files, bound 200: the two least recently used go, "kept" is exempt.
     assert set(removed) == {files["old"], files["mid"], left_over}
     assert files["new"].exists() and files["kept"].exists() and in_flight.exists()
-    assert unrelated.exists()
+    assert unrelated.exists() and lookalike.exists() and temp_lookalike.exists()
     monkeypatch.setenv(features.CACHE_MAX_ENV, "0.5")
     assert features.cache_limit_bytes() == 500_000_000
     monkeypatch.setenv(features.CACHE_MAX_ENV, "lots")

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from fguide.io import runs
+from fguide.io.files import sha256_file
 from fguide.io.images import from_arrays, open_images, random_crop_arr
 
 N, H, W = 6, 5, 7
@@ -150,8 +152,11 @@ def _run_folder(root: Path, images: np.ndarray, status: str | None, samples: boo
     Image.fromarray(images[0]).save(root / runs.GRID)
     if samples:
         np.savez(root / runs.SAMPLES, images, np.arange(N))
+    manifest: dict[str, Any] = {"format": runs.FORMAT, "status": status}
+    if samples and status == "complete":  # a complete run records its samples' checksum
+        manifest["samples"] = {"sha256": sha256_file(root / runs.SAMPLES)}
     if status is not None:
-        (root / runs.MANIFEST).write_text(json.dumps({"format": runs.FORMAT, "status": status}))
+        (root / runs.MANIFEST).write_text(json.dumps(manifest))
     return root
 
 

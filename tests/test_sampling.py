@@ -491,9 +491,63 @@ def test_folder_with_foreign_files_is_refused(tmp_path: Path, ckpt: Path) -> Non
     with pytest.raises(ValueError, match="no fguide run wrote"):
         run_sampling(config(out, ckpt))
     assert (out / "samples.npz").read_bytes() == b"somebody's samples"
+    assert not (out / ".fguide.lock").exists()  # refused before the lock was taken
     (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="not a folder|File exists|Not a directory"):
         run_sampling(config(tmp_path / "file", ckpt))
+
+
+def test_users_files_survive_and_a_refused_folder_keeps_no_lock(
+    tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    (refused / "notes.txt").write_text("mine")
+    assert main(cli_args(refused, ckpt, "--num-samples", "2")) == 2
+    assert "(notes.txt)" in capsys.readouterr().err
+    assert [p.name for p in refused.iterdir()] == ["notes.txt"]  # checked before locking
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lookalike = out / ".samples.npz.foo.tmp"  # a user's file in the temporaries' pattern
+    lookalike.write_bytes(b"mine")
+    assert main(cli_args(out, ckpt, "--num-samples", "2")) == 0
+    token = json.loads((out / ".fguide.json").read_text())["token"]
+    ours = [out / f".samples.npz.fg-{token}-k1ll3d.tmp"]  # writes of this run cut short
+    ours.append(out / "shards" / f".shard-00000000-00000002.npz.fg-{token}-k1ll3d.tmp")
+    for p in ours:
+        p.write_bytes(b"partial")
+    assert main(cli_args(out, ckpt, "--num-samples", "2")) == 0  # rerun into its own folder
+    assert not any(p.exists() for p in ours)
+    assert lookalike.read_bytes() == b"mine"
+
+
+def test_files_copied_in_from_another_run_are_refused(
+    tmp_path: Path, ckpt: Path, reference: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    assert run_sampling(config(other, ckpt, seed=4, num_samples=2)).complete
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+
+    def calibration(out: str) -> int:
+        return main(["calibration", "--trajectory", str(run), "--out", str(tmp_path / out)])
+
+    assert calibration("cal0") == 0  # its own trajectory
+    shutil.copy(other / "trajectory.json", run / "trajectory.json")
+    assert calibration("cal1") == 2
+    assert f"{run / 'trajectory.json'} is not the trajectory.json" in capsys.readouterr().err
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["trajectory_sha256"]  # as earlier versions wrote it: the identity decides
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert calibration("cal2") == 2
+    assert f"{run / 'trajectory.json'} is not the trajectory.json" in capsys.readouterr().err
+
+    shutil.copy(other / "samples.npz", run / "samples.npz")
+    for samples in (run, run / "samples.npz"):
+        argv = ["evaluate", str(other), str(samples), "--out", str(tmp_path / "ev"), "--no-cache"]
+        assert main([*argv, "--inception-weights", str(tmp_path / "unused.pth")]) == 2
+        assert f"{run / 'samples.npz'} is not the file" in capsys.readouterr().err
 
 
 def test_locked_folder_is_refused_naming_the_holder(tmp_path: Path, ckpt: Path) -> None:

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from fguide.diagnostics import load_trajectory
 from fguide.io import runs
 from fguide.io.files import sha256_file
+from fguide.io.folders import folder_kind, kind_label
 from fguide.io.images import ImageSource, from_uint8_nhwc
 from fguide.io.runs import TRAJECTORY
 from fguide.metrics.calibration import (
@@ -95,32 +96,26 @@ OPTIONAL_CURVES = (
 
 def find_trajectory(path: str | os.PathLike[str]) -> Path:
     """``path`` itself if it is a file, else ``path/trajectory.json``, else the one
-    ``trajectory.json`` below ``path`` (several are ambiguous: an error lists them)."""
+    ``trajectory.json`` below ``path`` (several are ambiguous: an error lists them). A sampling
+    run's ``trajectory.json`` is checked against its manifest (one copied in from another run
+    is refused); the folder of another fguide job is refused, naming what it is."""
     p = Path(path)
     if p.is_file():
+        if p.name == TRAJECTORY_FILE and runs.is_run_folder(p.parent):
+            return _run_trajectory(p.parent)
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"trajectory diagnostics not found: {p}")
     if runs.is_run_folder(p):  # a sampling run: its own trajectory.json, and its status
-        run = runs.read_run(p)
-        if run.trajectory is None:
-            raise FileNotFoundError(
-                f"{p}: this fguide sample run has no {TRAJECTORY_FILE} (status {run.status!r}; "
-                "it is written when the run completes)"
-            )
-        if run.status != "complete":
-            warnings.warn(
-                f"{p}: the run's manifest says {run.status!r}, not 'complete': "
-                f"{TRAJECTORY_FILE} may be from an earlier, interrupted or different run",
-                UserWarning,
-                stacklevel=2,
-            )
-        return run.trajectory
+        return _run_trajectory(p)
+    kind = folder_kind(p)
+    if kind not in (None, runs.KIND, "demo-digits"):  # the digits world holds sampling runs
+        raise ValueError(f"{p} is a fguide {kind_label(kind)} folder, not a sampling run")
     if (p / TRAJECTORY_FILE).is_file():
         return p / TRAJECTORY_FILE
     found = sorted(p.rglob(TRAJECTORY_FILE))
     if len(found) == 1:
-        return found[0]
+        return find_trajectory(found[0])
     if not found:
         raise FileNotFoundError(
             f"{p}: no {TRAJECTORY_FILE} in this folder (a sampling run writes it when its "
@@ -128,6 +123,21 @@ def find_trajectory(path: str | os.PathLike[str]) -> Path:
         )
     listed = ", ".join(str(f.relative_to(p)) for f in found[:5])
     raise ValueError(f"{p}: {len(found)} {TRAJECTORY_FILE} files ({listed}); pass one of them")
+
+
+def _run_trajectory(folder: Path) -> Path:
+    """The trajectory of the run in ``folder``, checked against its manifest (warned when the
+    run is not complete)."""
+    run = runs.read_run(folder)
+    traj = runs.check_trajectory(run)
+    if run.status != "complete":
+        warnings.warn(
+            f"{folder}: the run's manifest says {run.status!r}, not 'complete': "
+            f"{TRAJECTORY_FILE} may be from an earlier, interrupted or different run",
+            UserWarning,
+            stacklevel=3,
+        )
+    return traj
 
 
 @dataclass

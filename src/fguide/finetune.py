@@ -79,8 +79,8 @@ from fguide.finetune_steps import (
     training_loss,
 )
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.io.folders import check_folder, claim_folder
 from fguide.io.images import ImageSource, from_arrays, open_images, random_crop_arr
-from fguide.io.runs import FolderLock
 from fguide.models.classifiers import (
     ClassifierKind,
     LoadedClassifier,
@@ -117,6 +117,8 @@ MODEL = "model.pt"
 LOG = "log.jsonl"
 REPORT = "report.json"
 BEFORE = "eval_before.json"
+KIND = "finetune"  # the job kind of its output folder (fguide.io.folders)
+FILES = (CHECKPOINT, MODEL, LOG, REPORT, BEFORE, "reliability_before.png", "reliability_after.png")
 _FORMAT = "fguide-finetune-checkpoint/1"
 
 
@@ -298,12 +300,14 @@ def finetune(
     ``data``: an :class:`~fguide.io.images.ImageSource` with labels, or its path
     (:func:`open_data`).
 
-    Writes into ``out_dir``: ``checkpoint.pt`` (every ``checkpoint_every`` steps, on
-    SIGINT/SIGTERM and at the end; loadable with ``weights_only=True``), ``log.jsonl`` (CE,
-    Smooth ECE, ECE and accuracy of the training batches, every ``log_every`` steps),
-    ``eval_before.json``, and at the end ``model.pt`` (a plain state dict), ``report.json``
-    (held-out ECE and accuracy before and after, configuration, checksums, provenance) and
-    ``reliability_before.png`` / ``reliability_after.png``. Every file is written atomically.
+    Writes into ``out_dir`` (claimed first, :func:`fguide.io.folders.claim_folder`: a folder
+    holding files this job did not write is refused, naming them): ``checkpoint.pt`` (every
+    ``checkpoint_every`` steps, on SIGINT/SIGTERM and at the end; loadable with
+    ``weights_only=True``), ``log.jsonl`` (CE, Smooth ECE, ECE and accuracy of the training
+    batches, every ``log_every`` steps), ``eval_before.json``, and at the end ``model.pt`` (a
+    plain state dict), ``report.json`` (held-out ECE and accuracy before and after,
+    configuration, checksums, provenance) and ``reliability_before.png`` /
+    ``reliability_after.png``. Every file is written atomically.
 
     Calling again with the same arguments resumes from ``checkpoint.pt`` (a larger
     ``iterations`` continues a finished run); different trajectory settings are refused.
@@ -316,6 +320,7 @@ def finetune(
     data = data if isinstance(data, ImageSource) else open_data(data)
     labels = labels_of(data)
     out = Path(out_dir)
+    check_folder(out, KIND, FILES, adopt=_adopt)  # before any long work; claimed below
     dev = resolve_device(device)
     kind, schedule, size = _resolve(config, classifier, data)
     if kind == "denoised" and denoiser is None:
@@ -354,10 +359,9 @@ def finetune(
 
     trainer = Trainer(module, optimizer, scaler, config, make_inputs, dev)
 
-    out.mkdir(parents=True, exist_ok=True)
-    # One process per run folder (two would both train and overwrite each other's files).
-    with FolderLock(out):
-        _remove_stale_temps(out)
+    # One process per run folder (two would both train and overwrite each other's files); a
+    # folder holding files this job did not write is refused (fguide.io.folders).
+    with claim_folder(out, KIND, FILES, adopt=_adopt):
         ckpt_path, log_path = out / CHECKPOINT, out / LOG
         before: dict[str, Any] | None = None
         if ckpt_path.exists():
@@ -483,13 +487,11 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def _remove_stale_temps(out: Path) -> None:
-    """Delete temporary files of fguide's writes into ``out`` cut short by a kill (the lock
-    is held: no write of another run is in flight)."""
-    names = (CHECKPOINT, MODEL, LOG, REPORT, BEFORE, "reliability_before.png")
-    for name in (*names, "reliability_after.png"):
-        for tmp in out.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+def _adopt(out: Path) -> bool:
+    """Whether ``out``, a folder without an ownership record, is a fine-tuning run of an
+    earlier fguide: its checkpoint says so (a damaged or foreign one is an error naming it)."""
+    path = out / CHECKPOINT
+    return path.is_file() and bool(_read_checkpoint(path))
 
 
 def _check_identity(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:

@@ -61,9 +61,11 @@ from fguide.io.images import to_uint8_nhwc
 from fguide.io.runs import (
     FORMAT,
     ConfigMismatchError,
-    FolderLock,
+    OwnedFolder,
     TrajState,
     canonical,
+    check_run_folder,
+    claim_run_folder,
     identity_sha256,
     merge_run,
     merge_states,
@@ -467,18 +469,21 @@ def run_sampling(cfg: SampleConfig) -> SampleResult:
 
 
 def _run(cfg: SampleConfig, dist: Dist) -> SampleResult:
-    lock = FolderLock(cfg.out)  # rank 0 holds it for the whole run
+    claimed: list[OwnedFolder] = []  # rank 0 claims the folder and holds it for the whole run
     try:
-        return _run_locked(cfg, dist, lock)
+        return _run_claimed(cfg, dist, claimed)
     finally:
-        lock.release()
+        for folder in claimed:
+            folder.release()
 
 
-def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult:
+def _run_claimed(cfg: SampleConfig, dist: Dist, claimed: list[OwnedFolder]) -> SampleResult:
     comp: Components | None = None
     err: BaseException | None = None
     batch: int | None = cfg.batch_size
     try:
+        if dist.rank == 0:  # a folder holding others' files is refused before any model loads
+            check_run_folder(cfg.out)
         comp = build_components(cfg, dist.device(cfg.device))
         if batch is None and dist.rank == 0:
             batch = _auto_batch_size(comp, cfg)
@@ -495,7 +500,7 @@ def _run_locked(cfg: SampleConfig, dist: Dist, lock: FolderLock) -> SampleResult
     payload: tuple[str, Any] = ("ok", None)
     if dist.rank == 0:
         try:
-            lock.acquire()
+            claimed.append(claim_run_folder(cfg.out))
             hashes = {"model": _model_sha256(cfg.model)}
             if cfg.classifier_weights is not None:
                 hashes["classifier"] = sha256_file(cfg.classifier_weights)

@@ -14,6 +14,9 @@ classifier sees at a noise level):
   noise-aware) with ``--classifier-weights``, or an import spec ``package.module:name`` naming
   an ``nn.Module`` instance, or a factory (a function or class, called without arguments)
   returning the classifier: images NCHW in [-1, 1] (and t with ``--time-aware``) → logits.
+
+``--out`` is claimed before the output is computed (:mod:`fguide.io.folders`): a folder holding
+files that fguide calibration did not write there is refused, naming them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from fguide import defaults as D
 from fguide.calibration_report import (
+    ClassifierCalibration,
     classifier_calibration,
     load_trajectory_curves,
     parse_noise_levels,
@@ -33,11 +37,22 @@ from fguide.calibration_report import (
 )
 from fguide.cli import add_hidden_alias
 from fguide.io.files import atomic_write_json, provenance, sha256_file
+from fguide.io.folders import claim_folder
 from fguide.io.images import open_images
 from fguide.models.classifiers import load_classifier
+from fguide.plots import CLIP_FIGURE, FIGURE_FILES
 from fguide.runtime import resolve_device
 from fguide.schedules import make_process
 
+KIND = "calibration"  # the job kind of its --out folder (fguide.io.folders)
+FILES = (
+    "calibration.json",
+    "figure1.png",
+    *FIGURE_FILES.values(),
+    CLIP_FIGURE,
+    "reliability_*.png",
+    "calibration_vs_t.png",
+)
 HELP = "Calibration diagnostics: Figure 1 from a sampling run, or ECE of a classifier on images."
 
 
@@ -117,11 +132,12 @@ def _run_trajectory(args: argparse.Namespace) -> int:
             f"--labels: {len(labels)} labels for {len(args.trajectory)} --trajectory runs"
         )
     runs = [load_trajectory_curves(p, lab) for p, lab in zip(args.trajectory, labels, strict=True)]
-    figures = plot_trajectory_figures(runs, args.out)
-    data = trajectory_json(runs)
-    data["figures"] = {k: p.name for k, p in figures.items()}
-    data["provenance"] = provenance()
-    path = atomic_write_json(args.out / "calibration.json", data)
+    with claim_folder(args.out, KIND, FILES):
+        figures = plot_trajectory_figures(runs, args.out)
+        data = trajectory_json(runs)
+        data["figures"] = {k: p.name for k, p in figures.items()}
+        data["provenance"] = provenance()
+        path = atomic_write_json(args.out / "calibration.json", data)
     for r in data["runs"]:
         ie = r["integral_ece"]
         s = r["summary"]
@@ -133,6 +149,17 @@ def _run_trajectory(args: argparse.Namespace) -> int:
         )
     print(f"wrote {path} and {', '.join(p.name for p in figures.values())}")
     return 0
+
+
+def _levels_table(result: ClassifierCalibration) -> str:
+    head = f"{'level':<10}{'ECE':>9}{'sECE':>9}{'acc':>9}{'conf':>9}{'n':>8}"
+    lines = [head, "-" * len(head)]
+    for lv in result.levels:
+        lines.append(
+            f"{lv.label:<10}{lv.ece:>9.4f}{lv.smooth_ece:>9.4f}{lv.accuracy:>9.4f}"
+            f"{lv.mean_confidence:>9.4f}{lv.n:>8}"
+        )
+    return "\n".join(lines)
 
 
 def _run_classifier(args: argparse.Namespace) -> int:
@@ -161,50 +188,45 @@ def _run_classifier(args: argparse.Namespace) -> int:
     process = None
     if any(t is not None for t in levels):
         process = make_process(args.noise_schedule, args.diffusion_steps, "", "fixed_small")
-    result = classifier_calibration(
-        classifier,
-        source,
-        noise_levels=levels,
-        process=process,
-        time_aware=time_aware,
-        batch_size=args.batch_size,
-        device=device,
-        seed=args.seed,
-        n_bins=args.bins,
-        progress=not args.no_progress,
-    )
-    figures = {k: p.name for k, p in write_reliability_diagrams(result, args.out).items()}
-    if len(levels) > 1:
-        figures["calibration_vs_t"] = plot_calibration_vs_noise(
-            result, args.out / "calibration_vs_t.png"
-        ).name
-    data = result.to_dict()
-    data.update(
-        classifier=loaded.description,
-        classifier_weights_sha256=(
-            sha256_file(args.classifier_weights) if args.classifier_weights else None
-        ),
-        images={
-            "path": str(source.path),
-            "kind": source.kind,
-            "num_images": source.count,
-            "image_size": list(source.size),
-            "sha256": source.sha256 if source.kind == "npz" else None,
-        },
-        noise_schedule=args.noise_schedule if process is not None else None,
-        diffusion_steps=args.diffusion_steps if process is not None else None,
-        figures=figures,
-        provenance=provenance(),
-    )
-    path = atomic_write_json(args.out / "calibration.json", data)
-    head = f"{'level':<10}{'ECE':>9}{'sECE':>9}{'acc':>9}{'conf':>9}{'n':>8}"
-    print(head)
-    print("-" * len(head))
-    for lv in result.levels:
-        print(
-            f"{lv.label:<10}{lv.ece:>9.4f}{lv.smooth_ece:>9.4f}{lv.accuracy:>9.4f}"
-            f"{lv.mean_confidence:>9.4f}{lv.n:>8}"
+    # Before the long pass: --out holds no one else's files and takes a file.
+    with claim_folder(args.out, KIND, FILES):
+        result = classifier_calibration(
+            classifier,
+            source,
+            noise_levels=levels,
+            process=process,
+            time_aware=time_aware,
+            batch_size=args.batch_size,
+            device=device,
+            seed=args.seed,
+            n_bins=args.bins,
+            progress=not args.no_progress,
         )
+        print(_levels_table(result))  # first: the numbers survive an --out that fails now
+        figures = {k: p.name for k, p in write_reliability_diagrams(result, args.out).items()}
+        if len(levels) > 1:
+            figures["calibration_vs_t"] = plot_calibration_vs_noise(
+                result, args.out / "calibration_vs_t.png"
+            ).name
+        data = result.to_dict()
+        data.update(
+            classifier=loaded.description,
+            classifier_weights_sha256=(
+                sha256_file(args.classifier_weights) if args.classifier_weights else None
+            ),
+            images={
+                "path": str(source.path),
+                "kind": source.kind,
+                "num_images": source.count,
+                "image_size": list(source.size),
+                "sha256": source.sha256 if source.kind == "npz" else None,
+            },
+            noise_schedule=args.noise_schedule if process is not None else None,
+            diffusion_steps=args.diffusion_steps if process is not None else None,
+            figures=figures,
+            provenance=provenance(),
+        )
+        path = atomic_write_json(args.out / "calibration.json", data)
     print(f"wrote {path} and {', '.join(sorted(figures.values()))}")
     return 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fguide.io.folders import DEMO_FILES, check_folder
 from fguide.worlds.demo import METHOD_NAMES, DemoConfig, run_demo, table, write_demo
 
 HELP = "Run every guidance method in an embedded world (exact Gaussian mixture, or digits)."
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.world == "digits":
         return _run_digits(args)
     args.out = args.out or Path("fguide-demo")
+    check_folder(args.out, "demo", DEMO_FILES["demo"])  # before the run; claimed when written
     if args.quick:
         config = DemoConfig.quick(
             seed=args.seed, sharpness=args.sharpness, methods=tuple(args.methods)

@@ -6,14 +6,22 @@ PNG/JPEG images. Prints a table and writes ``metrics.json`` (values, where every
 came from, checksums of the reference and of the Inception weights, versions). The reference's
 features are cached (``--cache-dir``), so evaluating many sample batches against one reference
 extracts its features once. See :mod:`fguide.evaluation`.
+
+``--out`` is claimed before any feature is computed (:mod:`fguide.io.folders`: a folder holding
+files that fguide evaluate did not write is refused, and the folder must take a file). The
+table is printed before ``metrics.json`` is written; if ``--out`` fills up or turns read-only
+meanwhile, the metrics are kept in the cache folder's ``unsaved-metrics/`` (else the system's
+temporary folder) and the error names the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,9 +29,12 @@ from typing import Any
 from fguide.evaluation import default_cache_dir, evaluate
 from fguide.io.features import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB
 from fguide.io.files import atomic_write_json, provenance
+from fguide.io.folders import claim_folder
 from fguide.models.inception import INCEPTION_WEIGHTS_ENV
 from fguide.weights import resolve_inception
 
+KIND = "evaluate"  # the job kind of its --out folder (fguide.io.folders)
+METRICS = "metrics.json"
 HELP = "FID, sFID, Inception Score and precision/recall of SAMPLES against REF (ADM's evaluator)."
 
 ROWS = (
@@ -115,18 +126,39 @@ def _out_folder(text: str) -> Path:
     return Path(text)
 
 
-def prepare_out(out: Path) -> None:
-    """Create ``out`` and check it takes a file now, before hours of feature extraction."""
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+def keep_metrics(data: dict[str, Any], cache_dir: Path | None) -> Path | None:
+    """Write ``data`` where it can still be written when ``--out`` cannot take it: the feature
+    cache's ``unsaved-metrics/`` folder, else the system's temporary folder. Returns the file,
+    or None when neither takes it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"metrics-{stamp}-{os.getpid()}.json"
+    places = [Path(tempfile.gettempdir()) / "fguide-unsaved-metrics"]
+    if cache_dir is not None:
+        places.insert(0, Path(cache_dir) / "unsaved-metrics")
+    for folder in places:
+        try:
+            return atomic_write_json(folder / name, data)
+        except OSError:
+            continue
+    return None
+
+
+def write_metrics(out: Path, data: dict[str, Any], cache_dir: Path | None) -> Path:
+    """``out/metrics.json``; when it cannot be written, an ``OSError`` saying where the metrics
+    were kept instead (:func:`keep_metrics`), or that they are only in the printed table."""
+    target = out / METRICS
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".fguide-write-test.", delete=True)
-        probe.close()
+        return atomic_write_json(target, data)
     except OSError as err:
-        raise OSError(
-            err.errno, f"--out {out} is not writable ({err.strerror}); choose another folder"
-        ) from None
+        why = err.strerror or str(err) or type(err).__name__
+        kept = keep_metrics(data, cache_dir)
+        where = (
+            f"kept in {kept}"
+            if kept is not None
+            else "not kept anywhere else (no writable fallback folder): copy the table above"
+        )
+        msg = f"--out: could not write {target} ({why}); the metrics are printed above and {where}"
+        raise OSError(msg) from None
 
 
 def _fmt(v: Any, sign: str = "") -> str:
@@ -168,30 +200,32 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
-    prepare_out(args.out)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = evaluate(
-            args.ref,
-            args.samples,
-            weights=resolve_inception(args.inception_weights, args.weights_dir),
-            batch_size=args.batch_size,
-            device=args.device,
-            cache_dir=cache_dir,
-            compare=args.compare,
-            pr_mode=args.pr_mode,
-            workers=args.workers,
-            progress=not args.no_progress,
-            image_size=args.image_size,
-        )
-    messages = list(dict.fromkeys(str(w.message) for w in caught))
-    for msg in messages:
-        print(f"fguide evaluate: warning: {msg}", file=sys.stderr)
-    data = result.to_dict()
-    # Every warning of the run, including those of the numerics (e.g. FID's regulariser).
-    data["warnings"] = list(dict.fromkeys([*result.warnings, *messages]))
-    data["provenance"] = provenance(cache_dir=str(cache_dir) if cache_dir else None)
-    path = atomic_write_json(args.out / "metrics.json", data)
-    print(table(data))
+    # Before any feature is computed: --out holds no one else's files and takes a file (the
+    # ownership record is written now).
+    with claim_folder(args.out, KIND, (METRICS,)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = evaluate(
+                args.ref,
+                args.samples,
+                weights=resolve_inception(args.inception_weights, args.weights_dir),
+                batch_size=args.batch_size,
+                device=args.device,
+                cache_dir=cache_dir,
+                compare=args.compare,
+                pr_mode=args.pr_mode,
+                workers=args.workers,
+                progress=not args.no_progress,
+                image_size=args.image_size,
+            )
+        messages = list(dict.fromkeys(str(w.message) for w in caught))
+        for msg in messages:
+            print(f"fguide evaluate: warning: {msg}", file=sys.stderr)
+        data = result.to_dict()
+        # Every warning of the run, including those of the numerics (e.g. FID's regulariser).
+        data["warnings"] = list(dict.fromkeys([*result.warnings, *messages]))
+        data["provenance"] = provenance(cache_dir=str(cache_dir) if cache_dir else None)
+        print(table(data))  # first: minutes of work survive an --out that fills up now
+        path = write_metrics(args.out, data, cache_dir)
     print(f"wrote {path}")
     return 0

@@ -57,11 +57,24 @@ USER_ERRORS = (
 )
 
 
-def error_message(err: BaseException) -> str | None:
+# What each command keeps when the disk fills up (every write is atomic: a file is whole or
+# absent), so the message says what a rerun finds.
+KEPT_ON_FULL_DISK = {
+    "sample": "complete shards are kept and the rerun resumes",
+    "finetune": "the last checkpoint written is kept and the rerun resumes from it",
+    "evaluate": "cached reference features are kept",
+    "calibration": "files written so far are whole; the rerun computes everything again",
+    "demo": "the digits world reuses its cached networks and finished runs; the other demo "
+    "reruns in seconds",
+}
+
+
+def error_message(err: BaseException, command: str | None = None) -> str | None:
     """The one-line message for a user error, or None for an error that is a bug."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         where = f" writing {err.filename}" if err.filename else ""
-        return f"no space left on device{where}; free space and rerun (finished work is kept)"
+        kept = KEPT_ON_FULL_DISK.get(command or "", "files written before are whole")
+        return f"no space left on device{where}; free space and rerun ({kept})"
     if isinstance(err, RuntimeError) and any(
         k in str(err) for k in ("PytorchStreamWriter", "PytorchStreamReader", "inline_container")
     ):
@@ -83,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._module.run(args) or 0)
     except Exception as err:
-        message = error_message(err)
+        message = error_message(err, args.command)
         if message is None or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         line = " ".join(message.split())

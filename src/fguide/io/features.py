@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 import zipfile
@@ -221,22 +222,34 @@ def cache_limit_bytes() -> int:
     return int(gb * 1e9)
 
 
+# What the cache writes, named by the checksums that key it: a user's file of another name in
+# a --cache-dir folder is never pruned, nor a temporary file not of this naming.
+_CACHE_NAME = r"[0-9a-f]{24}-inception-[0-9a-f]{12}-[a-z0-9]+-v[0-9]+\.npz"
+_CACHE_FILE = re.compile(_CACHE_NAME)
+_CACHE_TEMP = re.compile(rf"\.{_CACHE_NAME}\.[A-Za-z0-9_-]+\.tmp")
+
+
 def prune_cache(
     cache_dir: str | os.PathLike[str], max_bytes: int, keep: Path | None = None
 ) -> list[Path]:
     """Delete the least recently used cache files until the folder's cache files total at most
     ``max_bytes`` (``keep``, the file just used, is never deleted), and temporary files of
-    writes cut short more than an hour ago. Returns the deleted files."""
+    writes cut short more than an hour ago. Only names of the cache's own making
+    (:func:`feature_cache_path`, checksums included) are touched. Returns the deleted files."""
     folder = Path(cache_dir)
     removed = []
     now = time.time()
     for tmp in folder.glob(".*-inception-*.npz.*.tmp"):
+        if not _CACHE_TEMP.fullmatch(tmp.name):
+            continue
         with contextlib.suppress(OSError):
             if now - tmp.stat().st_mtime > STALE_TMP_S:
                 tmp.unlink()
                 removed.append(tmp)
     entries = []
     for f in folder.glob("*-inception-*.npz"):
+        if not _CACHE_FILE.fullmatch(f.name):
+            continue
         with contextlib.suppress(OSError):
             st = f.stat()
             entries.append((st.st_mtime, st.st_size, f))

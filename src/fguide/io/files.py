@@ -1,7 +1,10 @@
 """Atomic file writes and run provenance.
 
 Every result file is written to a temporary file in the destination folder and renamed into
-place, so an interrupted run never leaves a truncated file under the final name.
+place, so an interrupted run never leaves a truncated file under the final name. In a folder
+owned by an fguide job (:mod:`fguide.io.folders`) the temporary file's name carries the
+folder's token, ``.{name}.fg-{token}-XXXXXXXX.tmp``: that naming is what proves a leftover
+temporary file is fguide's to delete.
 """
 
 from __future__ import annotations
@@ -28,11 +31,36 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Write ``path`` atomically: ``write`` fills a temporary file that is then renamed."""
+#: The ownership record of a folder an fguide job writes into (see :mod:`fguide.io.folders`).
+RECORD = ".fguide.json"
+TEMP_TAG = "fg-"  # temporary files of an owned folder: .{name}.fg-{token}-XXXXXXXX.tmp
+
+
+def folder_token(folder: Path) -> str | None:
+    """The token of the owned folder ``folder`` or its parent (a run's ``shards/``), if any."""
+    for d in (folder, folder.parent):
+        try:
+            record = json.loads((d / RECORD).read_text())
+        except (OSError, ValueError):
+            continue
+        token = record.get("token") if isinstance(record, dict) else None
+        if isinstance(token, str) and token.isalnum():
+            return token
+    return None
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[IO[bytes]], object], *, token: str | None = None
+) -> Path:
+    """Write ``path`` atomically: ``write`` fills a temporary file that is then renamed.
+
+    The temporary file carries ``token`` (default: the owning folder's, :func:`folder_token`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    token = token or folder_token(path.parent)
+    prefix = f".{path.name}." + (f"{TEMP_TAG}{token}-" if token else "")
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

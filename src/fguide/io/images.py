@@ -490,16 +490,25 @@ def open_images(
     of one size. ``image_size`` applies to folders only. ``require_labels``: labels are needed
     (an npz must have ``arr_1``, a folder must be ``root/<class>/<image>``).
 
-    A run folder (it has ``manifest.json``) opens its ``samples.npz``; ``warn`` (default: a
-    ``UserWarning``) is told when the manifest does not say the run is complete, and a run
-    without ``samples.npz`` is an error (its ``grid.png`` is not a sample batch).
+    A run folder (it has ``manifest.json``) opens its ``samples.npz`` (also when named as a
+    file), refused unless its SHA-256 is the one the manifest records (hashed once: the
+    source's :attr:`ImageSource.sha256`); ``warn`` (default: a ``UserWarning``) is told when
+    the manifest does not say the run is complete, and a run without ``samples.npz`` is an
+    error (its ``grid.png`` is not a sample batch). The folder of another fguide job (a
+    fine-tuning run's plots, say) is refused, naming what it is.
     """
+    from fguide.io import folders, runs
+
     p = Path(path)
     if p.is_dir():
-        from fguide.io import runs
-
         if runs.is_run_folder(p):
             return _open_run(p, runs.read_run(p), require_labels, warn)
+        kind = folders.folder_kind(p)
+        if kind is not None and kind != runs.KIND:
+            raise ValueError(
+                f"{p} is a fguide {folders.kind_label(kind)} folder, not a sample run or image "
+                "folder"
+            )
         if (p / runs.SAMPLES).is_file():  # a run folder whose manifest is gone: not grid.png
             _warn(
                 warn,
@@ -510,6 +519,8 @@ def open_images(
         return _open_folder(p, image_size, require_labels, check_sizes)
     if not p.exists():
         raise FileNotFoundError(f"not found: {p} (no such file or folder)")
+    if p.name == runs.SAMPLES and runs.is_run_folder(p.parent):
+        return _open_run(p.parent, runs.read_run(p.parent), require_labels, warn)
     return _open_npz(p, require_labels)
 
 
@@ -527,7 +538,11 @@ def _open_run(
             "may be from an earlier, interrupted or different run"
         )
         _warn(warn, msg)
-    return _open_npz(run.samples, require_labels)
+    from fguide.io.runs import check_samples
+
+    src = _open_npz(run.samples, require_labels)
+    check_samples(run, src.sha256)  # the source keeps the hash: its readers do not hash again
+    return src
 
 
 def _warn(warn: Callable[[str], None] | None, msg: str) -> None:

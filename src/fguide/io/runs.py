@@ -9,7 +9,11 @@ Layout of a run folder ``out/`` (written by ``fguide sample``; read by ``fguide 
   exists and both checksums match; the sidecar is written last.
 - ``samples.npz``: the shards merged in index order, byte-reproducibly (``np.savez`` layout,
   fixed zip timestamps); ``grid.png``; ``trajectory.json``; ``manifest.json`` (status
-  ``running`` → ``complete`` or ``incomplete``, the identity, the shards, provenance).
+  ``running`` → ``complete`` or ``incomplete``, the identity, the shards, provenance, and the
+  SHA-256 of ``samples.npz`` and ``trajectory.json``, which the readers check:
+  :func:`check_samples`, :func:`check_trajectory`).
+- ``.fguide.json`` and ``.fguide.lock``: the folder's ownership record and lock
+  (:mod:`fguide.io.folders`; :func:`claim_run_folder`).
 
 Every write is atomic (temporary file, then rename), so a kill at any moment leaves each file
 whole or absent.
@@ -31,21 +35,39 @@ from numpy.typing import NDArray
 
 from fguide.diagnostics import TrajectoryRecorder
 from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.io.folders import (
+    LOCK,
+    FolderInUseError,
+    FolderLock,
+    OwnedFolder,
+    Ownership,
+    check_folder,
+    claim_folder,
+)
 from fguide.plots import image_grid_png
 
 __all__ = [
     "FORMAT",
     "GRID",
+    "KIND",
+    "LOCK",
     "MANIFEST",
+    "RUN_FILES",
     "SAMPLES",
     "SHARDS",
     "TRAJECTORY",
     "ConfigMismatchError",
     "FolderInUseError",
     "FolderLock",
+    "OwnedFolder",
     "RunInfo",
     "ShardFiles",
+    "adopt_run_folder",
     "canonical",
+    "check_run_folder",
+    "check_samples",
+    "check_trajectory",
+    "claim_run_folder",
     "identity_sha256",
     "is_run_folder",
     "merge_states",
@@ -62,69 +84,14 @@ TRAJECTORY = "trajectory.json"
 MANIFEST = "manifest.json"
 GRID = "grid.png"
 SHARDS = "shards"
-LOCK = ".fguide.lock"
 FORMAT = "fguide-sample-run/1"
+KIND = "sample"  # the job kind of a run folder (fguide.io.folders)
+RUN_FILES = (SAMPLES, TRAJECTORY, MANIFEST, GRID, SHARDS)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: equal runs give equal bytes
 
 
 class ConfigMismatchError(ValueError):
     """The output folder holds a run with another configuration."""
-
-
-class FolderInUseError(ValueError):
-    """Another process holds the output folder's lock."""
-
-
-class FolderLock:
-    """An exclusive lock on a run folder, held by one process for the whole run.
-
-    ``flock`` on ``out/.fguide.lock``: the operating system releases it when the process ends
-    (a kill included), so a stale lock never blocks a rerun. The file names the holder.
-    """
-
-    def __init__(self, out: Path):
-        self.path = Path(out) / LOCK
-        self._fh: IO[str] | None = None
-
-    def __enter__(self) -> FolderLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def acquire(self) -> FolderLock:
-        """Take the lock, or raise :class:`FolderInUseError` naming its holder."""
-        import fcntl
-        import os
-        import socket
-        import time
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is held
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise FolderInUseError(
-                f"{self.path.parent} is in use by {holder}; wait for that run to end or use "
-                "another --out"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(
-            f"pid {os.getpid()} on {socket.gethostname()} since "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n"
-        )
-        fh.flush()
-        self._fh = fh
-        return self
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing releases the lock
-            self._fh = None
 
 
 def plan_shards(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -327,24 +294,25 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _refuse_foreign_files(out: Path) -> None:
-    """A folder without a manifest may hold only what a run leaves before writing one."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise NotADirectoryError(f"out: {out} exists and is not a folder")
-    foreign = [
-        p.name
-        for p in out.iterdir()
-        if not (p.name == LOCK or (p.name.startswith(".") and p.name.endswith(".tmp")))
-        and not (p.name == SHARDS and p.is_dir() and not any(p.iterdir()))
-    ]
-    if foreign:
-        shown = ", ".join(sorted(foreign)[:8]) + (" …" if len(foreign) > 8 else "")
-        raise ValueError(
-            f"out: {out} holds files that no fguide run wrote there ({shown}) and no "
-            f"{MANIFEST}; refusing to overwrite them. Use an empty or new folder."
-        )
+def adopt_run_folder(out: Path) -> bool:
+    """Whether ``out``, a folder without an ownership record, holds a run of an earlier fguide
+    (its manifest); a manifest that is damaged or not a run's is an error naming it."""
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        return False
+    if _read_json_object(manifest_path).get("format") != FORMAT:
+        raise ConfigMismatchError(f"{manifest_path} is not an fguide sample run manifest")
+    return True
+
+
+def check_run_folder(out: Path) -> Ownership:
+    """Refuse ``out`` unless a sampling run may write into it (:func:`check_folder`)."""
+    return check_folder(out, KIND, RUN_FILES, adopt=adopt_run_folder)
+
+
+def claim_run_folder(out: Path) -> OwnedFolder:
+    """Check, lock and record ``out`` as a sampling run's folder (:func:`claim_folder`)."""
+    return claim_folder(out, KIND, RUN_FILES, adopt=adopt_run_folder)
 
 
 def prepare_folder(
@@ -357,14 +325,16 @@ def prepare_folder(
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Check ``out`` against ``identity`` and mark the run ``running``.
 
-    Refuses a folder holding another run (:class:`ConfigMismatchError`, listing what changed);
-    removes temporary files left by interrupted writes; returns (shards to generate, shards
-    found corrupt), corrupt and missing shards having been removed.
+    Refuses a folder holding files no run wrote there or another job's files
+    (:func:`fguide.io.folders.check_folder`) and one holding another run
+    (:class:`ConfigMismatchError`, listing what changed); returns (shards to generate, shards
+    found corrupt), corrupt and missing shards having been removed. The temporary files of
+    interrupted writes are removed when the folder is claimed
+    (:func:`fguide.io.folders.claim_folder`).
     """
     manifest_path = out / MANIFEST
-    if not manifest_path.exists():
-        _refuse_foreign_files(out)
-    else:
+    check_run_folder(out)
+    if manifest_path.exists():
         old = _read_json_object(manifest_path)
         if old.get("format") != FORMAT:
             raise ConfigMismatchError(f"{manifest_path} is not an fguide sample run manifest")
@@ -375,13 +345,7 @@ def prepare_folder(
                 f"Changed: {'; '.join(changes[:8])}{' …' if len(changes) > 8 else ''}. "
                 "Rerun with the same settings to continue it, or use another --out."
             )
-    shards_dir = out / SHARDS
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    leftovers = [*shards_dir.glob(".*.tmp")]  # temporary files of writes cut short by a kill
-    for name in (SAMPLES, MANIFEST, GRID, TRAJECTORY):
-        leftovers += out.glob(f".{name}.*.tmp")
-    for tmp in leftovers:
-        tmp.unlink(missing_ok=True)
+    (out / SHARDS).mkdir(parents=True, exist_ok=True)
     sha = identity_sha256(identity)
     todo, corrupt = [], []
     for i0, i1 in plan:
@@ -494,7 +458,7 @@ def merge_run(
         atomic_write(out / GRID, image_grid_png(np.concatenate(first)))
     traj = trajectory_dict(merge_states(states))
     traj["run"] = {**trajectory_run, "num_samples": num_samples, "identity_sha256": identity_sha}
-    atomic_write_json(out / TRAJECTORY, traj)
+    trajectory_path = atomic_write_json(out / TRAJECTORY, traj)
     manifest.pop("missing_shards", None)
     manifest.update(
         status="complete",
@@ -506,6 +470,7 @@ def merge_run(
         },
         grid=GRID if first else None,
         trajectory=TRAJECTORY,
+        trajectory_sha256=sha256_file(trajectory_path),
     )
     atomic_write_json(manifest_path, manifest)
     return samples
@@ -548,3 +513,44 @@ def read_run(path: str | Path) -> RunInfo:
         traj if traj.is_file() else None,
         manifest,
     )
+
+
+def check_samples(run: RunInfo, sha256: str) -> None:
+    """Refuse the run's ``samples.npz`` unless ``sha256`` (its SHA-256, computed once by the
+    reader) is the one the manifest of a complete run records."""
+    recorded = run.manifest.get("samples")
+    recorded = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if run.status != "complete" or run.samples is None:
+        return  # nothing recorded yet: the reader warns that the run is not complete
+    if sha256 != recorded:
+        raise ValueError(
+            f"{run.samples} is not the file {run.path / MANIFEST} records for this run (SHA-256 "
+            f"{sha256[:12]}…, recorded {str(recorded)[:12]}…): it was copied in from another run "
+            "or changed after the run; rerun the run's fguide sample command to rebuild it from "
+            "its shards"
+        )
+
+
+def check_trajectory(run: RunInfo) -> Path:
+    """The run's ``trajectory.json``, refused unless it is the run's own: its SHA-256 as the
+    manifest records it, or (manifests of earlier versions) the run identity it repeats."""
+    traj = run.trajectory
+    if traj is None:
+        raise FileNotFoundError(
+            f"{run.path}: this fguide sample run has no {TRAJECTORY} (status {run.status!r}; "
+            "it is written when the run completes)"
+        )
+    recorded = run.manifest.get("trajectory_sha256")
+    if isinstance(recorded, str):
+        same = sha256_file(traj) == recorded
+    else:
+        of_run = _read_json_object(traj).get("run")
+        identity = of_run.get("identity_sha256") if isinstance(of_run, dict) else None
+        same = identity == run.manifest.get("identity_sha256")
+    if not same:
+        raise ValueError(
+            f"{traj} is not the {TRAJECTORY} {run.path / MANIFEST} records for this run: it was "
+            "copied in from another run or changed after the run; rerun the run's fguide "
+            "sample command to rebuild it"
+        )
+    return traj

@@ -26,6 +26,7 @@ from fguide import rng
 from fguide.diagnostics import TrajectoryRecorder
 from fguide.guidance import ClassifierGuide
 from fguide.io.files import atomic_write_json, atomic_write_text, provenance
+from fguide.io.folders import DEMO_FILES, claim_folder
 from fguide.metrics.precision_recall import precision_recall
 from fguide.objectives import Objective, objective
 from fguide.samplers import StepRecord, ddpm
@@ -313,6 +314,7 @@ def write_demo(run: DemoRun, out: str | os.PathLike[str]) -> list[Path]:
     from fguide.plots import plot_demo
 
     out = Path(out)
+    claim_folder(out, "demo", DEMO_FILES["demo"], hold=False)  # refuses others' files
     c = run.config
     plots = plot_demo(run.worlds, run.samples, out)
     results = {

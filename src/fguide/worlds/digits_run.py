@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 
 from fguide.diagnostics import load_trajectory
 from fguide.io.files import atomic_write_json, provenance
+from fguide.io.folders import DEMO_FILES, claim_folder
 from fguide.metrics.fid import frechet_distance_from_features
 from fguide.metrics.precision_recall import precision_recall
 from fguide.models.loading import load_model
@@ -313,7 +314,7 @@ def run_digits_world(
     if bad:
         raise ValueError(f"methods: unknown {bad}; valid: see fguide.worlds.digits.METHODS")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "demo-digits", DEMO_FILES["demo-digits"], hold=False)  # refuses others' files
     say = log or (lambda msg: print(msg, file=sys.stderr))
     torch.set_grad_enabled(True)
 
