@@ -16,6 +16,7 @@ from fixture_utils import (
     get_case,
     load_fixture,
 )
+from tolerances import network_depth
 
 from fguide.models.adm import (
     EncoderUNetModel,
@@ -78,10 +79,11 @@ def test_unet_matches_reference(name: str) -> None:
         m.load_state_dict(weights)
         m.eval()
     x, t, y = case["x"], case["t"], case["y"]
+    depth = network_depth(model)
     with torch.no_grad():
-        assert_close_float64(model(x, t, y), case["expected"])
+        assert_close_float64(model(x, t, y), case["expected"], depth)
         out32 = created.float()(x.float(), t, y)
-    assert_close_float32(out32, case["expected"])
+    assert_close_float32(out32, case["expected"], depth)
 
 
 @pytest.mark.parametrize("name", case_names(CLS))
@@ -105,12 +107,13 @@ def test_classifier_matches_reference(name: str) -> None:
     x, t, y = case["x"], case["t"], case["y"]
     xg = x.clone().requires_grad_(True)
     logits = model(xg, t)
-    assert_close_float64(logits.detach(), case["expected_logits"])
+    depth = network_depth(model)  # the gradient runs the graph back: twice the stages
+    assert_close_float64(logits.detach(), case["expected_logits"], depth)
     log_prob = torch.log_softmax(logits, dim=-1)[torch.arange(len(y)), y].sum()
     (grad,) = torch.autograd.grad(log_prob, xg)
-    assert_close_float64(grad, case["expected_grad_log_prob_y"])
+    assert_close_float64(grad, case["expected_grad_log_prob_y"], 2 * depth)
     with torch.no_grad():
-        assert_close_float32(created.float()(x.float(), t), case["expected_logits"])
+        assert_close_float32(created.float()(x.float(), t), case["expected_logits"], depth)
 
 
 # -- official presets --------------------------------------------------------------------------
