@@ -4,6 +4,7 @@ EluCD Algorithm 3 against its formula, per-sample seeding. Tiny models from conf
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -602,6 +603,34 @@ def test_fguide_sample_with_a_dit_pipeline_folder(
     assert main([*argv, "--out", str(one), "--batch-size", "1"]) == 0  # last flags win
     with np.load(one / "samples.npz") as z:
         assert np.abs(z["arr_0"].astype(int) - images.astype(int)).max() <= 1
+
+
+def test_resume_over_swapped_pipeline_weights_is_refused(dit_dir: Path, tmp_path: Path) -> None:
+    # Two pipelines swap their transformer weight files (same names): a resumed run of either
+    # is another model's run. The identity hashes every file's name with its contents.
+    import shutil
+
+    from fguide.io.runs import ConfigMismatchError
+    from fguide.sampling import SampleConfig, run_sampling
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(dit_dir, a)
+    shutil.copytree(dit_dir, b)
+    torch.manual_seed(5)
+    other = diffusers.DiTTransformer2DModel(**dict(_dit().config))
+    other.save_pretrained(b / "transformer", safe_serialization=True)
+    cfg = SampleConfig(
+        out=tmp_path / "run", model=a, method="none", steps="2", num_samples=2, batch_size=1,
+        shard_size=1, max_shards=1, device="cpu", progress=False,
+    )  # fmt: skip
+    assert not run_sampling(cfg).complete
+    weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
+    wa, wb = (a / weights).read_bytes(), (b / weights).read_bytes()
+    assert wa != wb
+    (a / weights).write_bytes(wb)
+    (b / weights).write_bytes(wa)
+    with pytest.raises(ConfigMismatchError, match="model_sha256"):
+        run_sampling(dataclasses.replace(cfg, max_shards=None))
 
 
 def test_algorithm3_needs_an_explicit_scale(dit_dir: Path, tmp_path: Path) -> None:
