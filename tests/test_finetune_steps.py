@@ -33,7 +33,8 @@ def test_microbatches_give_the_full_batch_gradient() -> None:
             tolerances.assert_close(g, g_full, torch.float32, depth)
     net.zero_grad()
     accumulate_gradients(net, x, None, y, ece_weight=0.0)
-    assert not torch.allclose(net[3].weight.grad, grads[0][2])  # the sECE term counts
+    differs = (net[3].weight.grad - grads[0][2]).abs().max()
+    assert differs > tolerances.tol(grads[0][2], torch.float32, depth)  # the sECE term counts
 
 
 def test_calibration_loss_option_and_lambda_enter_the_gradient() -> None:

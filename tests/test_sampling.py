@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tolerances import assert_close, network_depth
 from torch import nn
 
 from fguide.cli.main import main
@@ -270,8 +271,12 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path: Path, ckpt: Path, refere
     assert (out / "samples.npz").read_bytes() == (reference / "samples.npz").read_bytes()
     ref_traj = json.loads((reference / "trajectory.json").read_text())["curves"]
     traj = json.loads((out / "trajectory.json").read_text())["curves"]
-    np.testing.assert_allclose(traj["confidence_mean"], ref_traj["confidence_mean"], rtol=1e-6)
-    assert traj["ece"] == pytest.approx(ref_traj["ece"], rel=1e-6)
+    # batches of 3 against batches of 2: float32 rounding through 4 steps of the network and the
+    # classifier's gradient, read as probabilities (≤ 1) by the classifier
+    unet = create_model(**dict(kv.split("=") for kv in FLAGS.split()))
+    depth = 4 * (network_depth(unet) + 3 * network_depth(tiny_classifier()))
+    for key in ("confidence_mean", "ece"):
+        assert_close(traj[key], ref_traj[key], torch.float32, depth, scale=1.0, msg=key)
 
 
 def test_killed_process_resumes(tmp_path: Path, ckpt: Path) -> None:
@@ -743,7 +748,8 @@ def test_gpu_path_options_on_cpu(tmp_path: Path, ckpt: Path, reference: Path) ->
         f.unlink()
     res = run_sampling(config(out, ckpt, channels_last=True))
     assert res.generated == [(4, 6)]
-    np.testing.assert_allclose(load(out)[0], load(reference)[0], atol=1)
+    # float32 rounding moves a pixel by at most one uint8 level (ADM's truncating quantisation)
+    np.testing.assert_array_less(np.abs(load(out)[0].astype(int) - load(reference)[0]), 2)
 
     bf = run_sampling(config(tmp_path / "bf16", ckpt, classifier_precision="bf16", batch_size=None))
     manifest = json.loads((bf.out / "manifest.json").read_text())

@@ -69,7 +69,7 @@ def eps(dtype: Any) -> float:
 def _as_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", torch.float64)
-    return torch.as_tensor(np.asarray(value, dtype=np.float64))
+    return torch.tensor(np.array(value, dtype=np.float64))  # a copy: read-only arrays too
 
 
 def magnitude(expected: Any) -> float:
