@@ -15,9 +15,11 @@ where
 
 * ``scale`` is max|expected|, the magnitude of the compared values (pass ``scale=`` where the
   intermediates are larger than the result, e.g. a result obtained by cancellation);
-* ``depth`` counts the stages in sequence: the weight layers of a network (:func:`layer_count`;
-  twice that for a gradient, which runs the graph back), times the network evaluations of a
-  sampler, plus the elementwise operations of a formula;
+* ``depth`` counts the stages in sequence: a network's weight layers, each rounding its sum
+  over fan_in terms ⌈log₂ fan_in⌉ times (:func:`network_depth`; :func:`layer_count` where the
+  sums run in a wider dtype than the result; twice either for a gradient, which runs the graph
+  back), times the network evaluations of a sampler; n for a sum or mean of n terms; the
+  elementwise operations of a formula;
 * ``ulps`` (default 4) is λ: the few roundings inside one stage (each ≤ ½ ulp), the reference's
   own rounding when another implementation computed it in the same dtype, and the margin that
   makes the bound hold with high probability.
