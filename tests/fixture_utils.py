@@ -12,11 +12,11 @@ import json
 import math
 import os
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tolerances
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,44 +95,19 @@ def fixture_state_dict(
     }
 
 
-# Parity tolerances. A float32 forward pass through a deep network differs from the float64
-# reference by rounding alone in proportion to the output's scale (ResNet-152 logits of magnitude
-# ~50 are ~2e-5 away), so the float32 absolute tolerance grows with max|expected|; float64 runs
-# agree with a float64 reference to ~1e-9.
-F32_ATOL = 1e-5
-F32_ATOL_SCALE = 1e-6
-F32_RTOL = 1e-4
-F64_TOL = 1e-9
-
-
-def _prefix(msg: str | None) -> Callable[[str], str] | None:
-    """torch's mismatch report, led by ``msg`` (a string msg would replace the report)."""
-    return None if msg is None else (lambda report: f"{msg}: {report}")
-
-
-def float32_atol(expected: torch.Tensor) -> float:
-    """atol = 1e-5 + 1e-6 · max|expected| for a float32 result against a float64 reference."""
-    scale = expected.detach().double().abs().max().item() if expected.numel() else 0.0
-    return F32_ATOL + F32_ATOL_SCALE * scale
-
-
 def assert_close_float32(
-    actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None
+    actual: torch.Tensor, expected: torch.Tensor, depth: float, msg: str | None = None
 ) -> None:
-    """A float32 result against the float64 expected value: compared in float64 with
-    atol = 1e-5 + 1e-6 · max|expected| and rtol = 1e-4 (elementwise |a − e| ≤ atol + rtol·|e|)."""
+    """A float32 result of ``depth`` stages against the float64 expected value, within
+    :func:`tolerances.tol` (4 float32 ulps of max|expected| per stage)."""
     assert actual.dtype == torch.float32, f"expected a float32 result, got {actual.dtype}"
-    expected = expected.double()
-    torch.testing.assert_close(
-        actual.double(), expected, atol=float32_atol(expected), rtol=F32_RTOL, msg=_prefix(msg)
-    )
+    tolerances.assert_close(actual, expected, torch.float32, depth=depth, msg=msg)
 
 
 def assert_close_float64(
-    actual: torch.Tensor, expected: torch.Tensor, msg: str | None = None
+    actual: torch.Tensor, expected: torch.Tensor, depth: float, msg: str | None = None
 ) -> None:
-    """A float64 result against the float64 expected value: atol = rtol = 1e-9."""
+    """A float64 result of ``depth`` stages against the float64 expected value (computed by
+    another implementation), within :func:`tolerances.tol`."""
     assert actual.dtype == torch.float64, f"expected a float64 result, got {actual.dtype}"
-    torch.testing.assert_close(
-        actual, expected.double(), atol=F64_TOL, rtol=F64_TOL, msg=_prefix(msg)
-    )
+    tolerances.assert_close(actual, expected, torch.float64, depth=depth, msg=msg)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close
 
 from fguide.metrics import (
     TrajectoryCalibration,
@@ -16,6 +17,8 @@ from fguide.metrics import (
     smooth_ece_loss,
 )
 from fguide.metrics.calibration import calibration_loss_fn, soft_binned_ece_loss
+
+F64 = torch.float64
 
 
 def _reference_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
@@ -56,15 +59,16 @@ def test_ece_hand_built_values() -> None:
     # Perfect calibration: 10 samples at confidence 0.7, 7 correct -> ECE 0.
     probs = np.tile([0.7, 0.2, 0.1], (10, 1))
     labels = np.array([0] * 7 + [1] * 3)
-    assert abs(ece(probs, labels)) < 1e-12
+    # ECE: a sum over 10 samples of confidences and correctness, all of size ≤ 1
+    assert_close(ece(probs, labels), 0.0, F64, depth=10, scale=1.0)
     # Two bins: 4 samples at 0.9 with 2 correct (gap 0.4), 6 at 0.55 with 6 correct (gap 0.45).
     probs = np.array([[0.9, 0.1]] * 4 + [[0.55, 0.45]] * 6)
     labels = np.array([0, 0, 1, 1] + [0] * 6)
-    assert abs(ece(probs, labels) - (0.4 * 0.4 + 0.6 * 0.45)) < 1e-12
+    assert_close(ece(probs, labels), 0.4 * 0.4 + 0.6 * 0.45, F64, depth=10, scale=1.0)
     # Ties go to the lowest index: logits [1, 1, 0] predict class 0.
     conf, correct = confidence_and_correct(np.array([[1.0, 1.0, 0.0]] * 2), np.array([0, 1]))
     np.testing.assert_array_equal(correct, [True, False])
-    np.testing.assert_allclose(conf, 0.5 / (1 + 0.5 * np.exp(-1.0)), rtol=1e-15)
+    assert_close(conf, np.full(2, 0.5 / (1 + 0.5 * np.exp(-1.0))), F64, depth=4)  # softmax
 
 
 def test_ece_matches_reference_loop_and_logits_equal_probs() -> None:
@@ -74,11 +78,13 @@ def test_ece_matches_reference_loop_and_logits_equal_probs() -> None:
     probs = torch.softmax(logits, dim=1)
     conf = probs.max(dim=1).values.numpy()
     correct = (logits.argmax(dim=1) == labels).numpy()
+    depth = 500 + 7  # sums over 500 samples of softmaxes over 7 classes, terms of size ≤ 1
     for n_bins in (1, 5, 10, 15):
         value = ece(logits, labels, n_bins)
-        assert abs(value - _reference_ece(conf, correct, n_bins)) < 1e-12
-        assert abs(ece(probs, labels, n_bins) - value) < 1e-12  # auto-detected probabilities
-        assert abs(ece(probs.numpy(), labels.numpy(), n_bins, kind="probs") - value) < 1e-12
+        assert_close(value, _reference_ece(conf, correct, n_bins), F64, depth, scale=1.0)
+        assert_close(ece(probs, labels, n_bins), value, F64, depth, scale=1.0)  # probabilities
+        by_kind = ece(probs.numpy(), labels.numpy(), n_bins, kind="probs")
+        assert_close(by_kind, value, F64, depth, scale=1.0)
     assert ece(logits, labels, 10) > 0.05  # the random classifier is badly calibrated
     with pytest.raises(ValueError, match="n_bins"):
         ece(logits, labels, 0)
@@ -104,20 +110,22 @@ def test_smooth_ece_value_and_gradient() -> None:
     x = logits64.clone().requires_grad_(True)
     loss = smooth_ece_loss(x, labels, beta)
     (grad,) = torch.autograd.grad(loss, x)
-    assert abs(loss.item() - ref_loss.item()) < 1e-14
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+    # a mean over 64 samples of softmaxes over 10 classes; the gradient runs it back
+    depth = 64 + 10
+    assert_close(loss, ref_loss, F64, depth, scale=1.0)
+    assert_close(grad, ref_grad, F64, 2 * depth)
     # Closed form: dL/df_k = (1/n) (p̂ − a)/sqrt((p̂ − a)² + β) · p̂ (1[k = m] − p_k).
     p = torch.softmax(logits64, dim=1)
     ph = p.max(dim=1).values
     coef = (ph - a) / torch.sqrt((ph - a) ** 2 + beta) * ph / 64
     closed = coef[:, None] * (torch.nn.functional.one_hot(m, 10).double() - p)
-    torch.testing.assert_close(grad, closed, rtol=1e-10, atol=1e-15)
+    assert_close(grad, closed, F64, 2 * depth)
     # float32 logits: same value and gradient to float32 precision.
     x32 = logits64.float().requires_grad_(True)
     loss32 = smooth_ece_loss(x32, labels, beta)
     (grad32,) = torch.autograd.grad(loss32, x32)
-    assert abs(loss32.item() - ref_loss.item()) < 1e-6
-    torch.testing.assert_close(grad32.double(), ref_grad, rtol=1e-4, atol=1e-7)
+    assert_close(loss32, ref_loss, torch.float32, depth, scale=1.0)
+    assert_close(grad32, ref_grad, torch.float32, 2 * depth)
     # beta -> the value is mean sqrt(gap² + β) >= sqrt(β), and a_i is not differentiated.
     assert loss.item() >= beta**0.5
     assert torch.autograd.gradcheck(
@@ -136,8 +144,9 @@ def test_reliability_stats() -> None:
     for i in range(8):
         if stats.count[i]:
             assert stats.count[i] == (b == i).sum()
-            assert abs(stats.mean_confidence[i] - conf[b == i].mean()) < 1e-12
-            assert abs(stats.accuracy[i] - correct[b == i].mean()) < 1e-12
+            # bin means over ≤ 300 values of size ≤ 1
+            assert_close(stats.mean_confidence[i], conf[b == i].mean(), F64, 300, scale=1.0)
+            assert_close(stats.accuracy[i], correct[b == i].mean(), F64, 300, scale=1.0)
     assert stats.ece == ece(logits, labels, 8)
     json.dumps(stats.to_dict())  # the figure: tests/test_plots.py
 
@@ -163,14 +172,19 @@ def test_trajectory_calibration() -> None:
         p = torch.softmax(logits.double(), dim=1)
         conf = p.max(dim=1).values
         assert s["n"] == 80
-        assert abs(s["ece"] - ece(logits, labels)) < 1e-12
-        assert abs(s["accuracy"] - (logits.argmax(1) == labels).double().mean().item()) < 1e-12
-        assert abs(s["mean_confidence"] - conf.mean().item()) < 1e-12
-        assert abs(s["mean_target_prob"] - p[torch.arange(80), labels].mean().item()) < 1e-12
-        top = conf.sort(descending=True).values[:20].mean().item()
-        assert abs(s["top25_mean_confidence"] - top) < 1e-12
+        # means over 80 samples of softmaxes over 6 classes (computed from float32 logits:
+        # the same rounded inputs on both sides), values of size ≤ 1
+        depth = 80 + 6
+        assert_close(s["ece"], ece(logits, labels), F64, depth, scale=1.0)
+        accuracy = (logits.argmax(1) == labels).double().mean()
+        assert_close(s["accuracy"], accuracy, F64, depth, scale=1.0)
+        assert_close(s["mean_confidence"], conf.mean(), F64, depth, scale=1.0)
+        target = p[torch.arange(80), labels].mean()
+        assert_close(s["mean_target_prob"], target, F64, depth, scale=1.0)
+        top = conf.sort(descending=True).values[:20].mean()
+        assert_close(s["top25_mean_confidence"], top, F64, depth, scale=1.0)
         eces.append(s["ece"])
-    assert abs(traj.integral_ece - float(np.mean(eces))) < 1e-15
+    assert_close(traj.integral_ece, float(np.mean(eces)), F64, depth=3, scale=1.0)
     d = json.loads(json.dumps(traj.to_dict()))
     assert [s["step"] for s in d["steps"]] == [0, 5, 9]
     assert d["integral_ece"] == traj.integral_ece
@@ -210,10 +224,15 @@ def test_soft_binned_ece_tends_to_binned_ece() -> None:
     y = torch.from_numpy(labels)
     hard = ece(probs, labels, n_bins, kind="probs")
     assert hard > 0.05
+    # Memberships at ≥ 0.01 from an edge with width 1e-4: exp(−5000) = 0, so the difference is
+    # the rounding of sums over 400 samples and 10 bins.
     sharp = soft_binned_ece_loss(logits, y, 0.0, n_bins=n_bins, softness=1e-3)
-    assert abs(sharp.item() - hard) < 1e-9
-    # beta -> 0 converges too, and a soft membership gives a different (smaller) value.
-    assert abs(soft_binned_ece_loss(logits, y, 1e-12, n_bins=n_bins, softness=1e-3) - hard) < 1e-4
+    assert_close(sharp, hard, F64, depth=400 + n_bins, scale=1.0)
+    # beta -> 0 converges too (each bin's sqrt(g² + β) is within sqrt(β) of |g|), and a soft
+    # membership gives a different (smaller) value.
+    beta = 1e-12
+    near = soft_binned_ece_loss(logits, y, beta, n_bins=n_bins, softness=1e-3).item()
+    assert abs(near - hard) <= n_bins * beta**0.5
     soft = soft_binned_ece_loss(logits, y, 0.0, n_bins=n_bins, softness=1.0).item()
     assert 0 < soft < hard - 1e-3
 
@@ -231,7 +250,10 @@ def test_soft_binned_ece_constant_confidence_closed_form_and_gradient() -> None:
             _soft_ece_closed_form(p0 + h, acc, 10, softness, beta)
             - _soft_ece_closed_form(p0 - h, acc, 10, softness, beta)
         ) / (2 * h)
-        assert abs(loss.item() - closed) < 1e-12
+        # the loss and its closed form: sums over 20 samples and 10 bins of exponentials
+        assert_close(loss, closed, F64, depth=20 + 10, scale=1.0)
+        # not a rounding bound: the central difference's own error (truncation h² f‴/6 and
+        # cancellation eps·|f|/h, ≈ 2e-10 here) is far below this
         assert abs(grad.item() - fd) < 1e-6 * max(1.0, abs(fd))
 
 
@@ -256,7 +278,10 @@ def test_calibrated_confidence_minimises_soft_ece_but_not_smooth_ece() -> None:
     _, soft_at_g, _, smooth_at_g = losses(0.7)
     _, soft_hi_g, _, smooth_hi_g = losses(0.8)
     assert soft_lo_g < 0 < soft_hi_g  # pushed towards 0.7 from both sides
-    assert abs(soft_at_g) < 1e-12  # stationary at calibration
+    # Stationary at calibration: 0 up to the rounding of the gaps g (sums over 10 samples and
+    # 10 bins of values ≤ 1), which d sqrt(g² + β)/dg = g / sqrt(β) scales by 1/sqrt(β).
+    beta = 1e-6  # soft_binned_ece_loss's default
+    assert_close(soft_at_g, 0.0, F64, depth=2 * (10 + 10), scale=beta**-0.5)
     assert smooth_lo_g < 0 and smooth_at_g < -0.3 and smooth_hi_g < 0  # pushed towards 1
 
 
@@ -273,7 +298,9 @@ def test_calibrated_sample_is_stationary_for_soft_ece_only() -> None:
     for softness in (0.3, 1.0, 3.0):
         loss = soft_binned_ece_loss(logits, y, softness=softness)
         (g,) = torch.autograd.grad(loss, logits)
-        assert abs(loss.item()) < 1e-15 and g.abs().max().item() < 1e-12
+        depth = 30 + 10  # sums over 30 samples and 10 bins (the gradient: twice), size ≤ 1
+        assert_close(loss, 0.0, F64, depth, scale=1.0)
+        assert_close(g, torch.zeros_like(g), F64, 2 * depth, scale=1.0)
     (g_smooth,) = torch.autograd.grad(smooth_ece_loss(logits, y), logits)
     assert g_smooth.abs().max().item() > 1e-3
     # Shift every confidence up (over-confident): the soft-ECE gradient is no longer zero and
@@ -318,5 +345,10 @@ def test_update_confidences_equals_update_from_logits() -> None:
     p /= p.sum(1, keepdims=True)
     b.update_confidences(2, p.max(1), p.argmax(1) == labels, float(p[np.arange(40), labels].sum()))
     assert a.steps == b.steps == [2]
-    np.testing.assert_allclose(b.per_step_ece(), a.per_step_ece(), rtol=0, atol=1e-12)
-    assert b.step_stats(2) == pytest.approx(a.step_stats(2), abs=1e-12)
+    # the same softmax over 6 classes written twice, then sums over 40 samples
+    depth = 40 + 6
+    assert_close(b.per_step_ece(), a.per_step_ece(), F64, depth, scale=1.0)
+    stats_a, stats_b = a.step_stats(2), b.step_stats(2)
+    assert stats_a.keys() == stats_b.keys()
+    for key, value in stats_a.items():
+        assert_close(stats_b[key], value, F64, depth, scale=max(1.0, abs(value)), msg=key)

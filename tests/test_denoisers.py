@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tolerances
 import torch
 
 from fguide import samplers
@@ -39,12 +40,11 @@ def test_vp_as_edm_maps_training_sigmas_to_their_steps() -> None:
     wrapped = VPAsEDM(eps, abar)
     sig = torch.from_numpy(vp_sigmas(abar))[[0, 10, 500, 999]]
     out = wrapped(torch.ones(4, 2, dtype=torch.float64), sig, None)
-    torch.testing.assert_close(
-        calls[0], torch.tensor([0.0, 10.0, 500.0, 999.0], dtype=torch.float64)
-    )
-    torch.testing.assert_close(out, torch.ones(4, 2, dtype=torch.float64))  # D = x − σ·0
+    # σ → log σ → the table's interpolation: t on its scale, 999
+    steps = torch.tensor([0.0, 10.0, 500.0, 999.0], dtype=torch.float64)
+    tolerances.assert_close(calls[0], steps, torch.float64, depth=8, scale=999.0)
+    assert torch.equal(out, torch.ones(4, 2, dtype=torch.float64))  # D = x − σ·0
     mid = float(np.exp((np.log(float(sig[1])) + np.log(vp_sigmas(abar)[11])) / 2))
-    assert float(wrapped.sigma_to_t(torch.tensor([mid], dtype=torch.float64))) == pytest.approx(
-        10.5
-    )
+    t_mid = wrapped.sigma_to_t(torch.tensor([mid], dtype=torch.float64))
+    tolerances.assert_close(t_mid, [10.5], torch.float64, depth=8, scale=999.0)
     assert list(wrapped._on_device) == [torch.device("cpu")]  # the table is copied once

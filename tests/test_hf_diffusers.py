@@ -4,12 +4,16 @@ EluCD Algorithm 3 against its formula, per-sample seeding. Tiny models from conf
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import tolerances
 import torch
+from tolerances import assert_close, network_depth
 from torch import Tensor, nn
 
 import fguide
@@ -76,6 +80,22 @@ def dit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dit(dit_dir: Path) -> hd.PipelineModel:
     return hd.load_pipeline_model(dit_dir, dtype=torch.float64)
+
+
+F64 = torch.float64
+
+
+def _sampling_depth(steps: int, net: nn.Module) -> int:
+    """A sampler's stages: per step the network (twice with CFG: in parallel, once in
+    sequence) and the step's few elementwise operations."""
+    return steps * (network_depth(net) + 10)
+
+
+def _guidance_depth(dit: hd.PipelineModel, classifier: Any) -> int:
+    """The classifier's gradient through the decoder: both forward and back."""
+    assert dit.decoder is not None
+    clf = network_depth(classifier) if isinstance(classifier, nn.Module) else 1
+    return 2 * (network_depth(dit.decoder) + clf)
 
 
 def _float64_scheduler(sched: object) -> None:
@@ -145,7 +165,9 @@ def test_dit_matches_dit_pipeline(
         )
     img = (dit.to_image(x) / 2 + 0.5).clamp(0, 1)
     assert ref.images.std() > 0.05  # a non-degenerate output
-    torch.testing.assert_close(img, ref.images, atol=1e-10, rtol=1e-10)
+    assert dit.decoder is not None
+    depth = _sampling_depth(steps, dit.net) + network_depth(dit.decoder)
+    assert_close(img, ref.images, F64, depth)
 
 
 def test_dit_learned_variance_and_adm_respacing_match_ddpm_scheduler(
@@ -179,7 +201,7 @@ def test_dit_learned_variance_and_adm_respacing_match_ddpm_scheduler(
     with torch.no_grad():
         ours = fguide.ddpm(model, z, proc, labels=y, noise=_Replay(draws), clip_denoised=False)
     assert ours.std() > 0.1
-    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+    assert_close(ours, ref, F64, _sampling_depth(10, dit.net))
 
 
 def _ddpm_scheduler_step(sched: object, out: Tensor, t: Tensor, x: Tensor, draw: Tensor) -> Tensor:
@@ -234,7 +256,7 @@ def test_unet_pipeline_matches_ddpm_pipeline(
             clip_denoised=pm.clip_denoised,
         )
     assert ref.std() > 0.05
-    torch.testing.assert_close((x / 2 + 0.5).clamp(0, 1), ref, atol=1e-10, rtol=1e-10)
+    assert_close((x / 2 + 0.5).clamp(0, 1), ref, F64, _sampling_depth(steps, pm.net))
 
 
 # -- schedules from scheduler configs ---------------------------------------------------------
@@ -250,7 +272,8 @@ def test_scheduler_betas_follow_the_config() -> None:
     ref = diffusers.DDPMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
     ).betas.double()
-    np.testing.assert_allclose(sl, ref.numpy(), rtol=1e-6)  # diffusers' float32 copy
+    # diffusers' float32 copy of linspace(sqrt β0, sqrt β1)²
+    assert_close(sl, ref, torch.float32, depth=3)
     tb = np.linspace(1e-4, 0.03, 50)
     np.testing.assert_array_equal(
         hd.scheduler_betas({"trained_betas": tb.tolist(), "num_train_timesteps": 50}), tb
@@ -258,7 +281,8 @@ def test_scheduler_betas_follow_the_config() -> None:
     # the respaced process equals make_process for a named schedule
     a, b = hd.process_from_betas(betas_for("linear", T), "250"), make_process("linear", T, "250")
     np.testing.assert_array_equal(a.timestep_map, b.timestep_map)
-    np.testing.assert_allclose(a.betas, b.betas, rtol=1e-14)
+    # 1 − ᾱ_t / ᾱ_prev, ᾱ a product of up to T factors of size 1
+    assert_close(a.betas, b.betas, F64, depth=T + 2, scale=1.0)
 
 
 @pytest.mark.parametrize(
@@ -351,7 +375,7 @@ def test_latent_gradient_is_autograd_of_the_composite(
     g = fguide.guidance_gradient(f, z0, y, obj, 0.4)
     ref = _composite_grad(dit.decoder, clf, z0, y, obj, 0.4, clip)
     assert ref.abs().max() > 1e-4
-    torch.testing.assert_close(g, ref, atol=1e-14, rtol=1e-9)
+    assert_close(g, ref, F64, _guidance_depth(dit, clf))
     if clip == "straight_through":  # the clip must act somewhere for this case to mean anything
         assert (dit.decoder(z0).abs() > 1).any()
 
@@ -369,13 +393,14 @@ def test_microbatched_guidance_equals_the_full_batch(
     z0 = torch.randn(7, 4, 8, 8, generator=gen, dtype=torch.float64)
     y = torch.tensor([0, 3, 9, 1, 1, 4, 2])
     full = fguide.evaluate_guidance(f, z0, y, obj, 0.2)
+    depth = _guidance_depth(dit, f)
     for mb in (1, 2, 3):
         part = hd.evaluate_guidance_microbatched(f, z0, y, obj, 0.2, microbatch=mb)
-        torch.testing.assert_close(part.grad, full.grad, atol=1e-13, rtol=1e-11)
-        torch.testing.assert_close(part.logits, full.logits, atol=1e-13, rtol=1e-11)
+        assert_close(part.grad, full.grad, F64, depth)
+        assert_close(part.logits, full.logits, F64, depth)
         if obj.tilt is not None:
             assert part.weights is not None and full.weights is not None
-            torch.testing.assert_close(part.weights, full.weights)
+            assert_close(part.weights, full.weights, F64, depth)
     with pytest.raises(ValueError, match="guidance_microbatch"):
         hd.evaluate_guidance_microbatched(f, z0, y, obj, microbatch=0)
 
@@ -427,13 +452,13 @@ def test_algorithm3_output_is_its_formula(dit: hd.PipelineModel, s: float) -> No
         tm = int(proc.timestep_map[i])
         out = alg(x, torch.full((3,), tm), y)
         ref = _alg3_reference(dit, x, i, 10, tm, y, clf, obj, s, 0.3, 0.3)
-        torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+        assert_close(out, ref, F64, 2 * network_depth(dit.net) + _guidance_depth(dit, clf))
         res = alg.guide(x, x, torch.full((3,), tm), y, 0.0)  # the replayed result
         assert res.grad.shape == x.shape and alg.guide.scale == 0.0
     # G = 0 is CFG alone
     alg0 = hd.CFGClassifierGuidance(dit.eps_model(s), proc, dit.guidance_classifier(clf), obj, 0.0)  # type: ignore[arg-type]
     t = torch.full((3,), 555)
-    torch.testing.assert_close(alg0(x, t, y), dit.eps_model(s)(x, t, y), atol=1e-12, rtol=0)
+    assert_close(alg0(x, t, y), dit.eps_model(s)(x, t, y), F64, network_depth(dit.net))
 
 
 def test_dit_reference_cfg_guides_three_channels(dit: hd.PipelineModel) -> None:
@@ -443,8 +468,11 @@ def test_dit_reference_cfg_guides_three_channels(dit: hd.PipelineModel) -> None:
     cond = dit.net(x, timestep=t, class_labels=y).sample
     unc = dit.net(x, timestep=t, class_labels=torch.tensor([1000, 1000])).sample
     out = dit.eps_model(4.0, cfg_channels=3)(x, t, y)
-    torch.testing.assert_close(out[:, :3], unc[:, :3] + 4.0 * (cond[:, :3] - unc[:, :3]))
-    torch.testing.assert_close(out[:, 3:], cond[:, 3:])
+    # one batched call against two, then u + 4 (c − u): terms up to 5 times the outputs
+    depth = network_depth(dit.net) + 3
+    scale = 5 * max(tolerances.magnitude(cond), tolerances.magnitude(unc))
+    assert_close(out[:, :3], unc[:, :3] + 4.0 * (cond[:, :3] - unc[:, :3]), F64, depth, scale=scale)
+    assert_close(out[:, 3:], cond[:, 3:], F64, depth)
     with pytest.raises(ValueError, match="cfg_channels"):
         dit.eps_model(2.0, cfg_channels=5)
 
@@ -485,7 +513,9 @@ def test_algorithm3_sampling_is_per_sample_and_recorded(dit: hd.PipelineModel) -
     assert full.shape == (3, 3, 16, 16)
     for j in range(3):
         one, _ = _sample_alg3(dit, [j], y[j : j + 1], obj)
-        torch.testing.assert_close(one, full[j : j + 1], atol=1e-10, rtol=1e-10)
+        assert dit.decoder is not None
+        depth = 6 * (2 * network_depth(dit.net) + _guidance_depth(dit, _classifier()))
+        assert_close(one, full[j : j + 1], F64, depth + network_depth(dit.decoder))
     # the recorder sees every step's guidance (unnormalised ‖∇S‖, confidences)
     assert len(records) == 6 and all(r.guidance is not None for r in records)
     assert all(r.grad_norm is not None and bool((r.grad_norm > 0).all()) for r in records)
@@ -604,6 +634,34 @@ def test_fguide_sample_with_a_dit_pipeline_folder(
     assert main([*argv, "--out", str(one), "--batch-size", "1"]) == 0  # last flags win
     with np.load(one / "samples.npz") as z:
         assert np.abs(z["arr_0"].astype(int) - images.astype(int)).max() <= 1
+
+
+def test_resume_over_swapped_pipeline_weights_is_refused(dit_dir: Path, tmp_path: Path) -> None:
+    # Two pipelines swap their transformer weight files (same names): a resumed run of either
+    # is another model's run. The identity hashes every file's name with its contents.
+    import shutil
+
+    from fguide.io.runs import ConfigMismatchError
+    from fguide.sampling import SampleConfig, run_sampling
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(dit_dir, a)
+    shutil.copytree(dit_dir, b)
+    torch.manual_seed(5)
+    other = diffusers.DiTTransformer2DModel(**dict(_dit().config))
+    other.save_pretrained(b / "transformer", safe_serialization=True)
+    cfg = SampleConfig(
+        out=tmp_path / "run", model=a, method="none", steps="2", num_samples=2, batch_size=1,
+        shard_size=1, max_shards=1, device="cpu", progress=False,
+    )  # fmt: skip
+    assert not run_sampling(cfg).complete
+    weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
+    wa, wb = (a / weights).read_bytes(), (b / weights).read_bytes()
+    assert wa != wb
+    (a / weights).write_bytes(wb)
+    (b / weights).write_bytes(wa)
+    with pytest.raises(ConfigMismatchError, match="model_sha256"):
+        run_sampling(dataclasses.replace(cfg, max_shards=None))
 
 
 def test_algorithm3_needs_an_explicit_scale(dit_dir: Path, tmp_path: Path) -> None:

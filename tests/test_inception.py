@@ -7,8 +7,17 @@ import functools
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
-from fixture_utils import assert_close_float32, case_names, fixture_init, get_case, load_fixture
+from fixture_utils import (
+    assert_close_float32,
+    assert_close_float64,
+    case_names,
+    fixture_init,
+    get_case,
+    load_fixture,
+)
+from tolerances import network_depth
 
 from fguide.models.inception import (
     INCEPTION_WEIGHTS_ENV,
@@ -49,6 +58,11 @@ def _models(seed: int) -> tuple[FIDInception, FIDInception]:
     return model64, copy.deepcopy(model64).float()
 
 
+def _depth() -> int:
+    """Stages up to the deepest output (an upper bound for the earlier ones)."""
+    return network_depth(FIDInception())
+
+
 @functools.cache
 def _outputs(name: str, dtype: torch.dtype) -> InceptionOutputs:
     # Each forward costs ~1 s on two threads: run it once per case and dtype.
@@ -84,8 +98,7 @@ def test_float64_outputs_match_reference(name: str) -> None:
     for field, key in OUTPUTS.items():
         got, expected = getattr(out, field), case[key]
         assert got.dtype == torch.float64 and got.shape == expected.shape, field
-        err = ((got - expected).abs() / expected.abs().clamp(min=1)).max().item()
-        assert err <= 1e-9, f"{field}: relative error {err:.3g}"
+        assert_close_float64(got, expected, _depth(), field)
 
 
 @pytest.mark.parametrize("name", case_names(FIXTURE))
@@ -94,9 +107,7 @@ def test_float32_outputs_match_reference(name: str) -> None:
     out = _outputs(name, torch.float32)
     for field, key in OUTPUTS.items():
         got = getattr(out, field)
-        # float32 against the float64 reference, atol scaled by max|expected| (the reference's
-        # own float32 run is ~2e-7 away, and so is this one).
-        assert_close_float32(got, case[key], field)
+        assert_close_float32(got, case[key], _depth(), field)
 
 
 @pytest.mark.parametrize("name", case_names(FIXTURE))
@@ -105,7 +116,8 @@ def test_tf1_resize_rows(name: str) -> None:
     rows = case["config"]["resized_rows"]
     images = case["images_nhwc_uint8"].permute(0, 3, 1, 2)
     r64 = tf1_resize_bilinear(images.double())[:, :, rows].permute(0, 2, 3, 1)
-    torch.testing.assert_close(r64, case["resized_rows_nhwc"], atol=1e-9 * 255, rtol=0)
+    # two interpolations in sequence (rows, then columns)
+    tolerances.assert_close(r64, case["resized_rows_nhwc"], torch.float64, depth=2)
     r32 = tf1_resize_bilinear(images.float())[:, :, rows].permute(0, 2, 3, 1)
     assert torch.equal(r32, case["resized_rows_nhwc_tf_float32"])  # bit-identical to TF
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fixture_utils import case_names, get_case, load_fixture
+from tolerances import assert_close
 
 from fguide.metrics import (
     DistanceMode,
@@ -28,6 +29,7 @@ from fguide.metrics.precision_recall import _Features, _sq_distances
 
 FIXTURE = "metrics_from_features.pt"
 PR_MODES: tuple[DistanceMode, ...] = ("float32", "float64", "float16")
+F64 = torch.float64
 
 
 def _features(case: dict, which: str) -> np.ndarray:
@@ -39,8 +41,21 @@ def _features(case: dict, which: str) -> np.ndarray:
     return x.float().numpy()
 
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
+def _sqrt_amplification(x1: np.ndarray, x2: np.ndarray) -> float:
+    """The scale on which tr sqrt(Σ1 Σ2), computed from the statistics, carries rounding: an
+    eigenvalue λ_i of Σ1 moves by ∝ λ1_max (a backward-stable eigensolver), so sqrt(λ_i) by
+    ∝ λ1_max / (2 sqrt λ_i), which the other factor scales by sqrt(λ2_max); and vice versa.
+    Eigenvalues from the features' singular values (numpy), those below D·eps·λ_max dropped
+    as the code drops them."""
+    lams = []
+    for x in (x1, x2):
+        a = x.astype(np.float64)
+        lam = np.linalg.svd(a - a.mean(0), compute_uv=False) ** 2 / (len(a) - 1)
+        lams.append(lam[lam > a.shape[1] * np.finfo(np.float64).eps * lam[0]])
+    (l1, l2) = lams
+    return float(l1[0] * np.sqrt(l2[0]) * (1 / np.sqrt(l1)).sum()) + float(
+        l2[0] * np.sqrt(l1[0]) * (1 / np.sqrt(l2)).sum()
+    )
 
 
 # ---------------------------------------------------------------- fixture parity (every case)
@@ -70,41 +85,44 @@ def _check_fid(case: dict) -> None:
     for chunk in np.array_split(ref, 7):
         st_ref.update(chunk)
     st_sam = FeatureStats().update(torch.from_numpy(sample))
-    for st, which in ((st_ref, "ref"), (st_sam, "sample")):
-        np.testing.assert_allclose(st.mean, case[f"mu_{which}"].numpy(), rtol=0, atol=1e-12)
+    d = cfg["dim"]
+    for st, which, x in ((st_ref, "ref", ref), (st_sam, "sample", sample)):
+        # sums over n rows of the features (and of their products), in float64
+        n, size = len(x), float(np.abs(x).max())
+        assert_close(st.mean, case[f"mu_{which}"], F64, depth=n, scale=size)
         cov = st.cov
-        np.testing.assert_allclose(
-            np.diag(cov), case[f"diag_sigma_{which}"].numpy(), rtol=1e-10, atol=1e-13
-        )
-        assert _rel(float(np.trace(cov)), case[f"trace_sigma_{which}"]) < 1e-10
+        assert_close(np.diag(cov), case[f"diag_sigma_{which}"], F64, 2 * n, scale=size**2)
+        trace = case[f"trace_sigma_{which}"]
+        assert_close(np.trace(cov), trace, F64, depth=2 * n + d)
         if f"sigma_{which}" in case:
-            np.testing.assert_allclose(cov, case[f"sigma_{which}"].numpy(), rtol=1e-9, atol=1e-12)
+            assert_close(cov, case[f"sigma_{which}"], F64, 2 * n, scale=size**2)
     diff = st_sam.mean - st_ref.mean
-    assert _rel(float(diff @ diff), case["mean_diff_sq"]) < 1e-9
+    mean_scale = float(((np.abs(st_sam.mean) + np.abs(st_ref.mean)) ** 2).sum())
+    depth = len(sample) + len(ref) + d
+    assert_close(diff @ diff, case["mean_diff_sq"], F64, depth, scale=mean_scale)
 
     exact = case["fid_exact"]
-    # README tolerance: 1e-9 relative when Σ is full rank (n > D), 5e-5 when rank-deficient.
-    # The statistics path reaches ~1e-10 there; 1e-8 guards its round-off handling (keeping
-    # round-off eigenvalues costs ~1e-5, which 5e-5 alone would not catch).
-    rtol_stats = 1e-8 if cfg["rank_deficient"] else 1e-9
+    # FID = ‖μ1 − μ2‖² + tr Σ1 + tr Σ2 − 2 tr sqrt(Σ1 Σ2): terms on the scale of the traces and
+    # the means, cancelled; the statistics' sums over the rows, then D × D eigensolvers. From
+    # the statistics, the square roots of small eigenvalues amplify their rounding.
+    scale = float(np.trace(st_sam.cov) + np.trace(st_ref.cov)) + mean_scale
+    stats_scale = scale + _sqrt_amplification(sample, ref)
+    fid_depth = len(sample) + len(ref) + d
     for (m1, s1), (m2, s2) in (
         ((st_sam.mean, st_sam.cov), (st_ref.mean, st_ref.cov)),
         ((st_ref.mean, st_ref.cov), (st_sam.mean, st_sam.cov)),  # symmetric
     ):
         fid_stats = frechet_distance(m1, s1, m2, s2)
-        assert _rel(fid_stats, exact) < rtol_stats, (fid_stats, exact)
+        assert_close(fid_stats, exact, F64, fid_depth, scale=stats_scale)
     tr = trace_sqrt_product(st_sam.cov, st_ref.cov)
-    assert _rel(tr, case["tr_covmean_exact"]) < rtol_stats
-    # The nuclear-norm path is exact whatever the rank.
+    assert_close(tr, case["tr_covmean_exact"], F64, fid_depth, scale=stats_scale)
+    # The nuclear-norm path (singular values of the features) whatever the rank.
     fid_nuc = frechet_distance_from_features(sample, ref)
-    assert _rel(fid_nuc, exact) < 1e-9, (fid_nuc, exact)
-    # fguide's two independent paths (eigenvalues of the statistics, singular values of the
-    # features) agree to the statistics path's tolerance
-    fid_stats = frechet_distance(st_sam.mean, st_sam.cov, st_ref.mean, st_ref.cov)
-    assert _rel(fid_stats, fid_nuc) < rtol_stats, (fid_stats, fid_nuc)
-    assert _rel(frechet_distance_from_features(ref, sample), exact) < 1e-9
-    # ADM's own (sqrtm) value is ~1e-5 away at 2048-d: information, checked loosely.
-    assert _rel(fid_nuc, case["fid_adm"]) < 1e-4
+    assert_close(fid_nuc, exact, F64, fid_depth, scale=scale)
+    assert_close(frechet_distance_from_features(ref, sample), exact, F64, fid_depth, scale=scale)
+    # ADM's own value (scipy's sqrtm of the near-singular Σ1 Σ2, the error of its method, not
+    # rounding) is ~1e-5 away at 2048-d: information, checked loosely.
+    assert abs(fid_nuc - case["fid_adm"]) < 1e-4 * abs(case["fid_adm"])
 
 
 def _check_inception_score(case: dict) -> None:
@@ -113,12 +131,19 @@ def _check_inception_score(case: dict) -> None:
     assert logits.shape == (cfg["n"], cfg["classes"])
     res = inception_score_splits(logits, split_size=cfg["split_size"])
     assert len(res.split_scores) == cfg["num_splits"]
-    assert _rel(res.score, case["inception_score_float64"]) < 1e-9
-    np.testing.assert_allclose(res.split_scores, case["split_scores_float64"], rtol=1e-9)
-    np.testing.assert_allclose(res.kl_per_row, case["kl_per_row_float64"].numpy(), rtol=1e-9)
+    # softmaxes over the classes, KL sums over them, means over the rows; exp of the mean KL
+    # (the score's relative error is the mean KL's absolute one)
+    depth = cfg["classes"] + cfg["n"]
+    kl_scale = float(res.kl_per_row.max())
+    score_scale = res.score * kl_scale
+    assert_close(res.score, case["inception_score_float64"], F64, depth, scale=score_scale)
+    splits = case["split_scores_float64"]
+    assert_close(res.split_scores, splits, F64, depth, scale=float(max(splits)) * kl_scale)
+    assert_close(res.kl_per_row, case["kl_per_row_float64"], F64, depth)
     assert inception_score(logits.numpy(), split_size=cfg["split_size"]) == res.score
-    # ADM's float32 value is 1e-7..4e-7 relative away.
-    assert _rel(res.score, case["inception_score_adm"]) < 2e-6
+    # ADM's value: the same computation in float32
+    adm = case["inception_score_adm"]
+    assert_close(res.score, adm, torch.float32, depth, scale=score_scale)
 
 
 def _check_precision_recall(case: dict, mode: DistanceMode) -> None:
@@ -140,9 +165,12 @@ def _check_precision_recall(case: dict, mode: DistanceMode) -> None:
         np.testing.assert_array_equal(
             pr.ref_in_sample_manifold, case["ref_in_sample_manifold"].numpy(), err_msg=msg
         )
-        rtol = {"float64": 1e-12, "float32": 1e-5, "float16": 0.02}[mode]
-        np.testing.assert_allclose(pr.radii_ref, case["radii_ref_exact"].numpy(), rtol=rtol)
-        np.testing.assert_allclose(pr.radii_sample, case["radii_sample_exact"].numpy(), rtol=rtol)
+        # squared distances ‖a‖² + ‖b‖² − 2 a·b in the mode's dtype: D-term sums, cancelled
+        dtype = {"float64": F64, "float32": torch.float32, "float16": torch.float16}[mode]
+        for radii, x, key in ((pr.radii_ref, ref, "ref"), (pr.radii_sample, sample, "sample")):
+            scale = 2 * float((x.astype(np.float64) ** 2).sum(1).max())
+            exact_radii = case[f"radii_{key}_exact"]
+            assert_close(radii, exact_radii, dtype, cfg["dim"], scale=scale, msg=msg)
         if mode == "float16":
             # Recomputed in float32 exactly where ADM's float16 blocks were non-finite.
             assert (pr.fallback_blocks > 0) == (not cfg["adm_used_float16_path"]), msg
@@ -178,8 +206,9 @@ def test_feature_stats_merge_equals_np_cov() -> None:
     b = FeatureStats(dim=17, block_rows=1).update(x[250:])
     merged = FeatureStats().merge(a).merge(FeatureStats()).merge(b)
     assert merged.count == 503
-    np.testing.assert_allclose(merged.mean, x.mean(axis=0), rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(merged.cov, np.cov(x, rowvar=False), rtol=1e-12, atol=1e-13)
+    size = float(np.abs(x).max())  # sums over 503 rows of values and products, in float64
+    assert_close(merged.mean, x.mean(axis=0), F64, depth=503, scale=size)
+    assert_close(merged.cov, np.cov(x, rowvar=False), F64, depth=2 * 503, scale=size**2)
     restored = FeatureStats.from_state_dict(merged.state_dict())
     np.testing.assert_array_equal(restored.cov, merged.cov)
     with pytest.raises(ValueError, match="dimension"):
@@ -197,9 +226,10 @@ def test_fid_identical_sets_is_zero() -> None:
     for n, d in ((400, 32), (20, 64)):  # full rank and rank-deficient
         x = rng.normal(size=(n, d))
         st = FeatureStats().update(x)
-        scale = float(np.trace(st.cov))
-        assert abs(frechet_distance(st.mean, st.cov, st.mean, st.cov)) < 1e-10 * scale
-        assert abs(frechet_distance_from_features(x, x)) < 1e-10 * scale
+        scale = 2 * float(np.trace(st.cov))  # 2 tr Σ − 2 tr sqrt(Σ Σ), cancelled
+        same = frechet_distance(st.mean, st.cov, st.mean, st.cov)
+        assert_close(same, 0.0, F64, n + d, scale=scale)
+        assert_close(frechet_distance_from_features(x, x), 0.0, F64, n + d, scale=scale)
 
 
 def test_fid_closed_form_and_symmetry() -> None:
@@ -209,13 +239,18 @@ def test_fid_closed_form_and_symmetry() -> None:
     q, _ = np.linalg.qr(rng.normal(size=(8, 8)))  # common rotation: Σ1, Σ2 commute
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     expected = float(np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
-    assert _rel(frechet_distance(mu1, s1, mu2, s2), expected) < 1e-12
+    # cancelled terms of the size of the traces and the means; an 8 × 8 eigensolver
+    scale = float(a.sum() + b.sum() + mu1 @ mu1 + mu2 @ mu2)
+    assert_close(frechet_distance(mu1, s1, mu2, s2), expected, F64, depth=3 * 8, scale=scale)
     # Non-commuting pair: symmetric in its arguments, equal to the nuclear-norm path.
     x, y = rng.normal(size=(300, 12)), rng.normal(size=(250, 12)) @ rng.normal(size=(12, 12))
     sx, sy = FeatureStats().update(x), FeatureStats().update(y)
     f_xy = frechet_distance(sx.mean, sx.cov, sy.mean, sy.cov)
-    assert _rel(frechet_distance(sy.mean, sy.cov, sx.mean, sx.cov), f_xy) < 1e-12
-    assert _rel(frechet_distance_from_features(x, y), f_xy) < 1e-12
+    scale = float(np.trace(sx.cov) + np.trace(sy.cov) + sx.mean @ sx.mean + sy.mean @ sy.mean)
+    depth = 300 + 250 + 12  # the statistics' sums, then a 12 × 12 eigensolver
+    f_yx = frechet_distance(sy.mean, sy.cov, sx.mean, sx.cov)
+    assert_close(f_yx, f_xy, F64, depth, scale=scale)
+    assert_close(frechet_distance_from_features(x, y), f_xy, F64, depth, scale=scale)
 
 
 def test_fid_errors_name_the_statistics() -> None:
@@ -249,7 +284,7 @@ def test_fid_non_finite_trace_falls_back_to_eps(monkeypatch: pytest.MonkeyPatch)
     assert calls == [1.0, 1.0 + 1e-6]
     e = 1e-6
     expected = 1 + 2 + 3 + 4 - 2 * (math.sqrt((1 + e) * (3 + e)) + math.sqrt((2 + e) * (4 + e)))
-    assert _rel(value, expected) < 1e-12
+    assert_close(value, expected, F64, depth=8, scale=10.0)  # terms summing to 10, cancelled
 
 
 def test_warn_if_incomparable() -> None:
@@ -265,14 +300,15 @@ def test_warn_if_incomparable() -> None:
 
 def test_inception_score_limits_and_splits() -> None:
     # Identical predictions: KL = 0, IS = 1. Distinct near-one-hot predictions: IS = N.
-    assert abs(inception_score(torch.zeros(6, 10)) - 1.0) < 1e-12
+    # softmaxes over the classes, KL sums over them, means over the rows
+    assert_close(inception_score(torch.zeros(6, 10)), 1.0, F64, depth=10 + 6)
     one_hot = torch.full((7, 1008), -1e4, dtype=torch.float64)
     one_hot[torch.arange(7), torch.arange(7) * 3] = 1e4
-    assert abs(inception_score(one_hot) - 7.0) < 1e-9
+    assert_close(inception_score(one_hot), 7.0, F64, depth=1008 + 7)
     # A short last split counts as much as a full one: splits {5 rows, 2 rows} -> (5 + 2) / 2.
     res = inception_score_splits(one_hot, split_size=5)
-    np.testing.assert_allclose(res.split_scores, [5.0, 2.0], rtol=1e-12)
-    assert abs(res.score - 3.5) < 1e-12
+    assert_close(res.split_scores, [5.0, 2.0], F64, depth=1008 + 5)
+    assert_close(res.score, 3.5, F64, depth=1008 + 7)
     with pytest.raises(ValueError, match="split_size"):
         inception_score(one_hot, split_size=0)
 
@@ -285,7 +321,9 @@ def test_precision_recall_properties() -> None:
     expected = np.sort(d, axis=1)[:, 3]
     for mode in PR_MODES:
         r = manifold_radii(ref, mode=mode, block_size=16)
-        np.testing.assert_allclose(r, expected, rtol={"float16": 0.02}.get(mode, 1e-5))
+        dtype = {"float64": F64, "float32": torch.float32, "float16": torch.float16}[mode]
+        scale = 2 * float((ref.astype(np.float64) ** 2).sum(1).max())  # ‖a‖² + ‖b‖² − 2 a·b
+        assert_close(r, expected, dtype, depth=5, scale=scale, msg=mode)
     # Identical sets: everything is inside. One far sample: outside, and precision drops.
     pr = precision_recall(ref, ref, block_size=7)
     assert pr.precision == 1.0 and pr.recall == 1.0
@@ -342,7 +380,10 @@ def test_fid_cuts_round_off_eigenvalues_of_rank_deficient_covariances() -> None:
     expected = float(np.sum((mu1 - mu2) ** 2) + a.sum() + b.sum() - 2 * tr_exact)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no 1e-6·I fallback
+        # (the uncut sqrt(round-off) ≈ 1e-8 per null direction would be far outside these)
+        depth = 3 * d  # Q diag Qᵀ products, then a d × d eigensolver
         for x, y in ((s1, s2), (s2, s1)):
-            assert abs(trace_sqrt_product(x, y) - tr_exact) < 1e-12 * tr_exact
-        assert _rel(frechet_distance(mu1, s1, mu2, s2), expected) < 1e-12
-        assert _rel(frechet_distance(mu2, s2, mu1, s1), expected) < 1e-12
+            assert_close(trace_sqrt_product(x, y), tr_exact, F64, depth)
+        scale = float(a.sum() + b.sum() + mu1 @ mu1 + mu2 @ mu2)
+        assert_close(frechet_distance(mu1, s1, mu2, s2), expected, F64, depth, scale=scale)
+        assert_close(frechet_distance(mu2, s2, mu1, s1), expected, F64, depth, scale=scale)

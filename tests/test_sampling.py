@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tolerances import assert_close, network_depth
 from torch import nn
 
 from fguide.cli.main import main
@@ -270,8 +271,12 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path: Path, ckpt: Path, refere
     assert (out / "samples.npz").read_bytes() == (reference / "samples.npz").read_bytes()
     ref_traj = json.loads((reference / "trajectory.json").read_text())["curves"]
     traj = json.loads((out / "trajectory.json").read_text())["curves"]
-    np.testing.assert_allclose(traj["confidence_mean"], ref_traj["confidence_mean"], rtol=1e-6)
-    assert traj["ece"] == pytest.approx(ref_traj["ece"], rel=1e-6)
+    # batches of 3 against batches of 2: float32 rounding through 4 steps of the network and the
+    # classifier's gradient, read as probabilities (≤ 1) by the classifier
+    unet = create_model(**dict(kv.split("=") for kv in FLAGS.split()))
+    depth = 4 * (network_depth(unet) + 3 * network_depth(tiny_classifier()))
+    for key in ("confidence_mean", "ece"):
+        assert_close(traj[key], ref_traj[key], torch.float32, depth, scale=1.0, msg=key)
 
 
 def test_killed_process_resumes(tmp_path: Path, ckpt: Path) -> None:
@@ -484,6 +489,115 @@ def test_identity_covers_the_weights_behind_an_import_spec(
     assert run_sampling(dataclasses.replace(cfg, max_shards=None)).complete
 
 
+GUIDE_SOURCE = """
+import torch
+from torch import nn
+
+TEMPERATURE = {temperature}
+
+
+class Guide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(192, 1000)
+        g = torch.Generator().manual_seed(1)
+        for p in self.lin.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)) / TEMPERATURE  # read at every call
+
+
+def make():
+    return Guide()
+"""
+
+
+def test_identity_covers_the_source_of_an_import_spec(tmp_path: Path, ckpt: Path) -> None:
+    # Same weights, other behaviour: a module constant read in forward changed between the
+    # interrupted run and its resumption. The spec's file is hashed into the identity.
+    module = tmp_path / "guide_module.py"
+    module.write_text(GUIDE_SOURCE.format(temperature=1.0))
+    out = tmp_path / "run"
+    cfg = config(out, ckpt, classifier=f"{module}:make", max_shards=1)
+    assert not run_sampling(cfg).complete
+    module.write_text(GUIDE_SOURCE.format(temperature=2.0))
+    with pytest.raises(ConfigMismatchError, match="classifier_source_sha256") as err:
+        run_sampling(dataclasses.replace(cfg, max_shards=None))
+    assert "classifier_state_sha256" not in str(err.value)  # the weights did not change
+    module.write_text(GUIDE_SOURCE.format(temperature=1.0))
+    assert run_sampling(dataclasses.replace(cfg, max_shards=None)).complete
+
+
+def test_first_sample_variance_tracking_puts_the_batch_size_in_the_identity(
+    tmp_path: Path, ckpt: Path
+) -> None:
+    # EluCD's first_sample mode takes σ²_max from a batch's first sample: a resumption with
+    # another batch size would mix samples of two couplings, so it is another run.
+    out = tmp_path / "run"
+    cfg = config(out, ckpt, variance_tracking="first_sample", max_shards=1)
+    assert not run_sampling(cfg).complete
+    with pytest.raises(ConfigMismatchError, match="batch_size: 2 -> 1"):
+        run_sampling(dataclasses.replace(cfg, batch_size=1, max_shards=None))
+    assert run_sampling(dataclasses.replace(cfg, max_shards=None)).complete
+
+
+def test_pipeline_folder_identity_hashes_names_with_contents(tmp_path: Path) -> None:
+    # Two weight files swapped (same names, same set of contents) are another model.
+    from fguide.sampling import _model_sha256
+
+    folder = tmp_path / "pipeline"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    (folder / "model_index.json").write_text("{}")
+    unet = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(b"unet weights")
+    vae.write_bytes(b"vae weights")
+    before = _model_sha256(folder)
+    unet.write_bytes(b"vae weights")
+    vae.write_bytes(b"unet weights")
+    swapped = _model_sha256(folder)
+    assert swapped != before
+    (folder / "unet" / "config.json").write_text("{}")  # a config is part of the model too
+    assert _model_sha256(folder) != swapped
+
+
+def test_adm_classifier_guides_with_adm_plain_mean_condition(
+    tmp_path: Path, ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ADM's noise-aware classifier: μ' = μ + Σ γ g (condition_mean), no EluCD sine boost;
+    # an x̂0 classifier keeps EluCD's γ_sine = 0.3 (METHODS.md §5).
+    import fguide.sampling
+    from fguide.models.presets import create_classifier
+    from fguide.sampling_config import parse_flags
+
+    assert resolve_config(config(tmp_path / "r", ckpt, classifier="resnet50")).sine_factor == 0.3
+    adm = resolve_config(config(tmp_path / "a", ckpt, classifier="128x128_classifier"))
+    assert adm.sine_factor == 0.0
+    flags = (
+        "image_size=8 classifier_width=32 classifier_depth=1 "
+        "classifier_attention_resolutions=4 channel_mult=1,2"
+    )
+    torch.manual_seed(0)
+    weights = tmp_path / "adm_classifier.pt"
+    torch.save(create_classifier(**parse_flags(flags)).state_dict(), weights)
+    seen: list[float] = []
+    ddpm = fguide.sampling.ddpm
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(kwargs["sine_factor"])
+        return ddpm(*args, **kwargs)
+
+    monkeypatch.setattr(fguide.sampling, "ddpm", spy)
+    cfg = config(
+        tmp_path / "run", ckpt, classifier="adm", classifier_flags=flags,
+        classifier_weights=weights, method="logsoftmax", num_samples=2,
+    )  # fmt: skip
+    assert run_sampling(cfg).complete
+    assert seen == [0.0]
+
+
 def test_folder_with_foreign_files_is_refused(tmp_path: Path, ckpt: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -688,7 +802,8 @@ def test_gpu_path_options_on_cpu(tmp_path: Path, ckpt: Path, reference: Path) ->
         f.unlink()
     res = run_sampling(config(out, ckpt, channels_last=True))
     assert res.generated == [(4, 6)]
-    np.testing.assert_allclose(load(out)[0], load(reference)[0], atol=1)
+    # float32 rounding moves a pixel by at most one uint8 level (ADM's truncating quantisation)
+    np.testing.assert_array_less(np.abs(load(out)[0].astype(int) - load(reference)[0]), 2)
 
     bf = run_sampling(config(tmp_path / "bf16", ckpt, classifier_precision="bf16", batch_size=None))
     manifest = json.loads((bf.out / "manifest.json").read_text())

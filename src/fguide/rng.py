@@ -34,7 +34,8 @@ training batches."""
 
 
 def mix(*parts: int) -> int:
-    """A 63-bit seed from integers; distinct tuples give independent streams."""
+    """A 63-bit seed from integers; distinct tuples give independent streams: the two 32-bit
+    words w0, w1 of ``SeedSequence(parts).generate_state(2, uint32)`` as (w0 << 31) ^ w1."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 

@@ -60,6 +60,17 @@ def import_object(spec: str, what: str = "classifier") -> Any:
     return obj
 
 
+def import_spec_source(spec: str) -> Path | None:
+    """The source file of an import spec's module (``file.py`` itself, or the imported module's
+    ``__file__``; None for a module without one). Import the spec first."""
+    mod_name = spec.rpartition(":")[0]
+    if mod_name.endswith(".py"):
+        return Path(mod_name)
+    module = sys.modules.get(mod_name)
+    source = getattr(module, "__file__", None)
+    return Path(source) if source else None
+
+
 def import_module_spec(spec: str, what: str = "classifier") -> Any:
     """An ``nn.Module`` named by an import spec, or built by calling the named factory (or
     class) without arguments."""

@@ -355,6 +355,9 @@ def _identity(cfg: SampleConfig, comp: Components, hashes: Mapping[str, str | No
     settings = {k: v for k, v in cfg.to_json().items() if k not in run_only}
     if cfg.variance_tracking == "first_sample":
         settings["batch_size"] = cfg.batch_size  # EluCD's σ²_max couples a batch
+    source = None if comp.classifier is None else comp.classifier.description.get("source_sha256")
+    if source is not None:  # an import spec's module file (its code, beside its weights)
+        settings["classifier_source_sha256"] = source
     return canonical(
         {
             "format": FORMAT,

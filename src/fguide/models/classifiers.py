@@ -16,7 +16,8 @@
 Every command (``sample``, ``calibration``, ``finetune``) goes through it, so a new kind of
 guide is added here once. The result carries what callers need: the kind, whether the
 classifier takes the timestep, the number of classes (from one probe), and a description with
-the SHA-256 of the weights actually loaded, which is part of a sampling run's identity.
+the SHA-256 of the weights actually loaded (and, for an import spec, of its module's source
+file), which is part of a sampling run's identity.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ import torch
 from torch import Tensor, nn
 
 from fguide import defaults
+from fguide.io.files import sha256_file
 from fguide.models.loading import load_model
 from fguide.models.presets import PRESETS, classifier_defaults, create_classifier
 from fguide.models.resnet import ARCHS, INPUT_MODES, ImageClassifier, InputMode, load_resnet, resnet
-from fguide.runtime import import_module_spec
+from fguide.runtime import import_module_spec, import_spec_source
 
 __all__ = [
     "ClassifierKind",
@@ -237,6 +239,10 @@ def load_classifier(
             raise ValueError(f"classifier: {spec!r} must be or return a torch.nn.Module")
         net = load_model(obj, path) if path is not None else obj
         kind = "import"
+        # Code can change what a module computes without changing its weights (a constant
+        # read in forward): the spec's own file is part of what identifies the guide.
+        source = import_spec_source(spec)
+        desc["source_sha256"] = None if source is None else sha256_file(source)
         aware = bool(time_aware or getattr(net, "time_aware", False))
     elif spec in PRESETS:
         raise ValueError(
