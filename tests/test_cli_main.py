@@ -97,8 +97,13 @@ def test_read_only_folder(tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixt
 def test_bad_values_name_the_flag(
     tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for extra, word in ((["--seed", "-1"], "seed"), (["--sampler", "ddim", "--eta", "nan"], "eta")):
-        assert main(_sample(tmp_path / "run", ckpt, *extra)) == 2
+    for extra, word in (
+        (["--seed", "-1"], "--seed"),
+        (["--sampler", "ddim", "--eta", "nan"], "--eta"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:  # refused as the flags are parsed
+            main(_sample(tmp_path / "run", ckpt, *extra))
+        assert exit_info.value.code == 2
         assert word in _one_line(capsys.readouterr().err)
 
 

@@ -668,7 +668,7 @@ def test_algorithm3_needs_an_explicit_scale(dit_dir: Path, tmp_path: Path) -> No
     from fguide.sampling_config import SampleConfig, resolve_config
 
     cfg = SampleConfig(out=tmp_path, model=dit_dir, classifier="test_hf_diffusers:cli_classifier")
-    with pytest.raises(ValueError, match="scale: give --scale"):
+    with pytest.raises(ValueError, match="scale: give scale"):
         resolve_config(cfg)
     with pytest.raises(ValueError, match="ddpm or ddim"):
         resolve_config(SampleConfig(out=tmp_path, model=dit_dir, method="none", sampler="heun"))

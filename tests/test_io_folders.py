@@ -85,7 +85,7 @@ def test_a_folder_of_an_earlier_version_is_adopted_by_its_main_file(tmp_path: Pa
 
 def test_the_full_disk_message_says_what_each_command_keeps() -> None:
     full = OSError(errno.ENOSPC, "No space left on device", "/x/y")
-    messages = {c: str(error_message(full, c)) for c in COMMANDS}
+    messages = {c: str(error_message(full, command=c)) for c in COMMANDS}
     assert len(set(messages.values())) == len(COMMANDS)  # one statement per command
     assert "shards are kept" in messages["sample"] and "checkpoint" in messages["finetune"]
     assert all("finished work is kept" not in m for m in messages.values())

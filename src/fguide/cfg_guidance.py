@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fguide.guidance import ClassifierFn, GuidanceResult, LabelsCheck, evaluate_guidance
+from fguide.guidance import (
+    ClassifierFn,
+    GuidanceResult,
+    LabelsCheck,
+    coefficient_vjp,
+    evaluate_guidance,
+)
 from fguide.objectives import Objective, check_labels
 from fguide.samplers import _rms, elucd_heun_scale
 from fguide.schedules import Process
@@ -93,8 +99,7 @@ def evaluate_guidance_microbatched(
         for a, b in spans:
             x_in = x[a:b].detach().requires_grad_(True)
             out = classifier(x_in)
-            (g,) = torch.autograd.grad(out, x_in, grad_outputs=coeff[a:b].to(out.dtype))
-            grads.append(g)
+            grads.append(coefficient_vjp(out, x_in, coeff[a:b]))
     return GuidanceResult(grad=torch.cat(grads), logits=logits, labels=labels, weights=weights)
 
 

@@ -8,7 +8,10 @@ function of it here.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final, Literal
+
+from fguide.params import ParamError
 
 # -- objectives (METHODS.md §2, §3) -----------------------------------------------------------
 
@@ -69,15 +72,17 @@ def heun_scale(steps: int) -> float:
 
 
 def parse_softplus_beta(value: Any) -> float:
-    """A Softplus β from user input: a number ≥ 0, or ``relu`` (= 0, plain ReLU)."""
+    """A Softplus β from user input: a finite number ≥ 0, or ``relu`` (= 0, plain ReLU)."""
     if isinstance(value, str) and value.strip().lower() in ("relu", "none"):
         return RELU
     try:
         beta = float(value)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"softplus_beta: expected a number >= 0 or 'relu'; got {value!r}"
-        ) from None
-    if not beta >= 0:
-        raise ValueError(f"softplus_beta must be >= 0 (0 or 'relu' keeps ReLU); got {value!r}")
+        beta = math.nan
+    if not 0 <= beta < math.inf:
+        raise ParamError(
+            "{0} must be a finite number >= 0 or 'relu' (0 or 'relu' keeps ReLU); got {v!r}",
+            "softplus_beta",
+            v=value,
+        )
     return beta

@@ -6,16 +6,17 @@ so the API and ``--help`` agree. :data:`FREE_KEYS` are the settings a resumed ru
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from fguide import accel
 from fguide.metrics.calibration import CALIBRATION_LOSSES
+from fguide.params import ParamError, Range, check_ranges
 
 __all__ = [
     "FREE_KEYS",
     "INPUTS",
+    "PARAM_RANGES",
     "PRECISIONS",
     "ClassifierInput",
     "FinetuneConfig",
@@ -73,56 +74,49 @@ class FinetuneConfig:
     workers: int = 4
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad parameter."""
-
-        def positive_int(name: str, v: object) -> None:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-        positive_int("iterations", self.iterations)
-        positive_int("batch_size", self.batch_size)
-        if self.microbatch is not None:
-            positive_int("microbatch", self.microbatch)
-        if self.eval_batch_size is not None:
-            positive_int("eval_batch_size", self.eval_batch_size)
-        positive_int("checkpoint_every", self.checkpoint_every)
-        positive_int("log_every", self.log_every)
-        positive_int("n_bins", self.n_bins)
-        positive_int("diffusion_steps", self.diffusion_steps)
-        if self.image_size is not None:
-            positive_int("image_size", self.image_size)
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not (math.isfinite(self.ece_weight) and self.ece_weight >= 0):
-            raise ValueError(f"ece_weight (lambda) must be >= 0, got {self.ece_weight!r}")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"beta must be >= 0, got {self.beta!r}")
-        if self.calibration_loss not in CALIBRATION_LOSSES:
-            raise ValueError(
-                f"calibration_loss must be one of {', '.join(CALIBRATION_LOSSES)}, got "
-                f"{self.calibration_loss!r}"
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.input is not None and self.input not in INPUTS:
-            raise ValueError(f"input must be one of {INPUTS}, got {self.input!r}")
-        if self.noise_schedule not in (None, "linear", "cosine"):
-            raise ValueError(
-                f"noise_schedule must be linear or cosine, got {self.noise_schedule!r}"
-            )
-        if self.bn not in ("frozen", "train"):
-            raise ValueError(f"bn must be 'frozen' or 'train', got {self.bn!r}")
+        """Raise :class:`~fguide.params.ParamError` naming the first bad parameter."""
+        check_ranges(self, PARAM_RANGES)
+        for name, choices in (
+            ("calibration_loss", tuple(CALIBRATION_LOSSES)),
+            ("precision", PRECISIONS),
+            ("input", (None, *INPUTS)),
+            ("noise_schedule", (None, "linear", "cosine")),
+            ("bn", ("frozen", "train")),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                valid = ", ".join(str(c) for c in choices if c is not None)
+                raise ParamError(
+                    "{0} must be one of {valid}; got {v!r}", name, valid=valid, v=value
+                )
         h = self.holdout
         if isinstance(h, bool) or not (
             (isinstance(h, int) and h >= 1) or (isinstance(h, float) and 0 < h < 1)
         ):
-            raise ValueError(f"holdout must be a fraction in (0, 1) or a count >= 1, got {h!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"workers must be an integer >= 0, got {self.workers!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise ParamError(
+                "{0} must be a fraction in (0, 1) or a count >= 1; got {v!r}", "holdout", v=h
+            )
+
+
+PARAM_RANGES: dict[str, Range] = {
+    "iterations": Range(int, 1),
+    "batch_size": Range(int, 1),
+    "microbatch": Range(int, 1),
+    "eval_batch_size": Range(int, 1),
+    "checkpoint_every": Range(int, 1),
+    "log_every": Range(int, 1),
+    "n_bins": Range(int, 1),
+    "diffusion_steps": Range(int, 1),
+    "image_size": Range(int, 1),
+    "lr": Range(float, 0, low_open=True),
+    "weight_decay": Range(float, 0),
+    "ece_weight": Range(float, 0),
+    "beta": Range(float, 0),
+    "workers": Range(int, 0),
+    "seed": Range(int, 0),
+}
+"""The domain of every numeric setting (``workers`` 0: images are read in the training thread,
+without prefetching); ``fguide finetune`` parses its flags with the same ranges."""
 
 
 # Settings that do not change the trained weights: a resumed run may change them.

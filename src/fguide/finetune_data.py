@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fguide import rng as streams
 from fguide.io.images import ImageSource, center_crop_arr, from_uint8_nhwc, random_crop_arr
+from fguide.params import ParamError
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -42,9 +43,11 @@ preset) nor the data (square arrays) fixes one."""
 def labels_of(source: ImageSource) -> NDArray[np.int64]:
     """The source's labels; a clear error when it has none."""
     if source.labels is None:
-        raise ValueError(
-            f"data: {source.description} has no labels (an npz needs 'arr_1'; a folder needs "
-            "class subfolders root/<class>/<image>)"
+        raise ParamError(
+            "{0}: {what} has no labels (an npz needs 'arr_1'; a folder needs class subfolders "
+            "root/<class>/<image>)",
+            "data",
+            what=source.description,
         )
     return source.labels
 
@@ -92,9 +95,12 @@ def split_holdout(
     else:
         h = int(holdout)
     if not 1 <= h < n:
-        raise ValueError(
-            f"holdout: {holdout!r} keeps {h} of {n} samples; need at least 1 held-out and 1 "
-            "training sample"
+        raise ParamError(
+            "{0}: {v!r} keeps {h} of {n} samples; need at least 1 held-out and 1 training sample",
+            "holdout",
+            v=holdout,
+            h=h,
+            n=n,
         )
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts * h / n
@@ -195,16 +201,27 @@ class TrainLoader:
 
 def check_labels(source: ImageSource, num_classes: int, spec: str) -> None:
     if source.classes is not None and len(source.classes) != num_classes:
-        raise ValueError(
-            f"data: {source.description} has {len(source.classes)} class folders but the "
-            f"classifier {spec!r} outputs {num_classes} classes (labels are the sorted folder "
-            "names' indices, so the folder must hold every class)"
+        raise ParamError(
+            "{0}: {what} has {k} class folders but the {1} {spec!r} outputs {n} classes (labels "
+            "are the sorted folder names' indices, so the folder must hold every class)",
+            *("data", "classifier"),
+            what=source.description,
+            k=len(source.classes),
+            spec=spec,
+            n=num_classes,
         )
     labels = labels_of(source)
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"data: {source.description}: label {int(labels[i])} of sample {i} is outside "
-            f"[0, {num_classes}) for the classifier {spec!r} ({int(bad.sum())} such labels)"
+        raise ParamError(
+            "{0}: {what}: label {y} of sample {i} is outside [0, {n}) for the {1} {spec!r} "
+            "({count} such labels)",
+            *("data", "classifier"),
+            what=source.description,
+            y=int(labels[i]),
+            i=i,
+            n=num_classes,
+            spec=spec,
+            count=int(bad.sum()),
         )

@@ -156,9 +156,7 @@ class Trainer:
             scaler=scaler,
         )
         if not math.isfinite(stats.loss):
-            raise FloatingPointError(
-                f"non-finite loss at step {self.step} ({stats.loss}); lower lr or use fp32"
-            )
+            raise FloatingPointError(f"non-finite loss at step {self.step} ({stats.loss})")
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fguide import defaults
+from fguide.params import ParamError
 
 Generator = Callable[[Tensor], Tensor]
 """A convex f-divergence generator f(t), elementwise on a tensor, with f(1) = 0."""
@@ -288,29 +289,42 @@ class Objective:
 
 
 def _validate(obj: Objective) -> None:
-    if not (obj.tau1 > 0):
-        raise ValueError(f"tau1 (joint temperature) must be > 0; got {obj.tau1}")
-    if not (obj.tau2 >= 0):
-        raise ValueError(f"tau2 (marginal temperature) must be >= 0; got {obj.tau2}")
+    if not (0 < obj.tau1 < math.inf):
+        raise ParamError(
+            "{0} (joint temperature) must be finite and > 0; got {v}", "tau1", v=obj.tau1
+        )
+    if not (0 <= obj.tau2 < math.inf):
+        raise ParamError(
+            "{0} (marginal temperature) must be finite and >= 0; got {v}", "tau2", v=obj.tau2
+        )
     if obj.entropy is not None:
         e = obj.entropy
         if e.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"lam_schedule must be linear, cosine or constant; got {e.schedule!r}")
-        if e.lam_max < 0 or e.lam_min < 0:
-            raise ValueError(f"lam_max and lam_min must be >= 0; got {e.lam_max}, {e.lam_min}")
+            raise ParamError(
+                "{0} must be linear, cosine or constant; got {v!r}", "lam_schedule", v=e.schedule
+            )
+        if not (0 <= e.lam_max < math.inf and 0 <= e.lam_min < math.inf):
+            raise ParamError(
+                "{0} and {1} must be finite and >= 0; got {a}, {b}",
+                *("lam_max", "lam_min"),
+                a=e.lam_max,
+                b=e.lam_min,
+            )
     if obj.divergence is not None:
         d = obj.divergence
         if d.name not in DIVERGENCES and d.generator is None:
             raise ValueError(
                 f"unknown divergence {d.name!r}; choose one of {DIVERGENCES} or pass generator="
             )
-        if not (d.alpha >= 0):
-            raise ValueError(f"alpha must be >= 0; got {d.alpha}")
+        if not (0 <= d.alpha < math.inf):
+            raise ParamError("{0} must be finite and >= 0; got {v}", "alpha", v=d.alpha)
         if not (0.0 <= d.eps <= 1.0):
-            raise ValueError(f"eps must lie in [0, 1]; got {d.eps}")
+            raise ParamError("{0} must lie in [0, 1]; got {v}", "eps", v=d.eps)
         if d.eps == 1.0 and (d.name == "fkl" or d.generator is not None):
-            raise ValueError(
-                f"eps = 1 makes q_y one-hot, and {d.name!r} needs q_y > 0 everywhere: use eps < 1"
+            raise ParamError(
+                "{0} = 1 makes q_y one-hot, and {name!r} needs q_y > 0 everywhere: use {0} < 1",
+                "eps",
+                name=d.name,
             )
         if d.generator is not None:
             one = d.generator(torch.ones(1, dtype=torch.float64))
@@ -319,9 +333,9 @@ def _validate(obj: Objective) -> None:
     if obj.tilt is not None:
         t = obj.tilt
         if not math.isfinite(t.t_tilt):
-            raise ValueError(f"t_tilt must be finite; got {t.t_tilt}")
+            raise ParamError("{0} must be finite; got {v}", "t_tilt", v=t.t_tilt)
         if t.group_size is not None and t.group_size < 1:
-            raise ValueError(f"group_size must be >= 1; got {t.group_size}")
+            raise ParamError("{0} must be >= 1; got {v}", "group_size", v=t.group_size)
 
 
 def objective(
@@ -375,7 +389,11 @@ def objective(
             generator=generator if name == "f" else None,
         )
     elif alpha is not None:
-        raise ValueError(f"alpha is a divergence weight; method {name!r} has no divergence term")
+        raise ParamError(
+            "{0} is a divergence weight; {1} {name!r} has no divergence term",
+            *("alpha", "method"),
+            name=name,
+        )
     if name == "tilted" and t_tilt is None:
         t_tilt = defaults.T_TILT
     tilt = Tilt(t_tilt, group_size) if t_tilt is not None else None

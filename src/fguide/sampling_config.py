@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from fguide import defaults
-from fguide.accel import PRECISIONS, check_precision
+from fguide.accel import PRECISIONS
 from fguide.models.classifiers import CLIP_PREFIX, is_adm_classifier
 from fguide.models.dit_network import check_dit_network
 from fguide.models.presets import PRESETS, parse_flag_string
 from fguide.models.resnet import ARCHS, INPUT_MODES
 from fguide.objectives import METHODS, Objective, objective
+from fguide.params import ParamError, Range, check_ranges
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "PARAM_RANGES",
     "model_family",
     "PRECISIONS",
     "SampleConfig",
@@ -38,6 +39,37 @@ __all__ = [
 
 DEFAULT_SHARD_SIZE = 256
 """Samples per shard: at most this much work is lost to a kill (per process)."""
+
+PARAM_RANGES: dict[str, Range] = {
+    "num_samples": Range(int, 1),
+    "batch_size": Range(int, 1),
+    "seed": Range(int, 0),
+    "shard_size": Range(int, 1),
+    "grid": Range(int, 0),
+    "max_shards": Range(int, 1),
+    "image_size": Range(int, 1),
+    "classifier_resize": Range(int, 1),
+    "cfg_scale": Range(float, 0),
+    "cfg_channels": Range(int, 1),
+    "guidance_microbatch": Range(int, 1),
+    "eta": Range(float, 0, 1),
+    "s_churn": Range(float, 0),
+    "s_tmin": Range(float, 0),
+    "s_tmax": Range(float, 0, allow_inf=True),
+    "s_noise": Range(float, 0),
+    "scale": Range(float),
+    "tau1": Range(float, 0, low_open=True),
+    "tau2": Range(float, 0),
+    "alpha": Range(float, 0),
+    "eps": Range(float, 0, 1),
+    "lam_max": Range(float, 0),
+    "lam_min": Range(float, 0),
+    "t_tilt": Range(float),
+    "tilt_group": Range(int, 1),
+    "sine_factor": Range(float, 0),
+}
+"""The domain of every numeric field (None: the default applies); ``fguide sample`` parses its
+flags with the same ranges."""
 
 
 @dataclass
@@ -175,128 +207,159 @@ def parse_flags(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ParamError(
+            "{0} must be one of {valid}; got {value!r}", name, valid=", ".join(choices), value=value
+        )
+
+
+def _flags(name: str, text: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    try:
+        return parse_flags(text)
+    except ValueError as err:
+        raise ParamError("{0}: {detail}", name, detail=str(err)) from None
+
+
+def _check_respacing(steps: str) -> None:
+    """ADM's respacing syntax: '' (every step), 'N', 'N1,N2,...' or 'ddimN', counts >= 1."""
+    parts = [steps[len("ddim") :]] if steps.startswith("ddim") else steps.split(",")
+    if steps and not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise ParamError(
+            "{0}: expected a respacing 'N', 'N1,N2,...' or 'ddimN' with counts >= 1; got {steps!r}",
+            "steps",
+            steps=steps,
+        )
 
 
 def resolve_config(cfg: SampleConfig) -> SampleConfig:
-    """Validate ``cfg`` and fill its derived defaults; parameters that do not apply are None."""
+    """Validate ``cfg`` and fill its derived defaults; parameters that do not apply are None.
+
+    Errors are :class:`~fguide.params.ParamError` naming the field (the CLI names its flag).
+    """
     if not str(cfg.out).strip():
-        raise ValueError("out: the output folder is empty; give --out DIR")
+        raise ParamError("{0}: the output folder path is empty", "out")
     if not str(cfg.model).strip():
-        raise ValueError("model: the diffusion checkpoint path is empty; give --model FILE")
+        raise ParamError("{0}: the diffusion checkpoint path is empty", "model")
     c = dataclasses.replace(
         cfg,
         out=Path(cfg.out),
         model=Path(cfg.model),
         classifier_weights=None if cfg.classifier_weights is None else Path(cfg.classifier_weights),
-        model_flags=parse_flags(cfg.model_flags),
-        classifier_flags=parse_flags(cfg.classifier_flags),
+        model_flags=_flags("model_flags", cfg.model_flags),
+        classifier_flags=_flags("classifier_flags", cfg.classifier_flags),
     )
-    _check_positive_int("num_samples", c.num_samples)
-    if c.batch_size is not None:
-        _check_positive_int("batch_size", c.batch_size)
-    check_precision(c.classifier_precision, "classifier_precision")
-    _check_positive_int("shard_size", c.shard_size)
-    _check_positive_int("grid", c.grid, 0)
-    _check_positive_int("seed", c.seed, 0)
-    if c.max_shards is not None:
-        _check_positive_int("max_shards", c.max_shards)
+    check_ranges(c, PARAM_RANGES)
+    _check_choice("precision", c.precision, list(PRECISIONS))
+    _check_choice("classifier_precision", c.classifier_precision, list(PRECISIONS))
+    _check_choice("classifier_input_mode", c.classifier_input_mode, INPUT_MODES)
+    _resolve_model_family(c)
+    _resolve_steps_and_labels(c)
+    _resolve_classifier(c)
+    _resolve_sampler_settings(c)
+    if c.method == "none":
+        for name in ("tau1", "tau2", "alpha", "eps", "lam_max", "lam_min", "lam_schedule"):
+            setattr(c, name, None)
+        c.entropy, c.t_tilt, c.tilt_group = False, None, None
+        c.scale = c.sine_factor = c.variance_tracking = c.guidance_input = None
+        return c
+    _resolve_objective(c)
+    _resolve_guidance_strength(c)
+    build_objective(c)  # validates what is left with the objective's own messages
+    return c
+
+
+def _resolve_model_family(c: SampleConfig) -> None:
+    """The sampler's default and the settings that apply to diffusers pipelines only."""
     family = model_family(c.model)
     if c.sampler is None:
         c.sampler = "heun" if family == "nvlabs" else "ddpm"
-    if family == "diffusers":
-        if c.sampler == "heun":
-            raise ValueError("sampler: diffusers pipelines are sampled with ddpm or ddim")
-        if c.model_preset is not None or c.model_flags:
-            raise ValueError("model_preset and model_flags apply to ADM checkpoints")
-        if c.cfg_scale is not None and not (math.isfinite(c.cfg_scale) and c.cfg_scale >= 0):
-            raise ValueError(f"cfg_scale must be finite and >= 0; got {c.cfg_scale}")
-        c.cfg_scale = 1.0 if c.cfg_scale is None else float(c.cfg_scale)
-        c.clip_denoised = True  # unused: the pipeline's scheduler decides (resolved model info)
-        if c.cfg_channels is not None:
-            _check_positive_int("cfg_channels", c.cfg_channels)
-        if _is_dit_pipeline(c.model):
-            c.dit_network = check_dit_network(c.dit_network or "dit")
-        elif c.dit_network is not None:
-            raise ValueError("dit_network applies to DiT pipelines (a transformer component)")
-        if c.guidance_microbatch is not None:
-            _check_positive_int("guidance_microbatch", c.guidance_microbatch)
-        if c.method != "none":
-            c.guidance_form = c.guidance_form or "algorithm3"
-            if c.guidance_form not in ("algorithm3", "mean"):
-                raise ValueError(
-                    f"guidance_form must be algorithm3 or mean; got {c.guidance_form!r}"
-                )
-        elif c.guidance_form is not None or c.guidance_microbatch is not None:
-            raise ValueError("guidance_form and guidance_microbatch need a guided method")
-    elif any(
-        getattr(c, n) is not None
-        for n in (
-            "cfg_scale",
-            "cfg_channels",
-            "dit_network",
-            "guidance_form",
-            "guidance_microbatch",
+    _check_choice("sampler", c.sampler, defaults.SAMPLERS)
+    pipeline_only = (
+        "cfg_scale", "cfg_channels", "dit_network", "guidance_form", "guidance_microbatch"
+    )  # fmt: skip
+    if family != "diffusers":
+        given = [n for n in pipeline_only if getattr(c, n) is not None]
+        if given:
+            names = ", ".join(f"{{{i}}}" for i in range(len(given)))
+            raise ParamError(
+                names + f" apply to diffusers pipeline folders ({{{len(given)}}} DIR)",
+                *given,
+                "model",
+            )
+        return
+    if c.sampler == "heun":
+        raise ParamError("{0}: diffusers pipelines are sampled with ddpm or ddim", "sampler")
+    if c.model_preset is not None or c.model_flags:
+        raise ParamError("{0} and {1} apply to ADM checkpoints", "model_preset", "model_flags")
+    c.cfg_scale = 1.0 if c.cfg_scale is None else float(c.cfg_scale)
+    c.clip_denoised = True  # unused: the pipeline's scheduler decides (resolved model info)
+    if _is_dit_pipeline(c.model):
+        c.dit_network = check_dit_network(c.dit_network or "dit")
+    elif c.dit_network is not None:
+        raise ParamError("{0} applies to DiT pipelines (a transformer component)", "dit_network")
+    if c.method != "none":
+        c.guidance_form = c.guidance_form or "algorithm3"
+        _check_choice("guidance_form", c.guidance_form, ("algorithm3", "mean"))
+    elif c.guidance_form is not None or c.guidance_microbatch is not None:
+        raise ParamError(
+            "{0} and {1} need a guided {2}", "guidance_form", "guidance_microbatch", "method"
         )
-    ):
-        raise ValueError(
-            "cfg_scale, cfg_channels, dit_network, guidance_form and guidance_microbatch apply to "
-            "diffusers pipeline folders (--model DIR)"
-        )
-    if c.sampler not in defaults.SAMPLERS:
-        raise ValueError(
-            f"sampler must be one of {', '.join(defaults.SAMPLERS)}; got {c.sampler!r}"
-        )
+
+
+def _resolve_steps_and_labels(c: SampleConfig) -> None:
     c.steps = str(c.steps).strip()
     if c.sampler == "heun":
-        try:
-            n_heun = int(c.steps)
-        except ValueError:
-            raise ValueError(f"steps: Heun takes a number of steps, got {c.steps!r}") from None
-        if n_heun < 2:
-            raise ValueError(f"steps: Heun needs at least 2 steps, got {n_heun}")
-    check_precision(c.precision, "precision")
+        if not (c.steps.isdigit() and int(c.steps) >= 2):
+            raise ParamError(
+                "{0}: Heun takes a number of steps >= 2; got {steps!r}", "steps", steps=c.steps
+            )
+    else:
+        _check_respacing(c.steps)
     c.labels = str(c.labels).strip()
     if c.labels not in ("uniform", "balanced"):
         try:
             c.labels = str(int(c.labels))
         except ValueError:
-            raise ValueError(
-                f"labels must be 'uniform', 'balanced' or a class id; got {c.labels!r}"
+            raise ParamError(
+                "{0} must be 'uniform', 'balanced' or a class id; got {value!r}",
+                "labels",
+                value=c.labels,
             ) from None
-    if c.method not in ("none", *METHODS) or c.method == "f":
-        valid = ", ".join(m for m in ("none", *METHODS) if m != "f")
-        raise ValueError(f"method must be one of {valid}; got {c.method!r}")
-    if c.classifier_input_mode not in INPUT_MODES:
-        raise ValueError(
-            f"classifier_input_mode must be one of {', '.join(INPUT_MODES)}; "
-            f"got {c.classifier_input_mode!r}"
-        )
-    if c.image_size is not None:
-        _check_positive_int("image_size", c.image_size)
+    _check_choice("method", c.method, [m for m in ("none", *METHODS) if m != "f"])
 
-    guided = c.method != "none"
+
+def _resolve_classifier(c: SampleConfig) -> None:
+    """The classifier's kind decides which classifier settings apply (and β's default)."""
     adm_clf = is_adm_classifier(c.classifier)
-    if guided and c.classifier is None:
-        raise ValueError(f"method {c.method!r} needs a classifier (--classifier)")
+    if c.method != "none" and c.classifier is None:
+        raise ParamError(
+            "{0} {method!r} needs a classifier ({1})", "method", "classifier", method=c.method
+        )
     if adm_clf and c.sampler == "heun":
-        raise ValueError(
-            "ADM's noise-aware classifier guides DDPM or DDIM on x_t; Heun guidance needs an "
-            "x̂0 classifier (a ResNet or an import spec)"
+        raise ParamError(
+            "{0}: ADM's noise-aware classifier guides DDPM or DDIM on x_t; Heun guidance needs "
+            "an x̂0 classifier (a ResNet or an import spec)",
+            "classifier",
         )
     if c.classifier is not None and c.classifier.startswith("resnet"):
         if c.classifier not in ARCHS:
-            raise ValueError(f"classifier: unknown ResNet {c.classifier!r}; valid: {list(ARCHS)}")
+            raise ParamError(
+                "{0}: unknown ResNet {spec!r}; valid: {valid}",
+                "classifier",
+                spec=c.classifier,
+                valid=", ".join(ARCHS),
+            )
         if c.softplus_beta is None:
-            c.softplus_beta = defaults.softplus_beta(c.sampler)
+            c.softplus_beta = defaults.softplus_beta(c.sampler or "ddpm")
         c.softplus_beta = defaults.parse_softplus_beta(c.softplus_beta)
     else:
         c.softplus_beta = None  # ResNets only (a config's β is dropped for other classifiers)
         if c.classifier_input_mode != "elucd" or c.classifier_resize is not None:
-            raise ValueError(
-                "classifier_input_mode and classifier_resize apply to ResNet classifiers only"
+            raise ParamError(
+                "{0} and {1} apply to ResNet classifiers only",
+                "classifier_input_mode",
+                "classifier_resize",
             )
     clip = c.classifier is not None and c.classifier.startswith(CLIP_PREFIX)
     if c.prompts is not None:
@@ -304,75 +367,107 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
             str(p) for p in ([c.prompts] if isinstance(c.prompts, str) else c.prompts)
         )
     if not clip and (c.prompts or c.prompt_file is not None or c.target is not None):
-        raise ValueError("prompts, prompt_file and target apply to CLIP guides (clip:FOLDER)")
+        raise ParamError(
+            "{0}, {1} and {2} apply to CLIP guides ({3} clip:FOLDER)",
+            "prompts",
+            "prompt_file",
+            "target",
+            "classifier",
+        )
     if c.prompts and c.prompt_file is not None:
-        raise ValueError("give prompts or prompt_file, not both")
+        raise ParamError("give {0} or {1}, not both", "prompts", "prompt_file")
     if c.prompt_file is not None:
         c.prompt_file = Path(c.prompt_file)
     if c.target is not None and c.labels != "uniform":
-        raise ValueError("target fixes every sample's label: do not give labels as well")
+        raise ParamError(
+            "{0} fixes every sample's label: do not give {1} as well", "target", "labels"
+        )
+
+
+def _resolve_sampler_settings(c: SampleConfig) -> None:
+    """DDIM's η and Heun's churn: defaults where they apply, None where they do not."""
     if c.sampler != "ddim":
         c.eta = None
     elif c.eta is None:
         c.eta = defaults.ETA
-    elif not 0.0 <= float(c.eta) <= 1.0:  # also refuses NaN
-        raise ValueError(f"eta must lie in [0, 1] (DDIM's η); got {c.eta}")
-    if c.sampler == "heun":
-        c.clip_denoised = True  # unused by Heun; fixed so it never makes runs differ
-        c.s_churn = 0.0 if c.s_churn is None else float(c.s_churn)
-        c.s_tmin = 0.0 if c.s_tmin is None else float(c.s_tmin)
-        c.s_noise = 1.0 if c.s_noise is None else float(c.s_noise)
-        for name in ("s_churn", "s_tmin", "s_noise"):
-            v = getattr(c, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be finite and >= 0; got {v}")
-        if c.s_tmax is not None and not c.s_tmax >= c.s_tmin:
-            raise ValueError(f"s_tmax ({c.s_tmax}) must be >= s_tmin ({c.s_tmin}); None is ∞")
-        if c.s_churn == 0.0:
-            c.s_tmin = c.s_tmax = c.s_noise = None  # no churn: the window does not apply
-    else:
-        if any(getattr(c, n) is not None for n in ("s_churn", "s_tmin", "s_tmax", "s_noise")):
-            raise ValueError("s_churn, s_tmin, s_tmax and s_noise apply to the Heun sampler only")
+    heun_only = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+    if c.sampler != "heun":
+        if any(getattr(c, n) is not None for n in heun_only):
+            raise ParamError("{0}, {1}, {2} and {3} apply to the Heun sampler only", *heun_only)
+        return
+    c.clip_denoised = True  # unused by Heun; fixed so it never makes runs differ
+    c.s_churn = 0.0 if c.s_churn is None else float(c.s_churn)
+    c.s_tmin = 0.0 if c.s_tmin is None else float(c.s_tmin)
+    c.s_noise = 1.0 if c.s_noise is None else float(c.s_noise)
+    if c.s_tmax is not None and not c.s_tmax >= c.s_tmin:
+        raise ParamError(
+            "{0} ({tmax}) must be >= {1} ({tmin}); unset, it is inf",
+            "s_tmax",
+            "s_tmin",
+            tmax=c.s_tmax,
+            tmin=c.s_tmin,
+        )
+    if c.s_churn == 0.0:
+        c.s_tmin = c.s_tmax = c.s_noise = None  # no churn: the window does not apply
 
-    if not guided:
-        for name in ("tau1", "tau2", "alpha", "eps", "lam_max", "lam_min", "lam_schedule"):
-            setattr(c, name, None)
-        c.entropy, c.t_tilt, c.tilt_group = False, None, None
-        c.scale = c.sine_factor = c.variance_tracking = c.guidance_input = None
-        return c
 
+def _resolve_objective(c: SampleConfig) -> None:
+    """τ, α, ε, λ and the tilt of a guided run: their defaults, or an error where they do not
+    apply to the method."""
     c.tau1 = defaults.TAU1 if c.tau1 is None else float(c.tau1)
     if c.tau2 is None:
-        c.tau2 = defaults.tau2(c.method, c.sampler, c.tau1)
-    divergence = c.method in ("rkl", "fkl", "js", "hellinger")
-    if divergence:
+        c.tau2 = defaults.tau2(c.method, c.sampler or "ddpm", c.tau1)
+    if c.method in ("rkl", "fkl", "js", "hellinger"):
         c.alpha = defaults.alpha(c.method) if c.alpha is None else c.alpha
         c.eps = defaults.EPS if c.eps is None else c.eps
     elif c.eps is not None:
-        raise ValueError(f"eps is a divergence parameter; method {c.method!r} has no divergence")
+        raise ParamError(
+            "{0} is a divergence parameter; {1} {method!r} has no divergence",
+            "eps",
+            "method",
+            method=c.method,
+        )
     if c.entropy or c.method == "entropy":
         c.lam_max = defaults.LAM_MAX if c.lam_max is None else c.lam_max
         c.lam_min = defaults.LAM_MIN if c.lam_min is None else c.lam_min
         c.lam_schedule = c.lam_schedule or defaults.LAM_SCHEDULE
     elif c.lam_max is not None or c.lam_min is not None or c.lam_schedule is not None:
-        raise ValueError("lam_max, lam_min and lam_schedule need method 'entropy' or --entropy")
+        raise ParamError(
+            "{0}, {1} and {2} need {3} 'entropy' or the {4} term",
+            "lam_max",
+            "lam_min",
+            "lam_schedule",
+            "method",
+            "entropy",
+        )
     if c.method == "tilted" and c.t_tilt is None:
         c.t_tilt = defaults.T_TILT
     if c.t_tilt is not None:
         c.tilt_group = defaults.TILT_GROUP if c.tilt_group is None else c.tilt_group
-        _check_positive_int("tilt_group", c.tilt_group)
         if c.shard_size % c.tilt_group:
-            raise ValueError(
-                f"shard_size ({c.shard_size}) must be a multiple of tilt_group "
-                f"({c.tilt_group}): tilt groups are fixed blocks of sample indices"
+            raise ParamError(
+                "{0} ({shard}) must be a multiple of {1} ({group}): tilt groups are fixed blocks "
+                "of sample indices",
+                "shard_size",
+                "tilt_group",
+                shard=c.shard_size,
+                group=c.tilt_group,
             )
     elif c.tilt_group is not None:
-        raise ValueError("tilt_group needs tilting (method 'tilted' or --t-tilt)")
+        raise ParamError(
+            "{0} needs tilting ({1} 'tilted' or {2})", "tilt_group", "method", "t_tilt"
+        )
+
+
+def _resolve_guidance_strength(c: SampleConfig) -> None:
+    """The scale γ (G for Heun), the sine boost, DDPM's variance tracking, Heun's input."""
+    adm_clf = is_adm_classifier(c.classifier)
     if c.scale is None:
         if c.guidance_form == "algorithm3":
-            raise ValueError(
-                "scale: give --scale, the maximum guidance G of EluCD's Algorithm 3 (EluCD does "
-                "not publish its DiT value; choose it by a sweep on a validation seed)"
+            raise ParamError(
+                "{0}: give {0}, the maximum guidance G of EluCD's Algorithm 3 (EluCD does not "
+                "publish its DiT value; choose it by a sweep on a validation seed)",
+                "scale",
             )
         if c.sampler == "heun":
             c.scale = defaults.heun_scale(int(c.steps))
@@ -383,30 +478,20 @@ def resolve_config(cfg: SampleConfig) -> SampleConfig:
             c.scale = (preset.readme_classifier_scale if preset else None) or 1.0
         else:
             c.scale = defaults.SCALE
-    if not math.isfinite(c.scale):
-        raise ValueError(f"scale must be finite; got {c.scale}")
-    if c.sine_factor is not None and not (math.isfinite(c.sine_factor) and c.sine_factor >= 0):
-        raise ValueError(f"sine_factor must be finite and >= 0; got {c.sine_factor}")
     if c.sampler == "ddim":
         c.sine_factor = None
     elif c.sine_factor is None:
         c.sine_factor = 0.0 if adm_clf else defaults.SINE_FACTOR
     if c.sampler == "ddpm":
         c.variance_tracking = c.variance_tracking or "per_sample"
-        if c.variance_tracking not in ("per_sample", "first_sample"):
-            raise ValueError(
-                f"variance_tracking must be per_sample or first_sample; got {c.variance_tracking!r}"
-            )
+        _check_choice("variance_tracking", c.variance_tracking, ("per_sample", "first_sample"))
     else:
         c.variance_tracking = None
     if c.sampler == "heun":
         c.guidance_input = c.guidance_input or "x"
-        if c.guidance_input not in ("x", "denoised"):
-            raise ValueError(f"guidance_input must be x or denoised; got {c.guidance_input!r}")
+        _check_choice("guidance_input", c.guidance_input, ("x", "denoised"))
     else:
         c.guidance_input = None
-    build_objective(c)  # validates τ, α, ε, λ, t_tilt with the objective's own messages
-    return c
 
 
 def model_family(path: str | Path) -> str:

@@ -34,6 +34,7 @@ from fguide.models.presets import (
     preset_info,
     split_flags,
 )
+from fguide.params import ParamError
 from fguide.sampling_config import SampleConfig, build_objective, model_family
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process
 
@@ -77,30 +78,40 @@ def _model_flags(cfg: SampleConfig, state_dict: Mapping[str, Tensor]) -> tuple[s
     if preset is None and not overrides:
         fits = [p for p in matching_presets(state_dict) if PRESETS[p].kind == "diffusion"]
         if not fits:
-            raise ValueError(
-                f"model: {cfg.model} has the layout of no official ADM diffusion preset; give "
-                "--model-preset or --model-flags (e.g. 'image_size=64 num_channels=192 ...')"
+            raise ParamError(
+                "{0}: {path} has the layout of no official ADM diffusion preset; give {1} or "
+                "{2} (e.g. 'image_size=64 num_channels=192 ...')",
+                *("model", "model_preset", "model_flags"),
+                path=cfg.model,
             )
         preset = fits[0]
     base: dict[str, Any] = {}
     if preset is not None:
         info = preset_info(preset)
         if info.kind != "diffusion":
-            raise ValueError(
-                f"model_preset: {preset!r} is a classifier preset, not a diffusion one"
+            raise ParamError(
+                "{0}: {preset!r} is a classifier preset, not a diffusion one",
+                "model_preset",
+                preset=preset,
             )
         base = {**info.flags, **(info.diffusion_flags or {})}
     if "timestep_respacing" in overrides:
-        raise ValueError("model flags: give the respacing with --steps, not timestep_respacing")
+        raise ParamError(
+            "{0}: give the respacing with {1}, not timestep_respacing", "model_flags", "steps"
+        )
     unknown = sorted(set(overrides) - set(model_defaults()) - set(diffusion_defaults()))
     if unknown:
-        raise ValueError(
-            f"model flags: unknown flag(s) {unknown}; valid: "
-            f"{sorted(set(model_defaults()) | set(diffusion_defaults()))}"
+        raise ParamError(
+            "{0}: unknown flag(s) {unknown}; valid: {valid}",
+            "model_flags",
+            unknown=unknown,
+            valid=sorted(set(model_defaults()) | set(diffusion_defaults())),
         )
     groups = split_flags({**base, **overrides})
     if groups["diffusion"]["predict_xstart"]:
-        raise ValueError("model flags: predict_xstart models are not supported (ε-prediction only)")
+        raise ParamError(
+            "{0}: predict_xstart models are not supported (ε-prediction only)", "model_flags"
+        )
     return preset, {"model": groups["model"], "diffusion": groups["diffusion"]}
 
 
@@ -111,9 +122,12 @@ def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module,
     preset, flags = _model_flags(cfg, sd)
     size = flags["model"]["image_size"]
     if cfg.image_size is not None and cfg.image_size != size:
-        raise ValueError(
-            f"image_size: {cfg.image_size} does not match the diffusion model's image_size {size}"
-            + (f" (preset {preset!r})" if preset else "")
+        raise ParamError(
+            "{0}: {given} does not match the diffusion model's image_size {size}{preset}",
+            "image_size",
+            given=cfg.image_size,
+            size=size,
+            preset=f" (preset {preset!r})" if preset else "",
         )
     if preset is not None and not cfg.model_flags:
         net = load_model(preset, sd)
@@ -135,11 +149,17 @@ def _edm_network(cfg: SampleConfig, dev: torch.device) -> Components:
     """The run's parts for an NVlabs EDM network pickle, read without running its embedded
     code, with its guide."""
     if cfg.sampler != "heun":
-        raise ValueError(f"sampler: EDM networks are sampled with heun, not {cfg.sampler!r}")
+        raise ParamError(
+            "{0}: EDM networks are sampled with heun, not {s!r}", "sampler", s=cfg.sampler
+        )
     if cfg.model_preset is not None or cfg.model_flags:
-        raise ValueError("model_preset and model_flags apply to ADM checkpoints, not EDM pickles")
+        raise ParamError(
+            "{0} and {1} apply to ADM checkpoints, not EDM pickles", "model_preset", "model_flags"
+        )
     if cfg.precision == "bf16":
-        raise ValueError("precision: EDM networks run in fp32 or fp16 (as EDM does), not bf16")
+        raise ParamError(
+            "{0}: EDM networks run in fp32 or fp16 (as EDM does), not bf16", "precision"
+        )
     net, info = load_network_pickle(cfg.model)  # eval mode, no gradients
     net = net.to(dev)
     net.use_fp16 = cfg.precision == "fp16"  # EDM: the UNet body in fp16 on CUDA only
@@ -150,7 +170,12 @@ def _edm_network(cfg: SampleConfig, dev: torch.device) -> Components:
     kwargs = info["init_kwargs"]
     size, label_dim = int(kwargs["img_resolution"]), int(kwargs.get("label_dim", 0))
     if cfg.image_size is not None and cfg.image_size != size:
-        raise ValueError(f"image_size: {cfg.image_size} does not match the EDM network's {size}")
+        raise ParamError(
+            "{0}: {given} does not match the EDM network's {size}",
+            "image_size",
+            given=cfg.image_size,
+            size=size,
+        )
     sigmas, sigma_range = _karras(cfg, den_net.sigma_min, den_net.sigma_max)
     desc = {"family": "nvlabs", **{k: v for k, v in info.items() if k != "other_objects"}}
     desc["sigma_range"] = sigma_range
@@ -291,10 +316,13 @@ def _with_guide(
             prompt_file=cfg.prompt_file,
         )
         if class_cond and classifier.num_classes != num_classes:
-            raise ValueError(
-                f"classifier {cfg.classifier!r} has {classifier.num_classes} classes but the "
-                f"class-conditional diffusion model has {num_classes}: the labels must mean the "
-                "same classes"
+            raise ParamError(
+                "{0} {spec!r} has {n} classes but the class-conditional diffusion model has "
+                "{m}: the labels must mean the same classes",
+                "classifier",
+                spec=cfg.classifier,
+                n=classifier.num_classes,
+                m=num_classes,
             )
         num_classes = classifier.num_classes
         info["classifier"] = classifier.description
@@ -305,12 +333,15 @@ def _with_guide(
     if cfg.labels not in ("uniform", "balanced"):
         cls = int(cfg.labels)
         if num_classes is None:
-            raise ValueError(
-                f"labels: class {cls} given, but the model is unconditional and there is no "
-                "classifier"
+            raise ParamError(
+                "{0}: class {cls} given, but the model is unconditional and there is no classifier",
+                "labels",
+                cls=cls,
             )
         if not 0 <= cls < num_classes:
-            raise ValueError(f"labels: class {cls} is out of range [0, {num_classes})")
+            raise ParamError(
+                "{0}: class {cls} is out of range [0, {n})", "labels", cls=cls, n=num_classes
+            )
     guide = None
     if cfg.method != "none" and make_guide:
         assert classifier is not None and cfg.scale is not None

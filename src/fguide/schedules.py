@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fguide.params import ParamError
+
 VarianceType = Literal["learned_range", "fixed_large", "fixed_small"]
 
 
@@ -38,7 +40,10 @@ def betas_for(schedule: str, num_steps: int = 1000) -> np.ndarray:
             ],
             dtype=np.float64,
         )
-    raise ValueError(f"noise_schedule must be 'linear' or 'cosine'; got {schedule!r}")
+    raise ParamError("{0} must be 'linear' or 'cosine'; got {v!r}", "noise_schedule", v=schedule)
+
+
+_RESPACING = "timestep_respacing"  # the parameter's name in ADM's API (``--steps`` in the CLI)
 
 
 def space_timesteps(num_steps: int, section_counts: str) -> list[int]:
@@ -54,19 +59,22 @@ def space_timesteps(num_steps: int, section_counts: str) -> list[int]:
         try:
             desired = int(section_counts[len("ddim") :])
         except ValueError:
-            raise ValueError(f"timestep_respacing {section_counts!r}: expected 'ddimN'") from None
+            raise ParamError("{0} {v!r}: expected 'ddimN'", _RESPACING, v=section_counts) from None
         for step in range(1, num_steps):
             if len(range(0, num_steps, step)) == desired:
                 return list(range(0, num_steps, step))
-        raise ValueError(
-            f"timestep_respacing {section_counts!r}: cannot create exactly {desired} steps "
-            f"from {num_steps} with an integer stride"
+        raise ParamError(
+            "{0} {v!r}: cannot create exactly {desired} steps from {n} with an integer stride",
+            _RESPACING,
+            v=section_counts,
+            desired=desired,
+            n=num_steps,
         )
     try:
         counts = [int(x) for x in section_counts.split(",")]
     except ValueError:
-        raise ValueError(
-            f"timestep_respacing {section_counts!r}: expected '', 'N', 'N1,N2,...' or 'ddimN'"
+        raise ParamError(
+            "{0} {v!r}: expected '', 'N', 'N1,N2,...' or 'ddimN'", _RESPACING, v=section_counts
         ) from None
     size_per = num_steps // len(counts)
     extra = num_steps % len(counts)
@@ -75,9 +83,12 @@ def space_timesteps(num_steps: int, section_counts: str) -> list[int]:
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if count < 1 or count > size:
-            raise ValueError(
-                f"timestep_respacing {section_counts!r}: cannot divide a section of {size} "
-                f"steps into {count}"
+            raise ParamError(
+                "{0} {v!r}: cannot divide a section of {size} steps into {count}",
+                _RESPACING,
+                v=section_counts,
+                size=size,
+                count=count,
             )
         stride: float = 1.0 if count <= 1 else (size - 1) / (count - 1)
         cur = 0.0

@@ -10,10 +10,10 @@ classifier sees at a noise level):
 - ``--classifier SPEC IMAGES``: a classifier on labelled images (npz with ``arr_1``, or a folder
   ``root/<class>/<image>``) → ECE (10 bins), Smooth ECE, accuracy, a reliability diagram per
   noise level (``--noise-t clean,0,250,500``) and, for several levels, ``calibration_vs_t.png``.
-  SPEC is ``resnet18`` … ``resnet152`` or an ADM classifier preset (``128x128_classifier``,
-  noise-aware) with ``--classifier-weights``, or an import spec ``package.module:name`` naming
-  an ``nn.Module`` instance, or a factory (a function or class, called without arguments)
-  returning the classifier: images NCHW in [-1, 1] (and t with ``--time-aware``) → logits.
+  SPEC is any form :data:`fguide.cli.CLASSIFIER_FORMS` lists; an import spec
+  ``package.module:name`` may name an ``nn.Module`` instance or a factory (a function or class,
+  called without arguments) returning the classifier: images NCHW in [-1, 1] (and t with
+  ``--time-aware``) → logits.
 
 ``--out`` is claimed before the output is computed (:mod:`fguide.io.folders`): a folder holding
 files that fguide calibration did not write there is refused, naming them.
@@ -35,11 +35,18 @@ from fguide.calibration_report import (
     trajectory_json,
     write_reliability_diagrams,
 )
-from fguide.cli import add_hidden_alias
+from fguide.cli import (
+    CLASSIFIER_FORMS,
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    add_hidden_alias,
+    softplus_beta_arg,
+)
 from fguide.io.files import atomic_write_json, provenance, sha256_file
 from fguide.io.folders import claim_folder
 from fguide.io.images import open_images
 from fguide.models.classifiers import load_classifier
+from fguide.params import ParamError
 from fguide.plots import CLIP_FIGURE, FIGURE_FILES
 from fguide.runtime import resolve_device
 from fguide.schedules import make_process
@@ -65,21 +72,32 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="RUN",
         help="trajectory.json of a sampling run, or the run's output folder (several overlay)",
     )
-    src.add_argument(
-        "--classifier",
-        metavar="SPEC",
-        help="resnet18..resnet152, an ADM classifier preset (e.g. 128x128_classifier) or "
-        "module:name",
-    )
+    src.add_argument("--classifier", metavar="SPEC", help=f"the classifier: {CLASSIFIER_FORMS}")
     p.add_argument(
         "images", type=Path, nargs="?", help="labelled images (npz with arr_1, or class folders)"
     )
-    p.add_argument("--out", type=Path, default=Path("fguide-calibration"), help="output folder")
     p.add_argument(
-        "--labels", nargs="+", default=None, help="legend labels of the --trajectory runs"
+        "--out",
+        type=Path,
+        default=Path("fguide-calibration"),
+        metavar="DIR",
+        help="output folder (default %(default)s)",
+    )
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="legend labels of the --trajectory runs (default: the run folders' names)",
     )
     g = p.add_argument_group("classifier mode")
-    g.add_argument("--classifier-weights", type=Path, default=None, help="state-dict file")
+    g.add_argument(
+        "--classifier-weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="classifier weight file (a state dict)",
+    )
     g.add_argument(
         "--time-aware",
         action="store_true",
@@ -89,11 +107,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--classifier-input-mode",
         choices=("elucd", "imagenet"),
         default="elucd",
-        help="ResNet input: elucd = images in [-1, 1] as is (default); imagenet = normalised",
+        help="ResNet input: elucd = images in [-1, 1] as is; imagenet = normalised (default "
+        "%(default)s)",
     )
     g.add_argument(
         "--softplus-beta",
-        type=D.parse_softplus_beta,
+        type=softplus_beta_arg,
         default=None,
         metavar="BETA",
         help=f"ResNet ReLU → Softplus(β) (default {D.softplus_beta('ddpm'):g}, EluCD's DDPM "
@@ -101,25 +120,63 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--classifier-resize",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         metavar="N",
-        help="resize ResNet inputs to N×N",
+        help="resize ResNet inputs to N×N (default: native size)",
     )
     add_hidden_alias(g, "--input-mode", "classifier_input_mode", choices=("elucd", "imagenet"))
-    add_hidden_alias(g, "--resize", "classifier_resize", type=int)
+    add_hidden_alias(g, "--resize", "classifier_resize", type=POSITIVE_INT)
     g.add_argument(
         "--noise-t",
         default="clean",
-        help="noise levels: 'clean' and/or training timesteps, e.g. clean,0,250,500",
+        metavar="LEVELS",
+        help="noise levels: 'clean' and/or training timesteps, e.g. clean,0,250,500 (default "
+        "%(default)s)",
     )
-    g.add_argument("--noise-schedule", default="linear", help="forward process betas")
-    g.add_argument("--diffusion-steps", type=int, default=1000, help="training timesteps")
-    g.add_argument("--seed", type=int, default=0, help="seed of the forward noise")
-    g.add_argument("--image-size", type=int, default=None, help="centre-crop folder images")
-    g.add_argument("--bins", type=int, default=10, help="ECE bins")
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda:N")
+    g.add_argument(
+        "--noise-schedule",
+        choices=("linear", "cosine"),
+        default="linear",
+        help="the forward process's betas (default %(default)s)",
+    )
+    g.add_argument(
+        "--diffusion-steps",
+        type=POSITIVE_INT,
+        default=1000,
+        metavar="N",
+        help="training timesteps of the forward process (default %(default)s)",
+    )
+    g.add_argument(
+        "--seed",
+        type=NONNEGATIVE_INT,
+        default=0,
+        metavar="N",
+        help="seed of the forward noise (default %(default)s)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="centre-crop folder images to N×N (default: as they are)",
+    )
+    g.add_argument(
+        "--bins", type=POSITIVE_INT, default=10, metavar="N", help="ECE bins (default %(default)s)"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        default=64,
+        metavar="N",
+        help="images per classifier pass (default %(default)s)",
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help="auto (GPU when there is one), cpu, cuda:N (default %(default)s)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -167,10 +224,11 @@ def _run_classifier(args: argparse.Namespace) -> int:
         raise ValueError("--classifier needs IMAGES (an npz with arr_1, or class folders)")
     if args.labels is not None:
         raise ValueError("--labels names --trajectory runs")
-    for name in ("batch_size", "bins", "diffusion_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    levels = parse_noise_levels(args.noise_t, args.diffusion_steps)
+    try:
+        levels = parse_noise_levels(args.noise_t, args.diffusion_steps)
+    except ValueError as err:
+        detail = str(err).removeprefix("noise levels: ")
+        raise ParamError("{0}: {detail}", "noise_t", detail=detail) from None
     source = open_images(args.images, image_size=args.image_size)
     device = resolve_device(args.device)
     loaded = load_classifier(

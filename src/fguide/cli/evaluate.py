@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fguide.cli import POSITIVE_INT
 from fguide.evaluation import default_cache_dir, evaluate
 from fguide.io.features import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB
 from fguide.io.files import atomic_write_json, provenance
@@ -59,6 +60,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--inception-weights",
         type=Path,
         default=None,
+        metavar="FILE",
         help=f"FID Inception weight file (pt_inception-2015-12-05-6726825d.pth or "
         f"weights-inception-2015-12-05-6726825d.pth); default ${INCEPTION_WEIGHTS_ENV}",
     )
@@ -68,23 +70,34 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="find the Inception weight file here by name (fguide weights download "
-        "pt_inception-2015-12-05-6726825d.pth --dir DIR)",
+        "pt_inception-2015-12-05-6726825d.pth --dir DIR; default: not used)",
     )
     p.add_argument(
-        "--batch-size", type=int, default=None, help="images per batch (default 64 CPU, 256 GPU)"
-    )
-    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda:N")
-    p.add_argument(
-        "--image-size",
-        type=int,
+        "--batch-size",
+        type=POSITIVE_INT,
         default=None,
         metavar="N",
-        help="centre-crop folder images to N×N as ADM prepares ImageNet (npz files: unchanged)",
+        help="images per batch (default 64 CPU, 256 GPU)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEV",
+        help="auto (GPU when there is one), cpu, cuda:N (default %(default)s)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="centre-crop folder images to N×N as ADM prepares ImageNet (npz files: unchanged; "
+        "default: folder images as they are)",
     )
     p.add_argument(
         "--out",
         type=_out_folder,
         default=Path("fguide-eval"),
+        metavar="DIR",
         help="folder for metrics.json (default %(default)s)",
     )
     cache = p.add_mutually_exclusive_group()
@@ -92,6 +105,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--cache-dir",
         type=Path,
         default=None,
+        metavar="DIR",
         help=f"reference-feature cache (default {default_cache_dir()}; ~70 MB per reference, "
         f"bounded by ${CACHE_MAX_ENV} GB, default {DEFAULT_CACHE_MAX_GB:g}: the least recently "
         "used go first)",
@@ -101,7 +115,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--compare",
         type=Path,
         default=None,
-        metavar="METRICS_JSON",
+        metavar="FILE",
         help="a previous metrics.json: shown side by side, with a warning if not comparable",
     )
     p.add_argument(
@@ -113,8 +127,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=POSITIVE_INT,
         default=api["workers"],
+        metavar="N",
         help="image-decoding threads (folders; default %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -195,10 +210,6 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     # Before any feature is computed: --out holds no one else's files and takes a file (the
     # ownership record is written now).

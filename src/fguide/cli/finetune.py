@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from typing import TYPE_CHECKING
 
-from fguide.cli import add_hidden_alias
+from fguide.cli import CLASSIFIER_FORMS, POSITIVE_INT, add_hidden_alias, softplus_beta_arg
 
 if TYPE_CHECKING:
     from torch import nn
@@ -31,12 +32,18 @@ if TYPE_CHECKING:
 
 HELP = "fine-tune a classifier with CE + lambda * Smooth ECE for calibrated guidance"
 
+PARAM_ALIASES = {"n_bins": "bins"}  # FinetuneConfig's name of --bins
+
 
 def _holdout(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction or a count, got {text!r}") from None
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1) or a count >= 1, got {text!r}"
+        )
     if value >= 1:
         if not value.is_integer():
             raise argparse.ArgumentTypeError(f"a held-out count must be an integer, got {text!r}")
@@ -47,36 +54,48 @@ def _holdout(text: str) -> float:
 def configure(p: argparse.ArgumentParser) -> None:
     from fguide import defaults
     from fguide.finetune import FinetuneConfig
+    from fguide.finetune_config import PARAM_RANGES as R
     from fguide.metrics.calibration import CALIBRATION_LOSSES
 
     d = FinetuneConfig()
     D = " (default: %(default)s)"
     g = p.add_argument_group("classifier and data")
     g.add_argument(
-        "--classifier",
-        required=True,
-        help="ADM classifier preset (e.g. 128x128_classifier), resnet18..resnet152, or "
-        "module:function / file.py:function returning an nn.Module",
+        "--classifier", required=True, metavar="SPEC", help=f"the classifier: {CLASSIFIER_FORMS}"
     )
     g.add_argument(
-        "--classifier-weights", help="initial weights (plain state dict, read weights_only)"
+        "--classifier-weights",
+        metavar="FILE",
+        help="initial weights (plain state dict, read weights_only; default: the preset's "
+        "random initialisation)",
     )
     add_hidden_alias(g, "--weights", "classifier_weights")
-    g.add_argument("--data", required=True, help="folder of class subfolders, or an .npz")
-    g.add_argument("--out", required=True, help="run folder (checkpoint, log, model, report)")
+    g.add_argument(
+        "--data", required=True, metavar="PATH", help="folder of class subfolders, or an .npz"
+    )
+    g.add_argument(
+        "--out", required=True, metavar="DIR", help="run folder (checkpoint, log, model, report)"
+    )
     g.add_argument(
         "--input",
         choices=["noisy", "clean", "denoised"],
         help="what the classifier sees: x_t and t (ADM presets' default), the clean image "
         "(ResNets' and modules' default), or a diffusion model's x0 estimate",
     )
-    g.add_argument("--image-size", type=int, help="default: the preset's, the npz's, or 128")
     g.add_argument(
-        "--noise-schedule", choices=["linear", "cosine"], help="default: the classifier's"
+        "--image-size",
+        type=R["image_size"],
+        metavar="N",
+        help="training image size (default: the preset's, the npz's, or 128)",
+    )
+    g.add_argument(
+        "--noise-schedule",
+        choices=["linear", "cosine"],
+        help="the forward process of --input noisy (default: the classifier's)",
     )
     g.add_argument(
         "--softplus-beta",
-        type=defaults.parse_softplus_beta,
+        type=softplus_beta_arg,
         metavar="BETA",
         help=f"ResNets: ReLU → Softplus(β) (default {defaults.softplus_beta('ddpm'):g}, EluCD's "
         f"DDPM value; Heun {defaults.softplus_beta('heun'):g}; 'relu' keeps ReLU)",
@@ -88,31 +107,60 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="ResNets: x in [-1, 1] as is (EluCD), or ImageNet-normalised" + D,
     )
     g.add_argument(
-        "--classifier-resize", type=int, metavar="N", help="ResNets: resize inputs to N×N"
+        "--classifier-resize",
+        type=POSITIVE_INT,
+        metavar="N",
+        help="ResNets: resize inputs to N×N (default: native size)",
     )
     add_hidden_alias(g, "--input-mode", "classifier_input_mode", choices=("elucd", "imagenet"))
-    add_hidden_alias(g, "--resize", "classifier_resize", type=int)
-    g.add_argument("--denoiser", help="ADM diffusion preset giving x0 for --input denoised")
-    g.add_argument("--denoiser-weights", help="weights of --denoiser")
+    add_hidden_alias(g, "--resize", "classifier_resize", type=POSITIVE_INT)
+    g.add_argument(
+        "--denoiser", metavar="NAME", help="ADM diffusion preset giving x0 for --input denoised"
+    )
+    g.add_argument("--denoiser-weights", metavar="FILE", help="weights of --denoiser")
 
     t = p.add_argument_group("training")
-    t.add_argument("--iterations", type=int, default=d.iterations, help="optimizer steps" + D)
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step" + D)
+    t.add_argument(
+        "--iterations",
+        type=R["iterations"],
+        default=d.iterations,
+        metavar="N",
+        help="optimizer steps" + D,
+    )
+    t.add_argument(
+        "--batch-size",
+        type=R["batch_size"],
+        default=d.batch_size,
+        metavar="N",
+        help="samples per step" + D,
+    )
     t.add_argument(
         "--microbatch",
-        type=int,
+        type=R["microbatch"],
+        metavar="N",
         help="forward/backward chunk: the same update for smooth_ece (a per-sample mean); "
-        "soft_binned_ece is then binned per chunk",
+        "soft_binned_ece is then binned per chunk (default: the whole batch)",
     )
-    t.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate" + D)
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW's" + D)
-    t.add_argument("--anneal-lr", action="store_true", help="lr * (1 - step/iterations), ADM's")
+    t.add_argument("--lr", type=R["lr"], default=d.lr, metavar="X", help="AdamW learning rate" + D)
+    t.add_argument(
+        "--weight-decay",
+        type=R["weight_decay"],
+        default=d.weight_decay,
+        metavar="X",
+        help="AdamW's weight decay" + D,
+    )
+    t.add_argument(
+        "--anneal-lr",
+        action="store_true",
+        help="lr * (1 - step/iterations), ADM's (default: constant lr)",
+    )
     t.add_argument(
         "--lambda",
         "--ece-weight",
         dest="ece_weight",
-        type=float,
+        type=R["ece_weight"],
         default=d.ece_weight,
+        metavar="X",
         help="weight of the calibration term" + D,
     )
     t.add_argument(
@@ -122,7 +170,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="the calibration term: the paper's Smooth ECE, or the soft-binned ECE" + D,
     )
     t.add_argument(
-        "--beta", type=float, default=d.beta, help="smoothing β of the calibration term" + D
+        "--beta",
+        type=R["beta"],
+        default=d.beta,
+        metavar="X",
+        help="smoothing β of the calibration term" + D,
     )
     t.add_argument(
         "--precision",
@@ -134,7 +186,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--no-augment",
         dest="augment",
         action="store_false",
-        help="no random crop and flip (ADM's classifier augmentation)",
+        help="no random crop and flip (default: ADM's classifier augmentation)",
     )
     t.add_argument(
         "--bn",
@@ -146,18 +198,51 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--holdout",
         type=_holdout,
         default=d.holdout,
+        metavar="X",
         help="held-out fraction (< 1) or count (>= 1), stratified by class" + D,
     )
-    t.add_argument("--seed", type=int, default=d.seed, help="data order, crops, t, noise" + D)
+    t.add_argument(
+        "--seed",
+        type=R["seed"],
+        default=d.seed,
+        metavar="N",
+        help="seed of the data order, crops, t and noise" + D,
+    )
 
     r = p.add_argument_group("run")
-    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps" + D)
-    r.add_argument("--log-every", type=int, default=d.log_every, help="steps" + D)
-    r.add_argument("--eval-batch-size", type=int, help="default: --microbatch or --batch-size")
-    r.add_argument("--bins", type=int, default=d.n_bins, help="ECE bins" + D)
-    add_hidden_alias(r, "--n-bins", "bins", type=int)
-    r.add_argument("--workers", type=int, default=d.workers, help="image loading threads" + D)
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ..." + D)
+    r.add_argument(
+        "--checkpoint-every",
+        type=R["checkpoint_every"],
+        default=d.checkpoint_every,
+        metavar="N",
+        help="steps between checkpoints" + D,
+    )
+    r.add_argument(
+        "--log-every",
+        type=R["log_every"],
+        default=d.log_every,
+        metavar="N",
+        help="steps between log lines" + D,
+    )
+    r.add_argument(
+        "--eval-batch-size",
+        type=R["eval_batch_size"],
+        metavar="N",
+        help="held-out evaluation batch (default: --microbatch or --batch-size)",
+    )
+    r.add_argument("--bins", type=R["n_bins"], default=d.n_bins, metavar="N", help="ECE bins" + D)
+    add_hidden_alias(r, "--n-bins", "bins", type=R["n_bins"])
+    r.add_argument(
+        "--workers",
+        type=R["workers"],
+        default=d.workers,
+        metavar="N",
+        help="image loading threads; 0 reads images in the training thread, without "
+        "prefetching" + D,
+    )
+    r.add_argument(
+        "--device", default="auto", metavar="DEV", help="auto, cpu, cuda, cuda:1, ..." + D
+    )
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
 
 
@@ -169,7 +254,7 @@ def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
     from fguide.schedules import make_process
 
     if args.denoiser is None or args.denoiser_weights is None:
-        raise ValueError("--input denoised needs --denoiser PRESET and --denoiser-weights FILE")
+        raise ValueError("--input denoised needs --denoiser NAME and --denoiser-weights FILE")
     info = preset_info(args.denoiser)
     if info.kind != "diffusion" or info.diffusion_flags is None:
         raise ValueError(f"--denoiser: {args.denoiser!r} is not an ADM diffusion preset")
@@ -219,15 +304,24 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, noise_schedule=schedule)
     elif args.denoiser is not None:
         raise ValueError("--denoiser is only used with --input denoised")
-    result = finetune(
-        classifier,
-        data,
-        args.out,
-        config,
-        denoiser=denoiser,
-        device=device,
-        progress=args.progress,
-    )
+    try:
+        result = finetune(
+            classifier,
+            data,
+            args.out,
+            config,
+            denoiser=denoiser,
+            device=device,
+            progress=args.progress,
+        )
+    except FloatingPointError as err:  # well-formed settings that diverge: exit 1, not 2
+        fp32 = "" if args.precision == "fp32" else " or use --precision fp32"
+        print(
+            f"fguide finetune: error: training diverged at these settings: {err} with --lr "
+            f"{args.lr:g}; lower --lr{fp32}",
+            file=sys.stderr,
+        )
+        return 1
     if result.status == "interrupted":
         print(
             f"fguide finetune: interrupted at step {result.step}; checkpoint saved in "

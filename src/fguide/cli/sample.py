@@ -17,15 +17,20 @@ from typing import Any
 
 from fguide import defaults as D
 from fguide.accel import PRECISIONS
+from fguide.cli import CLASSIFIER_FORMS, softplus_beta_arg
 from fguide.io import runs
 from fguide.objectives import METHODS
 from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.samplers import NonFiniteGuidanceError
 from fguide.sampling import DistributedRunError, run_sampling
-from fguide.sampling_config import DEFAULT_SHARD_SIZE, SampleConfig
+from fguide.sampling_config import DEFAULT_SHARD_SIZE, PARAM_RANGES, SampleConfig
 from fguide.weights import weights_dir_overrides
 
 HELP = "Draw guided samples into resumable ADM-format shards (torchrun for several GPUs)."
+
+# API names in errors raised below the configuration (the respacing, the objective's tilt group)
+PARAM_ALIASES = {"timestep_respacing": "steps", "group_size": "tilt_group"}
+R = PARAM_RANGES  # every numeric flag is parsed with its field's range
 
 # Every SampleConfig field but these is a flag whose value stays None unless given: a --config
 # supplies it, explicit flags override it.
@@ -49,10 +54,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--config",
         choices=list(PAPER_CONFIGS),
         metavar="NAME",
-        help="a named paper configuration (METHODS.md §7); explicit flags override it: "
-        + ", ".join(PAPER_CONFIGS),
+        help="a named paper configuration (--list-configs prints each with its settings and the "
+        "number it reproduces); explicit flags override it: " + ", ".join(PAPER_CONFIGS),
     )
-    io.add_argument("--list-configs", action="store_true", help="print the configurations")
+    io.add_argument(
+        "--list-configs",
+        action="store_true",
+        help="print every named configuration: settings, weight files, what it reproduces",
+    )
     io.add_argument(
         "--weights-dir",
         type=Path,
@@ -62,20 +71,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     io.add_argument(
         "--num-samples",
-        type=int,
+        type=R["num_samples"],
         metavar="N",
         help=f"number of samples (default {_default('num_samples')})",
     )
     io.add_argument(
         "--batch-size",
-        type=int,
-        metavar="B",
+        type=R["batch_size"],
+        metavar="N",
         help="samples per forward pass (default: from free GPU memory on CUDA, 64 on CPU)",
     )
     io.add_argument(
         "--seed",
-        type=int,
-        metavar="S",
+        type=R["seed"],
+        metavar="N",
         help=f"run seed; sample i depends on (seed, i) (default {_default('seed')})",
     )
     io.add_argument(
@@ -111,21 +120,21 @@ def configure(p: argparse.ArgumentParser) -> None:
     io.add_argument("--device", metavar="DEV", help="'auto' (default), 'cpu', 'cuda', 'cuda:1'")
     io.add_argument(
         "--shard-size",
-        type=int,
+        type=R["shard_size"],
         metavar="N",
         help=f"samples per shard file (default {DEFAULT_SHARD_SIZE}); fixed for a run",
     )
     io.add_argument(
         "--grid",
-        type=int,
+        type=R["grid"],
         metavar="N",
         help=f"samples in grid.png (default {_default('grid')}; 0: none)",
     )
     io.add_argument(
         "--max-shards",
-        type=int,
-        metavar="K",
-        help="stop after this many shards per process (then rerun)",
+        type=R["max_shards"],
+        metavar="N",
+        help="stop after this many shards per process, then rerun (default: no limit)",
     )
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -148,23 +157,28 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="FLAGS",
         help="create_model/diffusion flags over the preset's: 'image_size=16 num_channels=32'",
     )
-    m.add_argument("--image-size", type=int, metavar="N", help="expected image size (checked)")
+    m.add_argument(
+        "--image-size",
+        type=R["image_size"],
+        metavar="N",
+        help="expected image size, checked against the model (default: the model's)",
+    )
     m.add_argument("--sampler", choices=D.SAMPLERS, help="default ddpm; heun for EDM networks")
     m.add_argument(
         "--steps",
         metavar="STEPS",
         help=f"DDPM/DDIM respacing ('250', '10,10,5', 'ddim25'); Heun: steps (default {D.STEPS})",
     )
-    m.add_argument("--eta", type=float, metavar="X", help=f"DDIM η (default {D.ETA:g})")
+    m.add_argument("--eta", type=R["eta"], metavar="X", help=f"DDIM η (default {D.ETA:g})")
     m.add_argument(
         "--cfg-scale",
-        type=float,
-        metavar="S",
+        type=R["cfg_scale"],
+        metavar="X",
         help="diffusers DiT pipelines: classifier-free guidance scale (default 1: none)",
     )
     m.add_argument(
         "--cfg-channels",
-        type=int,
+        type=R["cfg_channels"],
         metavar="N",
         help="DiT: CFG on the first N latent channels only (DiT's own code: 3; default all)",
     )
@@ -181,23 +195,32 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--guidance-microbatch",
-        type=int,
-        metavar="B",
+        type=R["guidance_microbatch"],
+        metavar="N",
         help="diffusers pipelines: micro-batch of the classifier pass through the VAE decoder "
-        "(bounds its backward memory; same result)",
+        "(bounds its backward memory; same result; default: the whole batch)",
     )
     m.add_argument(
-        "--s-churn", type=float, metavar="X", help="Heun: EDM's stochastic churn (default 0)"
+        "--s-churn",
+        type=R["s_churn"],
+        metavar="X",
+        help="Heun: EDM's stochastic churn (default 0)",
     )
-    m.add_argument("--s-tmin", type=float, metavar="X", help="Heun: churn from this σ (0)")
-    m.add_argument("--s-tmax", type=float, metavar="X", help="Heun: churn up to this σ (∞)")
-    m.add_argument("--s-noise", type=float, metavar="X", help="Heun: EDM's S_noise (default 1)")
+    m.add_argument(
+        "--s-tmin", type=R["s_tmin"], metavar="X", help="Heun: churn from this σ (default 0)"
+    )
+    m.add_argument(
+        "--s-tmax", type=R["s_tmax"], metavar="X", help="Heun: churn up to this σ (default inf)"
+    )
+    m.add_argument(
+        "--s-noise", type=R["s_noise"], metavar="X", help="Heun: EDM's S_noise (default 1)"
+    )
     m.add_argument(
         "--no-clip-denoised",
         dest="clip_denoised",
         action="store_const",
         const=False,
-        help="do not clip x̂0 to [-1, 1]",
+        help="do not clip x̂0 to [-1, 1] (default: clipped, as ADM)",
     )
 
     c = p.add_argument_group("classifier")
@@ -206,10 +229,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--guide",
         dest="classifier",
         metavar="SPEC",
-        help="resnet18..resnet152, an ADM classifier preset (128x128_classifier), 'adm' "
-        "(with --classifier-flags), clip:FOLDER (a transformers CLIP model as a zero-shot "
-        "head: --prompt, --prompt-file, or the 1000 ImageNet classes), or an import spec "
-        "module:function returning an nn.Module that takes x̂0 in [-1, 1]",
+        help=f"the guide: {CLASSIFIER_FORMS}; also 'adm' with --classifier-flags; a CLIP head's "
+        "classes: --prompt, --prompt-file, or the 1000 ImageNet classes",
     )
     c.add_argument(
         "--prompt",
@@ -235,16 +256,21 @@ def configure(p: argparse.ArgumentParser) -> None:
         choices=["elucd", "imagenet"],
         help="ResNet input: x̂0 as is (elucd, default) or ImageNet-normalised",
     )
-    c.add_argument("--classifier-resize", type=int, metavar="N", help="resize ResNet inputs to N×N")
+    c.add_argument(
+        "--classifier-resize",
+        type=R["classifier_resize"],
+        metavar="N",
+        help="resize ResNet inputs to N×N (default: native size)",
+    )
     c.add_argument(
         "--softplus-beta",
-        type=D.parse_softplus_beta,
+        type=softplus_beta_arg,
         metavar="BETA",
         help=f"ResNet ReLU → Softplus(β) (default {D.softplus_beta('ddpm'):g}; Heun "
         f"{D.softplus_beta('heun'):g}; 'relu' keeps ReLU)",
     )
 
-    g = p.add_argument_group("guidance (defaults: METHODS.md)")
+    g = p.add_argument_group("guidance")
     g.add_argument(
         "--method",
         choices=["none", *(x for x in METHODS if x != "f")],
@@ -252,50 +278,66 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--scale",
-        type=float,
+        type=R["scale"],
         metavar="X",
         help=f"classifier scale γ (default {D.SCALE:g}; Heun: EluCD's G)",
     )
     g.add_argument(
-        "--tau1", type=float, metavar="X", help=f"joint temperature τ1 (default {D.TAU1:g})"
+        "--tau1", type=R["tau1"], metavar="X", help=f"joint temperature τ1 (default {D.TAU1:g})"
     )
     g.add_argument(
         "--tau2",
-        type=float,
+        type=R["tau2"],
         metavar="X",
         help=f"marginal temperature τ2 (default {D.TAU2_RATIO:g} τ1; logsoftmax τ1; Heun 0)",
     )
     g.add_argument(
         "--alpha",
-        type=float,
+        type=R["alpha"],
         metavar="X",
         help=f"divergence weight α (rkl {D.ALPHA['rkl']:g}, others {D.ALPHA['js']:g})",
     )
-    g.add_argument("--eps", type=float, metavar="X", help=f"target smoothing ε (default {D.EPS:g})")
-    g.add_argument("--entropy", action="store_const", const=True, help="add the entropy term")
     g.add_argument(
-        "--lam-max", type=float, metavar="X", help=f"entropy λ at the first step ({D.LAM_MAX:g})"
+        "--eps", type=R["eps"], metavar="X", help=f"target smoothing ε (default {D.EPS:g})"
     )
     g.add_argument(
-        "--lam-min", type=float, metavar="X", help=f"entropy λ at the last step ({D.LAM_MIN:g})"
+        "--entropy",
+        action="store_const",
+        const=True,
+        help="add the entropy term to any method (default: only method entropy has it)",
+    )
+    g.add_argument(
+        "--lam-max",
+        type=R["lam_max"],
+        metavar="X",
+        help=f"entropy λ at the first step (default {D.LAM_MAX:g})",
+    )
+    g.add_argument(
+        "--lam-min",
+        type=R["lam_min"],
+        metavar="X",
+        help=f"entropy λ at the last step (default {D.LAM_MIN:g})",
     )
     g.add_argument(
         "--lam-schedule",
         choices=["linear", "cosine", "constant"],
-        help=f"default {D.LAM_SCHEDULE}",
+        help=f"entropy λ's schedule from --lam-max to --lam-min (default {D.LAM_SCHEDULE})",
     )
     g.add_argument(
-        "--t-tilt", type=float, metavar="X", help=f"tilt temperature (tilted: {D.T_TILT:g})"
+        "--t-tilt",
+        type=R["t_tilt"],
+        metavar="X",
+        help=f"tilt temperature, with any method (default {D.T_TILT:g} for method tilted)",
     )
     g.add_argument(
         "--tilt-group",
-        type=int,
-        metavar="G",
+        type=R["tilt_group"],
+        metavar="N",
         help=f"tilt group size G: index blocks [jG, (j+1)G) (default {D.TILT_GROUP})",
     )
     g.add_argument(
         "--sine-factor",
-        type=float,
+        type=R["sine_factor"],
         metavar="X",
         help=f"γ_sine (default {D.SINE_FACTOR:g}; ADM classifier 0)",
     )
@@ -304,7 +346,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         choices=["per_sample", "first_sample"],
         help="DDPM σ²_max per sample (default) or EluCD's first-sample (batch-coupled)",
     )
-    g.add_argument("--guidance-input", choices=["x", "denoised"], help="Heun guidance input")
+    g.add_argument(
+        "--guidance-input",
+        choices=["x", "denoised"],
+        help="Heun: the classifier sees x_i (default x) or D(x_i, σ_i) (denoised)",
+    )
 
 
 def _print_configs() -> None:

@@ -270,10 +270,36 @@ class ImageClassifier(nn.Module):
         return out
 
 
+def _bn_shapes(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
+    names = ("weight", "bias", "running_mean", "running_var")
+    return {**{f"{prefix}.{n}": (channels,) for n in names}, f"{prefix}.num_batches_tracked": ()}
+
+
 def _shapes(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        net = resnet(arch, num_classes)
-    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    """The state dict's keys and shapes of ``resnet(arch, num_classes)``, in its order,
+    computed from the architecture alone: building the network, even on the meta device,
+    imports torch._dynamo (~1 s and ~70 MiB at start-up)."""
+    block, layers = _check_arch(arch)
+    shapes = {"conv1.weight": (64, 3, 7, 7), **_bn_shapes("bn1", 64)}
+    inplanes = 64
+    for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
+        out = planes * block.expansion
+        for j in range(n):
+            p, cin = f"layer{i + 1}.{j}", inplanes if j == 0 else out
+            if block is BasicBlock:
+                convs = [(planes, cin, 3, 3), (planes, planes, 3, 3)]
+            else:
+                convs = [(planes, cin, 1, 1), (planes, planes, 3, 3), (out, planes, 1, 1)]
+            for k, shape in enumerate(convs, start=1):
+                shapes[f"{p}.conv{k}.weight"] = shape
+                shapes.update(_bn_shapes(f"{p}.bn{k}", shape[0]))
+            if j == 0 and (i > 0 or inplanes != out):  # stride 2, or more channels
+                shapes[f"{p}.downsample.0.weight"] = (out, inplanes, 1, 1)
+                shapes.update(_bn_shapes(f"{p}.downsample.1", out))
+        inplanes = out
+    shapes["fc.weight"] = (num_classes, 512 * block.expansion)
+    shapes["fc.bias"] = (num_classes,)
+    return shapes
 
 
 def _unwrap_state_dict(obj: object, path: str) -> dict[str, Tensor]:
