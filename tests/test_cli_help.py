@@ -22,25 +22,53 @@ from fguide.params import Range
 PENDING = {"demo": "fixed in the demos branch"}
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {
+        name: sub
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, sub in action.choices.items()
+    }
+
+
+def _all_commands() -> list[str]:
+    """Every command and nested subcommand (``weights download``), found from the parser."""
+    found: list[str] = []
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        for name, sub in _subcommands(parser).items():
+            path = f"{prefix} {name}".strip()
+            found.append(path)
+            walk(path, sub)
+
+    walk("", build_parser())
+    assert set(COMMANDS) <= set(found)
+    return found
+
+
 def _commands() -> list[object]:
     return [
         pytest.param(c, marks=pytest.mark.xfail(reason=PENDING[c], strict=False))
-        if c in PENDING
+        if c.split()[0] in PENDING
         else c
-        for c in COMMANDS
+        for c in _all_commands()
     ]
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser: argparse.ArgumentParser = sub.choices[command]
+    parser = build_parser()
+    for name in command.split():
+        parser = _subcommands(parser)[name]
     return parser
 
 
 def _listed(command: str) -> Iterator[argparse.Action]:
-    """The actions ``--help`` lists (not -h itself, not hidden older spellings)."""
+    """The actions ``--help`` lists (not -h itself, not hidden older spellings, not the
+    subcommand choice, whose subcommands are checked as commands of their own)."""
     for action in _parser(command)._actions:
         if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+            continue
+        if isinstance(action, argparse._SubParsersAction):
             continue
         yield action
 
@@ -64,7 +92,7 @@ def test_help_runs_and_every_flag_has_a_help_text_and_its_default(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     formatter = _parser(command)._get_formatter()
@@ -95,8 +123,8 @@ HOMONYMS = {"--labels"}  # sample: the labels' mode or class; calibration: legen
 @pytest.mark.parametrize("command", _commands())
 def test_one_metavar_per_flag_across_commands(command: str) -> None:
     mine = {k: v for k, v in _metavars(command).items() if k not in HOMONYMS}
-    for other in COMMANDS:
-        if other == command or other in PENDING:
+    for other in _all_commands():
+        if other == command or other.split()[0] in PENDING:
             continue
         theirs = _metavars(other)
         for flag in mine.keys() & theirs.keys():
@@ -129,7 +157,19 @@ def _bad_values(domain: Range) -> Iterator[str]:
         yield repr(domain.high + 1)
 
 
-@pytest.mark.parametrize("command", _commands())
+def _numeric_commands() -> list[object]:
+    """The commands with a flag that takes a number (checked or not: an unchecked one fails)."""
+    return [
+        c
+        for c in _commands()
+        if any(
+            a.option_strings and (isinstance(a.type, Range) or a.type in (int, float))
+            for a in _parser(c if isinstance(c, str) else c.values[0])._actions  # type: ignore[attr-defined]
+        )
+    ]
+
+
+@pytest.mark.parametrize("command", _numeric_commands())
 def test_every_numeric_flag_refuses_bad_numbers_in_one_line(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -142,11 +182,11 @@ def test_every_numeric_flag_refuses_bad_numbers_in_one_line(
             continue
         flag = action.option_strings[0]
         for bad in _bad_values(action.type):
-            line = _one_line_error(capsys, [command, flag, bad])
+            line = _one_line_error(capsys, [*command.split(), flag, bad])
             assert line.startswith(f"fguide {command}: error: argument {flag}"), line
             assert line.endswith(f"(see fguide {command} --help)"), line
         # the domain's own edge is accepted (no error before the later required-flag checks)
         edge = action.type.low if action.type.low is not None and not action.type.low_open else 1
         assert action.type(repr(edge)) == edge and not math.isnan(edge)
         checked += 1
-    assert checked or command in PENDING, f"{command}: no numeric flag found"
+    assert checked or command in PENDING, f"{command}: no checked numeric flag"
