@@ -255,7 +255,7 @@ def test_dit_network_resolves_per_pipeline_kind(dit_dir: Path, tmp_path: Path) -
         resolved(unet, dit_network="dit")
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes(b"")
-    with pytest.raises(ValueError, match="dit_network, guidance_form"):
+    with pytest.raises(ValueError, match="dit_network applies to diffusers pipeline folders"):
         resolved(ckpt, dit_network="dit")
 
 

@@ -282,8 +282,9 @@ def _resolve_model_family(c: SampleConfig) -> None:
         given = [n for n in pipeline_only if getattr(c, n) is not None]
         if given:
             names = ", ".join(f"{{{i}}}" for i in range(len(given)))
+            verb = "applies" if len(given) == 1 else "apply"
             raise ParamError(
-                names + f" apply to diffusers pipeline folders ({{{len(given)}}} DIR)",
+                names + f" {verb} to diffusers pipeline folders ({{{len(given)}}} DIR)",
                 *given,
                 "model",
             )
