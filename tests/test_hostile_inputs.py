@@ -206,7 +206,7 @@ tracemalloc.start()
 print("ready", flush=True)
 for line in sys.stdin:
     loader, path = json.loads(line)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = resource.getrusage(resource.RUSAGE_SELF)
     tracemalloc.reset_peak()
     try:
         loaders[loader](path)
@@ -214,8 +214,10 @@ for line in sys.stdin:
     except Exception as err:
         out = {"error": type(err).__name__, "message": str(err),
                "user_error": isinstance(err, (ValueError, OSError))}
+    after = resource.getrusage(resource.RUSAGE_SELF)
     out["py_peak"] = tracemalloc.get_traced_memory()[1]
-    out["rss_growth"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    out["rss_growth"] = (after.ru_maxrss - before.ru_maxrss) * 1024
+    out["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     print(json.dumps(out), flush=True)
 """
 _GUARD_S = 60

@@ -470,14 +470,14 @@ def is_network_pickle(path: str | PathLike[str]) -> bool:
     return head[:1] == b"\x80" and b"torch_utils.persistence" in head
 
 
+_EXPECTED = "expected an NVlabs network pickle such as edm-imagenet-64x64-cond-adm.pkl"
+
+
 def _unpickle(p: Path) -> Any:
     """The object an NVlabs pickle describes, read within the bounds of safe_pickle."""
     size = p.stat().st_size
     if size == 0:
-        raise UnsafePickleError(
-            f"refusing to load {p}: the file is empty (0 bytes); expected an NVlabs network "
-            "pickle such as edm-imagenet-64x64-cond-adm.pkl"
-        )
+        raise UnsafePickleError(f"refusing to load {p}: the file is empty (0 bytes); {_EXPECTED}")
     try:
         with open(p, "rb") as f:
             if f.read(1) != b"\x80":
@@ -485,11 +485,12 @@ def _unpickle(p: Path) -> Any:
             f.seek(0)
             return _NVlabsUnpickler(f, size).load()
     except UnsafePickleError as err:
-        raise UnsafePickleError(f"refusing to load {p}: {err}") from None
+        raise UnsafePickleError(f"refusing to load {p}: {err}; {_EXPECTED}") from None
     except Exception as err:  # anything else a malformed file can cause while it is read
         reason = (str(err).splitlines() or [""])[0][:200]
         raise UnsafePickleError(
-            f"refusing to load {p}: not a readable network pickle ({type(err).__name__}: {reason})"
+            f"refusing to load {p}: not a readable network pickle "
+            f"({type(err).__name__}: {reason}); {_EXPECTED}"
         ) from err
 
 
