@@ -14,6 +14,8 @@ import sys
 import zipfile
 from collections.abc import Sequence
 
+from fguide.cli.file_flags import name_flag
+
 COMMANDS = {
     "demo": "fguide.cli.demo",
     "sample": "fguide.cli.sample",
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.configure(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
     return parser
 
 
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error_message(err)
         if message is None or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        line = " ".join(message.split())
+        line = " ".join(name_flag(args, err, message).split())
         print(f"fguide {args.command}: error: {line}", file=sys.stderr)
         return 2
 
