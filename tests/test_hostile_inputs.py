@@ -388,6 +388,53 @@ def test_hostile_pickle_is_refused_in_bounds(
     _refused(worker("nvlabs", path), path, match, path.stat().st_size)
 
 
+def _legacy_checkpoint(declared: int) -> bytes:
+    """A legacy (non-zip) ``torch.save`` of ``{"w": tensor}`` whose storage declares
+    ``declared`` float32 elements and holds 16 bytes."""
+    f = io.BytesIO()
+    info = {"protocol_version": 1001, "little_endian": sys.byteorder == "little",
+            "type_sizes": {"short": 2, "int": 4, "long": 4}}  # fmt: skip
+    for obj in (0x1950A86A20F9469CFC6C, 1001, info):
+        pickle.dump(obj, f, protocol=2)
+    key = object()
+
+    class _IdPickler(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            return (
+                ("storage", torch.FloatStorage, "0", "cpu", declared, None) if obj is key else None
+            )
+
+    _IdPickler(f, protocol=2).dump({"w": _view(key, 0, (declared,), (1,))})  # type: ignore[arg-type]
+    pickle.dump(["0"], f, protocol=2)
+    f.write(struct.pack("<q", declared) + bytes(16))
+    return f.getvalue()
+
+
+CHECKPOINTS: dict[str, tuple[Callable[[], bytes], str]] = {
+    "empty": (lambda: b"", "the file is empty"),
+    "storage_2^31_floats": (lambda: _legacy_checkpoint(2**31), "truncated or damaged"),
+    "storage_10^12_floats": (lambda: _legacy_checkpoint(10**12), "truncated or damaged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINTS))
+def test_hostile_checkpoint_is_refused_in_bounds(
+    tmp_path: Path, worker: Callable[[str, Path], dict[str, Any]], case: str
+) -> None:
+    """A ``.pt`` read with ``torch.load(weights_only=True)``: torch allocates a legacy storage's
+    declared size lazily (or its allocator refuses), then finds the bytes missing: one error
+    naming the file, and no memory touched."""
+    build, match = CHECKPOINTS[case]
+    path = tmp_path / f"{case}.pt"
+    path.write_bytes(build())
+    result = worker("state_dict", path)
+    assert result["error"] == "ValueError" and str(path) in result["message"], result
+    assert match in result["message"] and "expected a PyTorch state dict" in result["message"]
+    size = path.stat().st_size
+    assert result["py_peak"] <= 16 * MiB + 8 * size, result
+    assert result["rss_growth"] <= 64 * MiB + 8 * size, result
+
+
 def test_editing_round_trip_is_faithful(tmp_path: Path) -> None:
     """Read and written again without an edit, the real NVlabs pickle loads and gives NVlabs'
     output (so the refusals above come from the edits)."""
