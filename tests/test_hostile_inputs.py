@@ -232,6 +232,13 @@ class _Worker:
         )  # fmt: skip
         assert self._line(300) == "ready"
 
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
     def _line(self, timeout: float) -> str:
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -257,12 +264,14 @@ def worker() -> Iterator[Callable[[str, Path], dict[str, Any]]]:
 
     def load(loader: str, path: Path) -> dict[str, Any]:
         if not holder or holder[0].proc.poll() is not None:
+            if holder:
+                holder[0].close()
             holder[:] = [_Worker()]
         return holder[0].load(loader, path)
 
     yield load
     if holder:
-        holder[0].proc.kill()
+        holder[0].close()
 
 
 def _refused(result: dict[str, Any], path: Path, match: str, size: int) -> None:
