@@ -386,7 +386,7 @@ def test_other_configuration_is_refused_and_more_samples_extend(
         (["--image-size", "16"], "--image-size: 16 does not match"),
         (["--model-flags", FLAGS.replace("num_channels=32", "num_channels=64")], "does not fit"),
         (["--classifier", "resnet18"], "--classifier-weights"),
-        (["--classifier-weights", "nope.pth"], "classifier_weights: file not found"),
+        (["--classifier-weights", "nope.pth"], "--classifier-weights: file not found"),
         (["--classifier", "test_sampling:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
         (["--method", "tilted", "--tilt-group", "3"], "multiple of --tilt-group"),
         (["--method", "base", "--alpha", "0.1"], "alpha is a divergence weight"),

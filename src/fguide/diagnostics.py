@@ -242,7 +242,13 @@ def load_trajectory(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trajectory diagnostics not found: {path}")
-    data: dict[str, Any] = json.loads(path.read_text())
-    if "curves" not in data:
-        raise ValueError(f"{path}: not a trajectory diagnostics file (no 'curves')")
+    expected = "the trajectory.json a sampling run writes (or the run's folder)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not JSON text ({err}); expected {expected}") from None
+    if not isinstance(data, dict) or "curves" not in data:
+        raise ValueError(
+            f"{path}: not a trajectory diagnostics file (no 'curves'); expected {expected}"
+        )
     return data

@@ -115,10 +115,17 @@ def _model_flags(cfg: SampleConfig, state_dict: Mapping[str, Tensor]) -> tuple[s
     return preset, {"model": groups["model"], "diffusion": groups["diffusion"]}
 
 
+MODEL_FILE = (
+    "an ADM diffusion checkpoint (a .pt state dict), an NVlabs EDM network pickle (.pkl) or a "
+    "diffusers pipeline folder"
+)
+"""What ``--model`` should be, for messages."""
+
+
 def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     if not cfg.model.is_file():
         raise FileNotFoundError(f"model: diffusion checkpoint not found: {cfg.model}")
-    sd = load_state_dict_file(cfg.model)
+    sd = load_state_dict_file(cfg.model, MODEL_FILE)
     preset, flags = _model_flags(cfg, sd)
     size = flags["model"]["image_size"]
     if cfg.image_size is not None and cfg.image_size != size:
@@ -129,10 +136,13 @@ def _load_diffusion(cfg: SampleConfig, device: torch.device) -> tuple[nn.Module,
             size=size,
             preset=f" (preset {preset!r})" if preset else "",
         )
-    if preset is not None and not cfg.model_flags:
-        net = load_model(preset, sd)
-    else:
-        net = load_model(create_model(**flags["model"]), sd)
+    try:
+        if preset is not None and not cfg.model_flags:
+            net = load_model(preset, sd)
+        else:
+            net = load_model(create_model(**flags["model"]), sd)
+    except ValueError as err:  # the file's tensors do not fit: name the file
+        raise ValueError(f"{cfg.model}: {err}") from err
     net = net.to(device).eval().requires_grad_(False)
     if cfg.precision != "fp32":
         net.convert_torso(precision_dtype(cfg.precision))  # type: ignore[operator]

@@ -21,6 +21,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
+from fguide.cli.file_flags import name_flag
 from fguide.params import ParamError
 
 COMMANDS = {
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error_message(err, args._flags, args.command)
         if message is None or args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        line = " ".join(message.split())
+        line = " ".join(name_flag(args, err, message).split())
         print(f"fguide {args.command}: error: {line}", file=sys.stderr)
         return 2
 

@@ -29,7 +29,6 @@ to ``trajectory.json`` under ``curves["clip_score"]`` (and ``curves["clip_cosine
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from fguide.models.hf_files import Rule, check_clip_folder, check_fields, read_json_object
 from fguide.models.imagenet_classes import IMAGENET_CLASSNAMES
 
 if TYPE_CHECKING:
@@ -72,6 +72,24 @@ CLIP_SCORE_WEIGHT = 100.0
 # OpenAI CLIP's normalisation, the processor's default when a folder has no preprocessor config.
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_SIDES: dict[str, Rule] = {
+    "shortest_edge": ("int", 1, 4096),
+    "height": ("int", 1, 4096),
+    "width": ("int", 1, 4096),
+}
+_PREPROCESS_RULES: dict[str, Rule] = {
+    "size": ("int|obj", 1, 4096),
+    "crop_size": ("int|obj", 1, 4096),
+    "resample": ("int", 0, 5),
+    "image_mean": ("nums", 0.0, 1.0),
+    "image_std": ("nums", 0.0, 10.0),
+    "do_resize": ("bool", 0, 0),
+    "do_center_crop": ("bool", 0, 0),
+    "do_rescale": ("bool", 0, 0),
+    "do_normalize": ("bool", 0, 0),
+}
+"""preprocessor_config.json fields fguide reads (``size``/``crop_size`` may also be objects)."""
+
 # PIL resampling codes as stored in preprocessor_config.json.
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
@@ -97,10 +115,13 @@ class CLIPPreprocess:
         file = Path(folder) / "preprocessor_config.json"
         if not file.is_file():
             return cls(size=image_size, crop_height=image_size, crop_width=image_size)
-        try:
-            cfg: dict[str, Any] = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file}: not valid JSON ({err})") from None
+        cfg = read_json_object(file, "a CLIP image processor config")
+        check_fields(cfg, _PREPROCESS_RULES, file)
+        for key in ("size", "crop_size"):
+            value = cfg.get(key)
+            if isinstance(value, dict):
+                need = ("height", "width") if key == "crop_size" else ()
+                check_fields(value, _SIDES, f"{file} ({key})", need)
         if cfg.get("do_rescale", True) is False or cfg.get("do_normalize", True) is False:
             raise ValueError(f"{file}: do_rescale/do_normalize false is not supported")
         size = cfg.get("size", image_size)
@@ -117,8 +138,8 @@ class CLIPPreprocess:
             )
         mean = tuple(float(v) for v in cfg.get("image_mean", _OPENAI_MEAN))
         std = tuple(float(v) for v in cfg.get("image_std", _OPENAI_STD))
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"{file}: image_mean and image_std need 3 values")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"{file}: image_mean and image_std need 3 values (std > 0)")
         return cls(
             size=int(size),
             crop_height=int(ch),
@@ -390,10 +411,8 @@ def load_clip_head(
 
     from transformers import CLIPModel, CLIPTokenizer  # optional dependency: import on use
 
-    model: Any = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    model = model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
-    image_size = int(model.config.vision_config.image_size)
+    net = check_clip_folder(folder)  # config values, weight keys and shapes, first
+    image_size = int(net.config.vision_config.image_size)
     pre = CLIPPreprocess.from_folder(folder, image_size)
     crop = (pre.crop_height, pre.crop_width) if pre.do_center_crop else None
     if crop != (image_size, image_size) or pre.size < image_size:
@@ -401,6 +420,16 @@ def load_clip_head(
             f"{folder}: the processor's crop {crop} and size {pre.size} must give the vision "
             f"tower's {image_size}x{image_size} input"
         )
+    try:  # the tokenizer first: it is quick, and a bad one fails before the weights are read
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        model: Any = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    except Exception as err:  # the tokenizers library raises bare Exception for a bad vocabulary
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(
+            f"CLIP model folder {folder}: transformers cannot load it ({reason}); expected a "
+            "folder written by CLIPModel/CLIPTokenizer.save_pretrained"
+        ) from err
+    model = model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
     return CLIPHead(model, encode_prompts(model, tokenizer, texts), texts, pre, logit_scale)
 
 

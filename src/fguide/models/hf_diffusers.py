@@ -28,7 +28,6 @@ Conventions (METHODS.md notation; z the latent state, ẑ0 its clean estimate):
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +47,12 @@ from fguide.cfg_guidance import (
 )
 from fguide.guidance import ClassifierFn, ClassifierGuide
 from fguide.models.dit_network import check_dit_network, set_dit_network
+from fguide.models.hf_files import (
+    SCHEDULER_RULES,
+    check_diffusers_component,
+    check_fields,
+    read_json_object,
+)
 from fguide.objectives import Objective
 from fguide.schedules import Process, VarianceType, betas_for, process_from_betas
 
@@ -97,6 +102,10 @@ ELUCD_DIT_XL2_256: dict[str, Any] = {
 """fguide's configuration for EluCD's Table 9 row (which values are EluCD's: see the comments)."""
 
 
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 # -- schedules ----------------------------------------------------------------------------------
 
 
@@ -110,9 +119,8 @@ def scheduler_betas(config: dict[str, Any], where: str = "scheduler config") -> 
     ADM. Anything else (and ε-free parameterisations, thresholding, zero-terminal-SNR rescaling,
     a clip range other than 1) is refused with the key that causes it.
     """
+    check_fields(config, SCHEDULER_RULES, where)
     t = int(config.get("num_train_timesteps", 1000))
-    if t < 2:
-        raise ValueError(f"{where}: num_train_timesteps must be >= 2; got {t}")
     pred = config.get("prediction_type", "epsilon")
     if pred != "epsilon":
         raise ValueError(f"{where}: prediction_type {pred!r} is not supported (only 'epsilon')")
@@ -122,9 +130,10 @@ def scheduler_betas(config: dict[str, Any], where: str = "scheduler config") -> 
     if float(config.get("clip_sample_range", 1.0)) != 1.0:
         raise ValueError(f"{where}: clip_sample_range must be 1.0 (fguide clips x̂0 to [-1, 1])")
     if config.get("trained_betas") is not None:
-        betas = np.asarray(config["trained_betas"], dtype=np.float64)
-        if betas.shape != (t,):
-            raise ValueError(f"{where}: trained_betas has {betas.size} values, expected {t}")
+        given = config["trained_betas"]
+        if not (isinstance(given, list) and len(given) == t and all(_num(b) for b in given)):
+            raise ValueError(f"{where}: trained_betas must be a list of {t} numbers")
+        betas = np.asarray(given, dtype=np.float64)
     else:
         kind = config.get("beta_schedule", "linear")
         start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
@@ -300,13 +309,8 @@ def pipeline_files(path: str | Path) -> list[Path]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    what = f"the {path.stem} of a diffusers pipeline folder"
+    return read_json_object(path, what, exempt=("trained_betas",))
 
 
 def _load_component(
@@ -318,14 +322,19 @@ def _load_component(
             f"{folder}: no .safetensors weights (fguide never loads pickled .bin files; convert "
             "them with safetensors first)"
         )
-    net = cls.from_pretrained(
-        root,
-        subfolder=sub,
-        local_files_only=True,
-        use_safetensors=True,
-        torch_dtype=dtype,
-        low_cpu_mem_usage=False,  # no `accelerate` needed
-    )
+    check_diffusers_component(cls, folder)  # config values, weight keys and shapes, first
+    try:
+        net = cls.from_pretrained(
+            root,
+            subfolder=sub,
+            local_files_only=True,
+            use_safetensors=True,
+            torch_dtype=dtype,
+            low_cpu_mem_usage=False,  # no `accelerate` needed
+        )
+    except (OSError, ValueError, TypeError, RuntimeError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(f"{folder}: diffusers cannot load it ({reason})") from err
     return net.to(device=device).eval().requires_grad_(False)
 
 
@@ -469,7 +478,7 @@ def load_pipeline_model(
         cfg = net.config
         c = int(cfg.in_channels)
         size = cfg.sample_size
-        if not isinstance(size, int):
+        if not isinstance(size, int):  # [h, w] (checked by check_diffusers_component)
             if len(set(size)) != 1:
                 raise ValueError(f"{root}/unet: non-square sample_size {size} is not supported")
             size = int(size[0])

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fguide.models.loading import read_torch_file
+
 __all__ = [
     "INCEPTION_WEIGHTS_ENV",
     "INCEPTION_WEIGHTS_URLS",
@@ -398,9 +400,13 @@ def load_fid_inception(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(_missing_weights_message(f"Inception weight file {path} not found"))
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{path}: not a state dict")
+    what = (
+        "the FID Inception-v3 weights ported from TF (pt_inception-2015-12-05-6726825d.pth or "
+        "weights-inception-2015-12-05-6726825d.pth)"
+    )
+    raw = read_torch_file(path, what)
+    if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise ValueError(f"{path}: not a state dict of tensors; expected {what}")
     mapping = fid_inception_key_mapping([str(k) for k in raw])
     sd: dict[str, Tensor] = {mapping[str(k)]: v for k, v in raw.items()}
     bad = [str(k) for k, v in raw.items() if v.is_floating_point() and not torch.isfinite(v).all()]

@@ -14,6 +14,7 @@ device, so no 500M-parameter model is allocated for the comparison).
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
@@ -24,11 +25,13 @@ from torch import nn
 from fguide.models.presets import PRESETS, build_preset, preset_info, preset_state_dict_shapes
 
 __all__ = [
+    "STATE_DICT",
     "UnsafeCheckpointError",
     "check_state_dict",
     "load_model",
     "load_state_dict_file",
     "matching_presets",
+    "read_torch_file",
 ]
 
 _SHOW = 5  # keys listed per category in a mismatch message
@@ -58,19 +61,50 @@ def _unpickler_reason(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def load_state_dict_file(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a plain state dict (``name -> tensor``) from ``path`` onto the CPU.
+STATE_DICT = "a PyTorch state dict (a .pt/.pth file written by torch.save(model.state_dict()))"
+"""What :func:`load_state_dict_file` expects, for messages."""
 
-    Raises ``FileNotFoundError`` naming the path when it does not exist,
-    :class:`UnsafeCheckpointError` when the file needs arbitrary unpickling (a pickled
-    module, optimizer or custom object), and ``ValueError`` when it holds something other
-    than a flat mapping of strings to tensors (e.g. a training checkpoint wrapping one).
+
+def _not_torch(p: Path) -> str | None:
+    """Why ``p`` cannot be a ``torch.save`` file, judged from its first bytes; None if it can."""
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None  # torch's reader says what is damaged
+        if names and all("/" not in n and n.endswith(".npy") for n in names):
+            return "it is a NumPy .npz archive, not a PyTorch file"
+        return None
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format
+        return None
+    shown = " ".join(f"{b:02x}" for b in head[:4])
+    return (
+        f"it is not a PyTorch file (it starts with bytes {shown}; torch.save writes a zip "
+        "archive or a pickle)"
+    )
+
+
+def read_torch_file(path: str | PathLike[str], expected: str = STATE_DICT) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
+
+    Every error names the file, what is wrong with it and what it should be (``expected``):
+    ``FileNotFoundError`` when it is missing; ``ValueError`` when it is empty, not a torch file
+    (a NumPy archive, random bytes) or truncated/damaged; :class:`UnsafeCheckpointError` when
+    it needs arbitrary unpickling (a pickled module or custom object, an NVlabs pickle).
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {p}")
+        raise FileNotFoundError(f"{p}: file not found; expected {expected}")
+    problem = _not_torch(p)
+    if problem:
+        raise ValueError(f"{p}: {problem}; expected {expected}")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # Only a file torch refuses is looked at again (NVlabs' persistent classes always are).
         from fguide.models.nvlabs import is_network_pickle  # lazy: nvlabs imports this module
@@ -85,8 +119,32 @@ def load_state_dict_file(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
             f"refusing to load {p}: it is not a plain state dict that "
             f"torch.load(weights_only=True) can read ({_unpickler_reason(err)}). {_CONVERT_HINT}"
         ) from err
+    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as err:
+        # torch's readers: a cut zip archive or legacy file, a record of the wrong size
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(
+            f"{p}: the file is truncated or damaged ({reason}); expected {expected}"
+        ) from err
+
+
+def load_state_dict_file(
+    path: str | PathLike[str], expected: str = STATE_DICT
+) -> dict[str, torch.Tensor]:
+    """Read a plain state dict (``name -> tensor``) from ``path`` onto the CPU.
+
+    Raises (see :func:`read_torch_file`, every message naming the file and ``expected``)
+    ``FileNotFoundError``, :class:`UnsafeCheckpointError` when the file needs arbitrary
+    unpickling (a pickled module, optimizer or custom object), and ``ValueError`` when it is
+    empty, damaged, not a torch file, or holds something other than a flat mapping of strings
+    to tensors (e.g. a training checkpoint wrapping one).
+    """
+    p = Path(path)
+    obj = read_torch_file(p, expected)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{p} holds a {type(obj).__name__}, not a state dict. {_CONVERT_HINT}")
+        raise ValueError(
+            f"{p} holds a {type(obj).__name__}, not a state dict; expected {expected}. "
+            f"{_CONVERT_HINT}"
+        )
     bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
         raise ValueError(
@@ -116,11 +174,13 @@ def check_state_dict(
     expected: Mapping[str, tuple[int, ...]],
     state_dict: Mapping[str, torch.Tensor],
     target: str = "the model",
+    source: str | None = None,
 ) -> None:
     """Raise ``ValueError`` unless ``state_dict`` has exactly ``expected``'s keys and shapes.
 
     The message gives counts and the first few missing, unexpected and wrong-shape keys, and
-    the official preset whose layout the state dict has, if any.
+    the official preset whose layout the state dict has, if any; ``source`` (the file the state
+    dict came from) starts it.
     """
     got = _shapes(state_dict)
     missing = [k for k in expected if k not in got]
@@ -134,7 +194,8 @@ def check_state_dict(
         return ", ".join(keys[:_SHOW]) + more
 
     lines = [
-        f"state dict does not fit {target}: {len(missing)} missing, {len(unexpected)} "
+        (f"{source}: the " if source else "")
+        + f"state dict does not fit {target}: {len(missing)} missing, {len(unexpected)} "
         f"unexpected and {len(wrong)} wrong-shape key(s) "
         f"(file has {len(got)} keys, model expects {len(expected)})"
     ]
@@ -200,7 +261,9 @@ def load_model(
         expected = _shapes(preset_or_module.state_dict())
     state_dict = source if isinstance(source, Mapping) else load_state_dict_file(source)
     state_dict = _strip_module_prefix(state_dict, expected)
-    check_state_dict(expected, state_dict, target)
+    check_state_dict(
+        expected, state_dict, target, None if isinstance(source, Mapping) else str(source)
+    )
 
     if isinstance(preset_or_module, str):
         model = build_preset(preset_or_module, device="meta")

@@ -3,45 +3,50 @@
 NVlabs pickles networks with ``torch_utils.persistence``: every network object is stored as
 ``persistence._reconstruct_persistent_obj(meta)`` with ``meta = {type, version, module_src,
 class_name, state}``, and NVlabs' own unpickling **executes** ``module_src`` (the source of
-``training/networks.py``) to rebuild the class. fguide never does that. Its restricted
-unpickler resolves only an allow-list of globals:
+``training/networks.py``) to rebuild the class. fguide never does that. It reads the file with
+its own bounded pickle machine (:mod:`fguide.models.safe_pickle`), which resolves only an
+allow-list of globals:
 
 * ``torch_utils.persistence._reconstruct_persistent_obj``: replaced by a function that keeps
   ``class_name`` and ``state`` as inert data (a :class:`PersistentRecord`) and ignores the
-  source; only NVlabs' own class names (``EDMPrecond``, ``DhariwalUNet`` and their layers, the
-  other networks, losses and the augmentation pipe) are accepted, any other name is refused;
+  source (which must be a string); only NVlabs' own class names (``EDMPrecond``,
+  ``DhariwalUNet`` and their layers, the other networks, losses and the augmentation pipe) are
+  accepted, any other name is refused;
 * tensor rebuilding (``torch._utils._rebuild_tensor_v2``, ``_rebuild_parameter``,
-  ``torch.storage._load_from_bytes``, the latter read with ``torch.load(weights_only=True)``);
-* plain containers (``collections.OrderedDict``, ``dnnlib.util.EasyDict`` → dict, torch's
-  ``ModuleDict``/``ModuleList``/``Sequential`` → inert containers) and numpy scalars/dtypes
-  (non-object dtypes only), which appear in the recorded constructor arguments.
+  ``torch.storage._load_from_bytes``), read by :mod:`fguide.models.pickled_tensors` without
+  ``torch.load``: element counts against the bytes present, views inside their storages;
+* plain containers (``collections.OrderedDict()``, ``dnnlib.util.EasyDict`` → dict, torch's
+  ``ModuleDict``/``ModuleList``/``Sequential`` → inert containers) and numpy number
+  scalars/dtypes, which appear in the recorded constructor arguments.
 
-Anything else (``os.system``, ``builtins.exec``, ``eval``, an unknown class, a persistent id)
-is refused with :class:`UnsafePickleError` naming it. The network is then rebuilt from the
-recorded constructor arguments (``init_kwargs``) as fguide's own
-:class:`~fguide.models.edm.EDMPrecond` and its tensors are copied in, every key and shape
-checked. Both training snapshots (``{'ema': net, 'loss_fn': ..., ...}``) and bare networks load.
+Anything else (``os.system``, ``builtins.exec``, ``eval``, any other ``torch`` global, an unknown
+class, a persistent id, ``BUILD`` on a record) is refused with :class:`UnsafePickleError` naming
+it; sizes and counts are bounded by the file's size before anything is built. The network is
+then rebuilt from the recorded constructor arguments (each type- and range-checked) as fguide's
+own :class:`~fguide.models.edm.EDMPrecond` and its tensors are copied in, every key, shape and
+dtype checked; the module tree must be a tree (no shared or cyclic modules) of at most 10,000
+modules. Both training snapshots (``{'ema': net, 'loss_fn': ..., ...}``) and bare networks
+load.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
-import io
 import math
-import pickle
-from collections.abc import Mapping
+import re
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeGuard
 
 import numpy as np
 import torch
-import torch._utils
 from torch import Tensor
 
 from fguide.models.edm import EDMDenoiser, EDMPrecond
-from fguide.models.loading import UnsafeCheckpointError
+from fguide.models.pickled_tensors import read_storage_blob, rebuild_tensor
+from fguide.models.safe_pickle import BoundedUnpickler, UnsafePickleError
 
 __all__ = [
     "PersistentRecord",
@@ -65,19 +70,40 @@ _INERT = frozenset({"EDMLoss", "VPLoss", "VELoss", "AugmentPipe"})
 """Training-only NVlabs objects of a snapshot: kept as data, never built."""
 KNOWN_CLASSES = _DHARIWAL_LAYERS | _OTHER_NETWORKS | _INERT | {SUPPORTED}
 
-_EDM_KWARGS = frozenset(
-    {"img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min", "sigma_max"}
-    | {"sigma_data", "model_type"}
+_EDM_POSITIONAL = (
+    "img_resolution",
+    "img_channels",
+    "label_dim",
+    "use_fp16",
+    "sigma_min",
+    "sigma_max",
+    "sigma_data",
+    "model_type",
 )
-_EDM_POSITIONAL = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_min")
-_UNET_KWARGS = frozenset(
-    {"augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks"}
-    | {"attn_resolutions", "dropout", "label_dropout"}
-)
-
-
-class UnsafePickleError(UnsafeCheckpointError):
-    """The pickle needs a global outside the allow-list (it could run code); names it."""
+"""EDMPrecond's parameters in NVlabs' order (``persistence`` records positional arguments)."""
+_ARGS: dict[str, tuple[str, float, float]] = {
+    "img_resolution": ("int", 1, 4096),
+    "img_channels": ("int", 1, 64),
+    "label_dim": ("int", 0, 100_000),
+    "use_fp16": ("bool", 0, 1),
+    "sigma_min": ("float", 0.0, math.inf),
+    "sigma_max": ("float", 0.0, math.inf),
+    "sigma_data": ("float", 1e-12, 1e12),
+    "model_type": ("str", 0, 64),
+    "augment_dim": ("int", 0, 1024),
+    "model_channels": ("int", 1, 8192),
+    "channel_mult": ("ints", 1, 64),
+    "channel_mult_emb": ("int", 1, 64),
+    "num_blocks": ("int", 1, 64),
+    "attn_resolutions": ("ints", 1, 4096),
+    "dropout": ("float", 0.0, 1.0),
+    "label_dropout": ("float", 0.0, 1.0),
+}
+"""EDMPrecond/DhariwalUNet constructor arguments fguide accepts: kind and range of values
+(wide enough for any released network, narrow enough that building it on ``meta`` is cheap)."""
+_MAX_LIST = 16  # entries of channel_mult / attn_resolutions
+_MAX_MODULES = 10_000  # DhariwalUNet at 64x64 has 318
+_MAX_DEPTH = 32  # module nesting; DhariwalUNet's is 4
 
 
 class UnsupportedNetworkError(ValueError):
@@ -87,7 +113,9 @@ class UnsupportedNetworkError(ValueError):
 class PersistentRecord:
     """An NVlabs persistent object as data: its class name and pickled ``__dict__``.
 
-    ``source_sha256`` identifies the embedded module source, which is never executed.
+    ``source_sha256`` identifies the embedded module source, which is never executed. The state
+    is a dict when the record is made; what it holds is checked where it is read (a pickle can
+    reach the dict again after the record exists).
     """
 
     def __init__(self, class_name: str, state: dict[str, Any], source_sha256: str):
@@ -102,18 +130,13 @@ class _Container:
 
     state: dict[str, Any]
 
-    def __setstate__(self, state: Any) -> None:
-        if not isinstance(state, dict):
-            raise UnsafePickleError(f"unexpected state {type(state).__name__} for a container")
-        self.state = state
-
 
 class _EasyDict(dict[str, Any]):
     """``dnnlib.util.EasyDict`` read as a plain dict (its attribute access is not needed)."""
 
-    def __setstate__(self, state: Any) -> None:
-        if state:
-            self.update(state)
+
+def _str_keys(value: Any) -> TypeGuard[dict[str, Any]]:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
 
 
 def _reconstruct_persistent_obj(meta: Any) -> PersistentRecord:
@@ -121,81 +144,83 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentRecord:
         raise UnsafePickleError("malformed NVlabs persistent object (meta is not a class record)")
     name, state, src = meta.get("class_name"), meta.get("state"), meta.get("module_src", "")
     if not isinstance(name, str) or name not in KNOWN_CLASSES:
+        shown = repr(name[:80]) if isinstance(name, str) else f"a {type(name).__name__}"
         raise UnsafePickleError(
-            f"the pickle embeds an unknown class {name!r} (with its own source code); fguide "
+            f"the pickle embeds an unknown class {shown} (with its own source code); fguide "
             f"only reads NVlabs' network classes ({', '.join(sorted(KNOWN_CLASSES))}) and never "
             "runs embedded code"
         )
-    if not isinstance(state, dict):
-        raise UnsafePickleError(f"malformed state for NVlabs class {name!r}")
-    digest = hashlib.sha256(str(src).encode("utf-8", "replace")).hexdigest()
+    if not _str_keys(state):
+        raise UnsafePickleError(f"malformed state for NVlabs class {name!r} (not a dict)")
+    if not isinstance(src, str):
+        raise UnsafePickleError(f"NVlabs class {name!r}: module_src is a {type(src).__name__}")
+    digest = hashlib.sha256(src.encode("utf-8", "replace")).hexdigest()
     return PersistentRecord(name, state, digest)
 
 
-def _load_from_bytes(data: bytes) -> Any:
-    storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
-        raise UnsafePickleError(f"a tensor storage blob holds a {type(storage).__name__}")
-    return storage
-
-
-def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *rest: Any) -> Tensor:
-    if not isinstance(storage, torch.storage.TypedStorage | torch.UntypedStorage):
-        raise UnsafePickleError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
-    if len(rest) >= 2 and rest[1]:
-        raise UnsafePickleError("tensor with backward hooks")
-    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, {})
-
-
-def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any) -> Tensor:
-    if not isinstance(data, Tensor) or backward_hooks:
+def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Tensor:
+    if not isinstance(data, Tensor) or not isinstance(requires_grad, bool) or backward_hooks:
         raise UnsafePickleError("malformed parameter record")
     return data
 
 
-def _np_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype[Any]:
-    if not isinstance(spec, str):
-        raise UnsafePickleError(f"numpy dtype from {type(spec).__name__}")
-    dt = np.dtype(spec)
-    if dt.hasobject:
-        raise UnsafePickleError("numpy object dtype")
-    return dt
+def _np_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype[Any]:
+    if not (isinstance(spec, str) and re.fullmatch(r"[<>|=]?[biufc]\d{1,2}|[?]", spec)):
+        raise UnsafePickleError("numpy dtype other than a plain number type")
+    return np.dtype(spec)
 
 
 def _np_scalar(dtype: Any, data: Any = None) -> Any:
     if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
         raise UnsafePickleError("numpy scalar of an object or unknown dtype")
+    if len(data) != dtype.itemsize:
+        raise UnsafePickleError("numpy scalar with the wrong number of bytes")
     return np.frombuffer(data, dtype=dtype, count=1)[0].item()
 
 
+def _ordered_dict(*args: Any) -> collections.OrderedDict[Any, Any]:
+    if args:  # torch pickles OrderedDict() and adds the items with SETITEMS
+        raise UnsafePickleError("OrderedDict built from arguments")
+    return collections.OrderedDict()
+
+
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    """``copyreg._reconstructor`` (protocols 0/1) for the allowed stand-in classes only."""
+    """``copyreg._reconstructor`` (protocol 1 style) for the allowed stand-in classes only."""
     if base is not object or state is not None or cls not in (_Container, _EasyDict):
-        raise UnsafePickleError(f"copyreg._reconstructor for {cls!r}")
+        raise UnsafePickleError(f"copyreg._reconstructor for a {type(cls).__name__}")
     return cls.__new__(cls)
 
 
 _CONTAINERS = ("ModuleDict", "ModuleList", "Sequential")
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _load_from_bytes,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("dnnlib.util", "EasyDict"): _EasyDict,
-    ("dnnlib", "EasyDict"): _EasyDict,
-    ("numpy", "dtype"): _np_dtype,
-    ("numpy.core.multiarray", "scalar"): _np_scalar,
-    ("numpy._core.multiarray", "scalar"): _np_scalar,
-    ("copyreg", "_reconstructor"): _reconstructor,
-    **{("torch.nn.modules.container", c): _Container for c in _CONTAINERS},
-}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _NVlabsUnpickler(BoundedUnpickler):
+    """NVlabs' network pickles: the allow-list of the module docstring, within the bounds of
+    :mod:`fguide.models.safe_pickle`."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        super().__init__(file, size)
+        budget = self.budget
+        self.allowed: dict[tuple[str, str], Any] = {
+            ("torch_utils.persistence", "_reconstruct_persistent_obj"): (
+                _reconstruct_persistent_obj
+            ),
+            ("torch._utils", "_rebuild_tensor_v2"): functools.partial(rebuild_tensor, budget),
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("torch.storage", "_load_from_bytes"): functools.partial(read_storage_blob, budget),
+            ("collections", "OrderedDict"): _ordered_dict,
+            ("dnnlib.util", "EasyDict"): _EasyDict,
+            ("dnnlib", "EasyDict"): _EasyDict,
+            ("numpy", "dtype"): _np_dtype,
+            ("numpy.core.multiarray", "scalar"): _np_scalar,
+            ("numpy._core.multiarray", "scalar"): _np_scalar,
+            ("copyreg", "_reconstructor"): _reconstructor,
+            **{("torch.nn.modules.container", c): _Container for c in _CONTAINERS},
+        }
+
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
             raise UnsafePickleError(
                 f"it references the global {module}.{name}, which is neither a tensor rebuild "
@@ -203,26 +228,76 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "objects from a pickle"
             ) from None
 
+    def new_object(self, cls: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if cls in (_Container, _EasyDict) and not args and not kwargs:
+            return cls.__new__(cls)
+        return super().new_object(cls, args, kwargs)
+
+    def set_state(self, obj: Any, state: Any) -> None:
+        if type(obj) is _Container and not hasattr(obj, "state") and _str_keys(state):
+            obj.state = state
+        elif type(obj) is _EasyDict and _str_keys(state):
+            obj.update(state)
+        elif isinstance(obj, np.dtype) and _plain_dtype_state(state):
+            pass  # a native-order number type: its pickled state changes nothing
+        else:
+            super().set_state(obj, state)
+
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"it uses a persistent id ({str(pid)[:40]!r})")
+        raise UnsafePickleError(f"it uses a persistent id (a {type(pid).__name__})")
+
+
+def _plain_dtype_state(state: Any) -> bool:
+    """numpy's dtype state ``(version, byte order, None, None, None, size, align, flags)``."""
+    return (
+        isinstance(state, tuple)
+        and len(state) == 8
+        and state[1] in ("<", "|", "=")
+        and state[2:5] == (None, None, None)
+        and all(type(v) is int for v in (state[0], *state[5:]))
+    )
 
 
 # -- building fguide's network from the records ------------------------------------------------
 
 
-def _plain(value: Any, where: str) -> Any:
-    """Recorded constructor arguments as plain Python values (lists for sequences)."""
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    if isinstance(value, list | tuple):
-        return [_plain(v, where) for v in value]
-    raise UnsupportedNetworkError(f"{where}: unexpected value {value!r}")
+def _short(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def _arg(name: str, value: Any) -> Any:
+    """A recorded constructor argument as a plain value within :data:`_ARGS`' range."""
+    kind, low, high = _ARGS[name]
+    if kind == "ints":
+        ok = (
+            isinstance(value, list | tuple)
+            and len(value) <= _MAX_LIST
+            and all(type(v) is int and low <= v <= high for v in value)
+        )
+        value = list(value) if ok else value
+    elif kind == "int":
+        ok = type(value) is int and low <= value <= high
+    elif kind == "float":
+        ok = type(value) in (int, float) and low <= value <= high
+    elif kind == "bool":
+        ok = type(value) is bool
+    else:
+        ok = isinstance(value, str) and len(value) <= high
+    if not ok:
+        what = f"an {kind} in [{low:g}, {high:g}]" if kind != "bool" else "a bool"
+        if kind == "ints":
+            what = f"a list of at most {_MAX_LIST} ints in [{low:g}, {high:g}]"
+        got = f"a {type(value).__name__}"
+        if type(value) in (int, float) and abs(value) < 1e18:
+            got = f"{value:g}"
+        raise UnsupportedNetworkError(f"EDMPrecond argument {name} is not {what} (got {got})")
+    return value
 
 
 def _edm_kwargs(record: PersistentRecord) -> dict[str, Any]:
     args = record.state.get("_init_args") or ()
     kwargs = record.state.get("_init_kwargs")
-    if not isinstance(kwargs, dict) or not isinstance(args, tuple | list):
+    if not _str_keys(kwargs) or not isinstance(args, tuple | list):
         raise UnsupportedNetworkError(
             "the EDMPrecond record has no constructor arguments (_init_kwargs); was it saved "
             "with torch_utils.persistence?"
@@ -230,45 +305,105 @@ def _edm_kwargs(record: PersistentRecord) -> dict[str, Any]:
     if len(args) > len(_EDM_POSITIONAL):
         raise UnsupportedNetworkError(f"EDMPrecond recorded {len(args)} positional arguments")
     out = dict(zip(_EDM_POSITIONAL, args, strict=False))
+    twice = sorted(set(out) & set(kwargs))
+    if twice:
+        raise UnsupportedNetworkError(f"EDMPrecond arguments given twice: {twice}")
     out.update(kwargs)
-    unknown = sorted(set(out) - _EDM_KWARGS - _UNET_KWARGS)
+    unknown = sorted(_short(k) for k in set(out) - set(_ARGS))[:10]
     if unknown:
         raise UnsupportedNetworkError(
             f"EDMPrecond/DhariwalUNet constructor arguments fguide does not know: {unknown}"
         )
-    out = {k: _plain(v, f"EDMPrecond argument {k}") for k, v in out.items()}
+    out = {k: _arg(k, v) for k, v in out.items()}
     if out.get("model_type", "DhariwalUNet") != "DhariwalUNet":
         raise UnsupportedNetworkError(
-            f"EDMPrecond around model_type {out['model_type']!r}: fguide implements EDM's "
-            "'DhariwalUNet' (the ImageNet ADM architecture) only"
+            f"EDMPrecond around model_type {_short(out['model_type'])!r}: fguide implements "
+            "EDM's 'DhariwalUNet' (the ImageNet ADM architecture) only"
         )
     return out
 
 
-def _collect(node: Any, prefix: str, out: dict[str, Tensor], path: str) -> None:
-    """State-dict entries (parameters, persistent buffers) of a record tree, NVlabs' names."""
+def _state_of(node: Any, path: str) -> dict[str, Any]:
+    """The checked state dict of one module of the record tree."""
     if isinstance(node, PersistentRecord):
         if node.class_name not in _DHARIWAL_LAYERS:
             raise UnsupportedNetworkError(
-                f"{path or 'the network'} is an NVlabs {node.class_name!r}, not part of a "
-                "DhariwalUNet"
+                f"{_short(path)} is an NVlabs {node.class_name!r}, not part of a DhariwalUNet"
             )
         state = node.state
-    elif isinstance(node, _Container):
+    elif type(node) is _Container and hasattr(node, "state"):
         state = node.state
     else:
-        raise UnsupportedNetworkError(f"{path}: unexpected {type(node).__name__} in the network")
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers"):
-        for name, t in (state.get(group) or {}).items():
-            if t is None or (group == "_buffers" and name in skip):
+        raise UnsupportedNetworkError(
+            f"{_short(path)}: unexpected {type(node).__name__} in the network"
+        )
+    if not _str_keys(state):
+        raise UnsupportedNetworkError(f"{_short(path)}: its state is a {type(state).__name__}")
+    return state
+
+
+def _names(state: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    value = state.get(key)
+    if value is None:
+        return {}
+    if not _str_keys(value):
+        raise UnsupportedNetworkError(
+            f"{_short(path)}: {key} is a {type(value).__name__}, not a dict keyed by names"
+        )
+    return value
+
+
+def _collect(root: Any) -> dict[str, Tensor]:
+    """State-dict entries (parameters, persistent buffers) of the UNet's record tree, under
+    NVlabs' names; every module visited once (a shared or cyclic tree is refused)."""
+    out: dict[str, Tensor] = {}
+    seen = {id(root)}
+    todo = [(root, "model", 0)]
+    while todo:
+        node, path, depth = todo.pop()
+        if len(seen) > _MAX_MODULES or depth > _MAX_DEPTH:
+            raise UnsupportedNetworkError(
+                f"the network has more than {_MAX_MODULES} modules or nests deeper than "
+                f"{_MAX_DEPTH}"
+            )
+        state = _state_of(node, path)
+        skip = state.get("_non_persistent_buffers_set") or set()
+        if not (isinstance(skip, set | frozenset) and all(isinstance(k, str) for k in skip)):
+            raise UnsupportedNetworkError(f"{_short(path)}: malformed non-persistent buffer set")
+        for group in ("_parameters", "_buffers"):
+            for name, t in _names(state, group, path).items():
+                if t is None or (group == "_buffers" and name in skip):
+                    continue
+                if not isinstance(t, Tensor):
+                    raise UnsupportedNetworkError(
+                        f"{_short(path)}.{_short(name)} is a {type(t).__name__}"
+                    )
+                out[f"{path}.{name}"] = t.detach()
+        for name, child in _names(state, "_modules", path).items():
+            if child is None:
                 continue
-            if not isinstance(t, Tensor):
-                raise UnsupportedNetworkError(f"{prefix}{name} is a {type(t).__name__}")
-            out[prefix + name] = t.detach()
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            _collect(child, f"{prefix}{name}.", out, f"{prefix}{name}")
+            if id(child) in seen:
+                raise UnsupportedNetworkError(
+                    f"{_short(f'{path}.{name}')} is a module met before: the module tree shares "
+                    "or repeats modules (NVlabs networks are trees)"
+                )
+            seen.add(id(child))
+            todo.append((child, f"{path}.{name}", depth + 1))
+    return out
+
+
+def _mismatch(expected: dict[str, Tensor], weights: dict[str, Tensor]) -> str | None:
+    """What keeps ``weights`` from loading into a network with state dict ``expected``."""
+    missing = [_short(k) for k in expected if k not in weights][:5]
+    unexpected = [_short(k) for k in weights if k not in expected][:5]
+    wrong = [
+        f"{k}: file {list(weights[k].shape)} {weights[k].dtype} vs model {list(v.shape)} {v.dtype}"
+        for k, v in expected.items()
+        if k in weights and (weights[k].shape != v.shape or weights[k].dtype != v.dtype)
+    ][:5]
+    if missing or unexpected or wrong:
+        return f"missing {missing}, unexpected {unexpected}, wrong shape or dtype {wrong}"
+    return None
 
 
 def _build(record: PersistentRecord, source: str) -> tuple[EDMPrecond, dict[str, Any]]:
@@ -283,31 +418,24 @@ def _build(record: PersistentRecord, source: str) -> tuple[EDMPrecond, dict[str,
             f"{SUPPORTED} around a DhariwalUNet (e.g. edm-imagenet-64x64-cond-adm.pkl) only"
         )
     kwargs = _edm_kwargs(record)
-    modules = record.state.get("_modules") or {}
-    inner = modules.get("model")
+    inner = _names(record.state, "_modules", "EDMPrecond").get("model")
     if not isinstance(inner, PersistentRecord) or inner.class_name != "DhariwalUNet":
         name = inner.class_name if isinstance(inner, PersistentRecord) else type(inner).__name__
         raise UnsupportedNetworkError(
             f"{source}: EDMPrecond wraps a {name!r}; fguide implements 'DhariwalUNet' only"
         )
-    weights: dict[str, Tensor] = {}
-    _collect(inner, "model.", weights, "model")
-
-    with torch.device("meta"):
-        net = EDMPrecond(**kwargs)
-    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != got:
-        missing = [k for k in expected if k not in got][:5]
-        unexpected = [k for k in got if k not in expected][:5]
-        wrong = [
-            f"{k}: file {list(got[k])} vs model {list(expected[k])}"
-            for k in expected
-            if k in got and got[k] != expected[k]
-        ][:5]
+    weights = _collect(inner)
+    try:
+        with torch.device("meta"):
+            net = EDMPrecond(**kwargs)
+    except (ValueError, TypeError, RuntimeError) as err:
         raise UnsupportedNetworkError(
-            f"{source}: the pickled tensors do not fit EDMPrecond({kwargs}): missing {missing}, "
-            f"unexpected {unexpected}, wrong shape {wrong}"
+            f"{source}: EDMPrecond({kwargs}) cannot be built: {str(err).splitlines()[0]}"
+        ) from err
+    problem = _mismatch(net.state_dict(), weights)
+    if problem:
+        raise UnsupportedNetworkError(
+            f"{source}: the pickled tensors do not fit EDMPrecond({kwargs}): {problem}"
         )
     net.load_state_dict(weights, strict=True, assign=True)
     net.eval().requires_grad_(False)
@@ -315,7 +443,7 @@ def _build(record: PersistentRecord, source: str) -> tuple[EDMPrecond, dict[str,
         "class_name": record.class_name,
         "model_type": "DhariwalUNet",
         "init_kwargs": kwargs,
-        "num_params": sum(math.prod(s) for k, s in got.items() if "resample_filter" not in k),
+        "num_params": sum(v.numel() for k, v in weights.items() if "resample_filter" not in k),
         "embedded_source_sha256": record.source_sha256,
     }
     return net, info
@@ -342,6 +470,30 @@ def is_network_pickle(path: str | PathLike[str]) -> bool:
     return head[:1] == b"\x80" and b"torch_utils.persistence" in head
 
 
+_EXPECTED = "expected an NVlabs network pickle such as edm-imagenet-64x64-cond-adm.pkl"
+
+
+def _unpickle(p: Path) -> Any:
+    """The object an NVlabs pickle describes, read within the bounds of safe_pickle."""
+    size = p.stat().st_size
+    if size == 0:
+        raise UnsafePickleError(f"refusing to load {p}: the file is empty (0 bytes); {_EXPECTED}")
+    try:
+        with open(p, "rb") as f:
+            if f.read(1) != b"\x80":
+                raise UnsafePickleError("it is not a pickle of protocol 2 or later")
+            f.seek(0)
+            return _NVlabsUnpickler(f, size).load()
+    except UnsafePickleError as err:
+        raise UnsafePickleError(f"refusing to load {p}: {err}; {_EXPECTED}") from None
+    except Exception as err:  # anything else a malformed file can cause while it is read
+        reason = (str(err).splitlines() or [""])[0][:200]
+        raise UnsafePickleError(
+            f"refusing to load {p}: not a readable network pickle "
+            f"({type(err).__name__}: {reason}); {_EXPECTED}"
+        ) from err
+
+
 def load_network_pickle(
     path: str | PathLike[str], key: str = "ema"
 ) -> tuple[EDMPrecond, dict[str, Any]]:
@@ -354,37 +506,41 @@ def load_network_pickle(
     ``num_params``, ``embedded_source_sha256`` (the source that was *not* executed),
     ``snapshot_keys`` and ``other_objects`` (class names of the snapshot's other entries).
 
+    The file is read within the bounds of :mod:`fguide.models.safe_pickle` (its size bounds
+    everything built from it); the module tree must be a tree of at most 10,000 modules and
+    every record's state is type-checked where it is read.
+
     Raises ``FileNotFoundError``, :class:`UnsafePickleError` (a global outside the allow-list,
-    named in the message; nothing is imported or called) and :class:`UnsupportedNetworkError`
-    (a VP/VE/iDDPM network, or tensors that do not fit).
+    named in the message, nothing imported or called; a broken bound; a malformed or empty
+    file) and :class:`UnsupportedNetworkError` (a VP/VE/iDDPM network, constructor arguments
+    out of range, tensors that do not fit); every message names the file.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"network pickle not found: {p}")
-    try:
-        with open(p, "rb") as f:
-            obj = _RestrictedUnpickler(f).load()
-    except UnsafePickleError as err:
-        raise UnsafePickleError(f"refusing to load {p}: {err}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
-        raise UnsafePickleError(
-            f"refusing to load {p}: not a readable network pickle ({err})"
-        ) from err
-
+    obj = _unpickle(p)
     info: dict[str, Any] = {"path": str(p), "snapshot_keys": None, "other_objects": {}}
-    if isinstance(obj, Mapping):
-        info["snapshot_keys"] = sorted(str(k) for k in obj)
+    if isinstance(obj, dict):
+        if not _str_keys(obj):
+            raise UnsupportedNetworkError(f"{p} is a dict with keys that are not strings")
+        info["snapshot_keys"] = sorted(obj)
         if key not in obj:
+            shown = [_short(k) for k in info["snapshot_keys"][:10]]
             raise UnsupportedNetworkError(
-                f"{p} is a snapshot without the key {key!r}; its keys: {info['snapshot_keys']}"
+                f"{p} is a snapshot without the key {key!r}; its keys: {shown}"
             )
-        info["other_objects"] = {str(k): _describe(v) for k, v in obj.items() if k != key}
+        info["other_objects"] = {k: _describe(v) for k, v in obj.items() if k != key}
         obj = obj[key]
     if not isinstance(obj, PersistentRecord):
         raise UnsupportedNetworkError(
             f"{p} holds a {type(obj).__name__}, not an NVlabs network (persistent record)"
         )
-    net, net_info = _build(obj, str(p))
+    try:
+        net, net_info = _build(obj, str(p))
+    except UnsupportedNetworkError as err:
+        if str(p) in str(err):
+            raise
+        raise UnsupportedNetworkError(f"{p}: {err}") from None
     info.update(net_info)
     return net, info
 

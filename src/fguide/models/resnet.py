@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fguide.models.loading import read_torch_file
+
 __all__ = [
     "ARCHS",
     "IMAGENET_MEAN",
@@ -336,7 +338,8 @@ def load_resnet(
     """
     _check_arch(arch)
     path = os.fspath(path)
-    sd = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    what = f"a torchvision {arch} state dict (e.g. torchvision's {arch}-*.pth)"
+    sd = _unwrap_state_dict(read_torch_file(path, what), path)
     if num_classes is None:
         fc = sd.get("fc.weight")
         num_classes = int(fc.shape[0]) if fc is not None and fc.ndim == 2 else 1000
