@@ -141,7 +141,8 @@ def test_ddim_and_ddpm_match_the_schedulers_in_float64(
 @pytest.mark.parametrize(
     "spacing,n,extra",
     [
-        (None, 10, {}),  # linspace, n < 15: the last step first order
+        (None, 10, {}),  # linspace, σ = 0 at the end: the last step first order
+        ("linspace", 5, {"final_sigmas_type": "sigma_min"}),  # n < 15: the last first order
         ("leading", 16, {"lower_order_final": False, "final_sigmas_type": "sigma_min"}),
         ("trailing", 16, {"final_sigmas_type": "sigma_min"}),  # n ≥ 15: second order at the end
         ("trailing", 5, {"final_sigmas_type": "sigma_min", "euler_at_final": True}),
