@@ -102,6 +102,7 @@ class SDEps:
         self._abar = (
             None if alphas_cumprod is None else torch.from_numpy(np.asarray(alphas_cumprod))
         )
+        self._abar_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # copied once
 
     def _unet(self, x: Tensor, t: Tensor, emb: PromptEmbeds) -> Tensor:
         dt = param_dtype(self.net, x.dtype)
@@ -123,7 +124,10 @@ class SDEps:
             out = eps_u + self.cfg_scale * (eps_c - eps_u)
         if self._abar is None:
             return out
-        abar = self._abar.to(x.device, x.dtype)[t.long()].reshape(-1, *([1] * (x.ndim - 1)))
+        table = self._abar_on.get((x.device, x.dtype))
+        if table is None:
+            table = self._abar_on[(x.device, x.dtype)] = self._abar.to(x.device, x.dtype)
+        abar = table[t.long()].reshape(-1, *([1] * (x.ndim - 1)))
         return abar.sqrt() * out + (1 - abar).sqrt() * x  # ε from v
 
 
