@@ -347,8 +347,9 @@ def ddim(
             )
             draw = noise(x)
             x_prev = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-            if t > 0:
-                x_prev = x_prev + sigma * draw
+            # σ = 0 at the last step when ᾱ_prev = 1; a final ᾱ_prev < 1 (diffusers'
+            # set_alpha_to_one=False) keeps its noise, as DDIMScheduler adds it
+            x_prev = x_prev + sigma * draw
             if callback is not None:
                 callback(StepRecord(step, n, t_model, x, x0, res))
             x = x_prev

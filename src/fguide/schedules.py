@@ -9,6 +9,7 @@ to ~1e-15; the samplers index them on the device, with no host copy per step).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -340,6 +341,22 @@ def process_from_betas(
     """
     betas = np.asarray(betas, dtype=np.float64)
     kept = space_timesteps(len(betas), respacing)
+    return process_at_timesteps(betas, kept, variance_type, rescale_timesteps)
+
+
+def process_at_timesteps(
+    betas: np.ndarray,
+    timesteps: Sequence[int] | np.ndarray,
+    variance_type: VarianceType = "learned_range",
+    rescale_timesteps: bool = False,
+) -> Process:
+    """The process of training betas kept at the given training timesteps k_i (any order;
+    sorted and made unique): β'_i = 1 − ᾱ_{k_i}/ᾱ_{k_{i−1}} (ᾱ_{k_{−1}} = 1), as
+    :func:`process_from_betas` does for a respacing string."""
+    betas = np.asarray(betas, dtype=np.float64)
+    kept = sorted({int(k) for k in timesteps})
+    if not kept or kept[0] < 0 or kept[-1] >= len(betas):
+        raise ValueError(f"timesteps must lie in [0, {len(betas)}); got {list(timesteps)[:8]}")
     ac = np.cumprod(1.0 - betas)
     prev = np.append(1.0, ac[kept][:-1])
     return Process(
