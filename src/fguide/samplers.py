@@ -38,7 +38,8 @@ from fguide.denoisers import Denoiser, EpsModel, NoiseFn
 from fguide.guidance import GuidanceResult, Guide
 from fguide.rng import SampleNoise
 from fguide.schedules import Process
-from fguide.training_free import REFUSED_SAMPLERS, GuidanceMethod, StepContext
+from fguide.training_free import REFUSED_SAMPLERS
+from fguide.training_free_step import GuidanceMethod, StepContext
 
 __all__ = [
     "Callback",
