@@ -454,3 +454,31 @@ def test_defaults_are_the_sources_values() -> None:
     u = tf.UGD(CLS, fguide.objective())
     assert (u.scale, u.recurrence, u.backward_steps) == (1.0, 1, 0)
     assert defaults.FREEDOM_RECURRENCE == 1 and defaults.FREEDOM_SCHEDULE == "increase"
+
+
+@pytest.mark.parametrize("name", list(tf.METHODS))
+def test_the_hot_loop_reads_nothing_back_per_step_and_keeps_no_graph(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_sampler_properties import _count_host_reads
+
+    method = _method(name, fguide.objective("js", entropy=True))
+    extra = {"tfg": {"gamma": 0.1}, "freedom": {"window": (0, 999)}, "ugd": {"window": (0, 999)}}
+    method = dataclasses.replace(method, **extra.get(name, {}))
+
+    def run(steps: int) -> int:
+        counts = _count_host_reads(monkeypatch)
+        proc = make_process("linear", 1000, str(steps), "fixed_small")
+        rec = fguide.TrajectoryRecorder()
+        fresh = dataclasses.replace(method)  # a new method checks its labels once more
+        out = fguide.ddim(
+            EPS, _z(), proc, labels=LABELS, guide=fresh, noise=_noise(), callback=rec, eta=1.0
+        )
+        rec.finalize()
+        monkeypatch.undo()
+        assert out.grad_fn is None and not out.requires_grad
+        return sum(counts.values())
+
+    few, many = run(3), run(7)
+    assert few == many, f"host reads grow with the number of steps: {few} vs {many}"
+    assert many <= 8
