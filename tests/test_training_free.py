@@ -482,3 +482,16 @@ def test_the_hot_loop_reads_nothing_back_per_step_and_keeps_no_graph(
     few, many = run(3), run(7)
     assert few == many, f"host reads grow with the number of steps: {few} vs {many}"
     assert many <= 8
+
+
+def test_a_float32_classifier_guides_a_float64_state() -> None:
+    # the classifier sees its own dtype; the gradient (through the float64 ε-network) comes back
+    # in the state's dtype, equal to the float64 classifier's up to float32 rounding
+    t, x = 2, _z(9)
+    ctx = _context(x, t, True)
+    obj = fguide.objective("logsoftmax")
+    _, ref = tf.DPS(CLS, obj).through_denoiser(ctx, x)
+    _, low = tf.DPS(tfg_tiny.classifier(2).float(), obj).through_denoiser(ctx, x)
+    assert low.grad.dtype == F64
+    scale = float(ref.grad.abs().max()) / float(PROC.alphas_cumprod[t]) ** 0.5
+    tolerances.assert_close(low.grad, ref.grad, torch.float32, depth=DEPTH_PER_EVAL, scale=scale)
