@@ -495,3 +495,37 @@ def test_a_float32_classifier_guides_a_float64_state() -> None:
     assert low.grad.dtype == F64
     scale = float(ref.grad.abs().max()) / float(PROC.alphas_cumprod[t]) ** 0.5
     tolerances.assert_close(low.grad, ref.grad, torch.float32, depth=DEPTH_PER_EVAL, scale=scale)
+
+
+def _scaled(m: tf.GuidanceMethod, g: float) -> tf.GuidanceMethod:
+    if isinstance(m, tf.TFG):
+        return dataclasses.replace(m, rho=m.rho * g, mu=m.mu * g)
+    return dataclasses.replace(m, scale=m.scale * g)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("name", list(tf.METHODS))
+def test_gains_are_per_sample_strengths_for_a_sweep_in_one_batch(name: str) -> None:
+    n, g = 2, 2.5
+    base = dataclasses.replace(_method(name, fguide.objective("js")), recurrence=2) if name in (
+        "freedom", "ugd", "tfg"
+    ) else _method(name, fguide.objective("js"))  # fmt: skip
+    base = dataclasses.replace(base, gamma=0.05, mc_samples=2) if name == "tfg" else base
+
+    def tiled(blocks: int) -> Callable[[Tensor], Tensor]:
+        gen = torch.Generator().manual_seed(4)
+        return lambda like: torch.randn((n, *like.shape[1:]), generator=gen, dtype=F64).repeat(
+            blocks, 1, 1, 1
+        )
+
+    z, y = _z()[:n], LABELS[:n]
+    gains = torch.tensor([1.0] * n + [g] * n, dtype=F64)
+    both = fguide.ddim(
+        EPS, z.repeat(2, 1, 1, 1), PROC, labels=y.repeat(2), eta=1.0, noise=tiled(2),
+        guide=dataclasses.replace(base, gains=gains),
+    )  # fmt: skip
+    for block, method in ((0, base), (1, _scaled(base, g))):
+        alone = fguide.ddim(EPS, z, PROC, labels=y, eta=1.0, noise=tiled(1), guide=method)
+        scale = float(z.abs().max() / PROC.alphas_cumprod.min() ** 0.5)
+        depth = STEPS * 2 * 8 * DEPTH_PER_EVAL
+        tolerances.assert_close(both[block * n : (block + 1) * n], alone, F64, depth, scale=scale)
+    assert (both[:n] - both[n:]).abs().max() > 1e-4

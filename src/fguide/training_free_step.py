@@ -163,10 +163,17 @@ def recur(ctx: StepContext, times: int, inner: Callable[[Tensor], StepOutput]) -
 @dataclass(frozen=True)
 class GuidanceMethod:
     """A training-free guidance method: a classifier of the clean sample, an objective, and
-    the method's hyper-parameters (subclasses). Pass it as a sampler's ``guide=``."""
+    the method's hyper-parameters (subclasses). Pass it as a sampler's ``guide=``.
+
+    ``gains`` (keyword, [B] or None): per-sample multipliers of the objective's coefficients,
+    hence of every gradient the method takes; every strength of every method multiplies a
+    gradient, so a gain g is the method at g times its strengths (to round-off; the recorded
+    gradients carry it): a sweep over strengths in one batch.
+    """
 
     classifier: ClassifierFn
     objective: Objective
+    gains: Tensor | None = field(default=None, kw_only=True, repr=False, compare=False)
     name: ClassVar[str] = ""
     _labels: LabelsCheck = field(default_factory=LabelsCheck, init=False, repr=False, compare=False)
 
@@ -192,6 +199,9 @@ class GuidanceMethod:
             if mc is not None and mc.shape[0] > 1:
                 s = self.objective.score(f, ys, ctx.progress).reshape(mc.shape[0], b)
                 coeff = coeff * torch.softmax(s, dim=0).reshape(-1, 1)
+            if self.gains is not None:
+                gains = self.gains.to(coeff).repeat(1 if mc is None else mc.shape[0])
+                coeff = coeff * gains[:, None]
         grad = coefficient_vjp(logits, wrt, coeff).to(wrt.dtype)
         return GuidanceResult(
             grad=grad, logits=logits.detach()[:b], labels=ctx.labels, weights=weights
