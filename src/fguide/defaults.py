@@ -48,6 +48,47 @@ SOFTPLUS_BETA: Final[dict[str, float]] = {"ddpm": 3.0, "ddim": 3.0, "heun": 5.0}
 RELU: Final = 0.0
 """The Softplus β that keeps ReLU (``--softplus-beta relu``)."""
 
+# -- training-free guidance family (fguide.training_free; issue 21) ----------------------------
+# Sources: TFG = YWolfeee/Training-Free-Guidance @ f8d17f3 (Ye et al., NeurIPS 2024):
+# ``utils/configs.py`` (``Arguments``) and ``scripts/cifar10_label.sh`` (label guidance with a
+# ResNet guide, the task closest to fguide's). TFG searched each baseline's strength per task
+# on the grid 0.25·2^j ≤ 8 (``searching.py``); its ``Arguments.guidance_strength`` default is 1.
+
+DPS_SCALE: Final = 1.0
+"""DPS step ζ (TFG ``guidance_strength`` default; DPS's own ζ 0.3–1.0 is for ‖y − A x̂0‖)."""
+FREEDOM_SCALE: Final = 1.0
+"""FreeDoM ρ̄ (TFG ``guidance_strength`` default, with TFG's mean-one ``increase`` schedule)."""
+FREEDOM_RECURRENCE: Final = 1
+"""FreeDoM time-travel repeats K (TFG ``recur_steps`` default; FreeDoM's ImageNet code: 10 for
+original timesteps 500…800, ``Face-GD/functions/denoising.py``)."""
+FREEDOM_SCHEDULE: Final = "increase"
+"""FreeDoM ρ schedule (TFG ``rho_schedule`` default: w_k ∝ α_t)."""
+MPGD_SCALE: Final = 1.0
+"""MPGD step on x̂0 (TFG ``guidance_strength`` default)."""
+UGD_SCALE: Final = 1.0
+"""UGD strength s of forward and backward guidance (TFG ``guidance_strength`` default)."""
+UGD_RECURRENCE: Final = 1
+"""UGD self-recurrence K (TFG ``recur_steps`` default; UGD's README runs use 2–10)."""
+UGD_BACKWARD_STEPS: Final = 0
+"""UGD backward steps m (TFG ``iter_steps`` 1 − 1; UGD's ``optim_backward_guidance_max_iters``
+default 0)."""
+TFG_RHO: Final = 1.0
+"""TFG ρ̄ (``scripts/cifar10_label.sh``)."""
+TFG_MU: Final = 0.25
+"""TFG μ̄ (``scripts/cifar10_label.sh``)."""
+TFG_GAMMA: Final = 0.001
+"""TFG γ̄, its ``sigma`` (``scripts/cifar10_label.sh``)."""
+TFG_MC_SAMPLES: Final = 1
+"""TFG Monte-Carlo draws M, its ``eps_bsz`` (``scripts/cifar10_label.sh``)."""
+TFG_RECURRENCE: Final = 1
+"""TFG repeats N_recur (``utils/configs.py``; every script keeps 1)."""
+TFG_ITERATIONS: Final = 4
+"""TFG x̂0 ascent steps N_iter, its ``iter_steps`` (``scripts/cifar10_label.sh``)."""
+TFG_RHO_SCHEDULE: Final = "increase"
+TFG_MU_SCHEDULE: Final = "increase"
+TFG_GAMMA_SCHEDULE: Final = "decrease"
+"""TFG schedules (``utils/configs.py``): ρ and μ ∝ α_t with mean one, γ_k = γ̄ sqrt(1 − ᾱ_t)."""
+
 
 def tau2(method: str, sampler: str = "ddpm", tau1: float = TAU1) -> float:
     """τ2: τ1 for ``logsoftmax``; 0 for Heun (EluCD's EDM setting); else 0.5 τ1."""

@@ -7,8 +7,12 @@ All three share one signature::
 ``z`` is the standard-normal start (Heun scales it by σ_0), ``schedule`` a respaced
 :class:`~fguide.schedules.Process` (DDPM, DDIM) or an EDM σ grid (Heun). Guidance enters each
 sampler in exactly one line, marked ``# guidance``; the sampler never knows which objective runs.
-``noise`` supplies each step's Gaussian draw; :class:`SampleNoise` seeds it per sample so that
-sample i is the same whatever batch it runs in (per-sample objectives; tilting couples a group).
+``guide`` is EluCD's mean shift (a :class:`~fguide.guidance.Guide`) or, for ``ddpm`` and
+``ddim``, a training-free method (:class:`~fguide.training_free.GuidanceMethod`: DPS, FreeDoM,
+MPGD, UGD, TFG), which then takes the whole step at the sampler's guidance line from the
+sampler's own unguided update. ``noise`` supplies each step's Gaussian draw;
+:class:`SampleNoise` seeds it per sample so that sample i is the same whatever batch it runs in
+(per-sample objectives; tilting couples a group).
 
 The samplers run the diffusion model under ``torch.no_grad()`` (the guide turns gradients on
 for its own classifier pass), so no graph is kept across steps. The hot loop never reads a
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -33,6 +38,8 @@ from fguide.denoisers import Denoiser, EpsModel, NoiseFn
 from fguide.guidance import GuidanceResult, Guide
 from fguide.rng import SampleNoise
 from fguide.schedules import Process
+from fguide.training_free import REFUSED_SAMPLERS
+from fguide.training_free_step import GuidanceMethod, StepContext
 
 __all__ = [
     "Callback",
@@ -175,7 +182,7 @@ def _name(model: object) -> str:
     return f"{outer}({type(inner).__name__})" if inner is not None else outer
 
 
-def _check_labels(sampler: str, guide: Guide | None, labels: Tensor | None, batch: int) -> None:
+def _check_labels(sampler: str, guide: object, labels: Tensor | None, batch: int) -> None:
     """Shapes only (no device read): the guide validates their range once per batch."""
     if guide is not None and labels is None:
         raise ValueError(
@@ -213,6 +220,60 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _checked_model(
+    model: EpsModel, t_model: Tensor, labels: Tensor | None, checks: _FirstNonFinite, step: int,
+    x: Tensor,
+) -> Tensor:  # fmt: skip
+    out = model(x, t_model, labels)
+    checks.model(out, step)
+    return out
+
+
+def _ddpm_update(
+    process: Process, noise: NoiseFn, t: int, x: Tensor, x0: Tensor, eps: Tensor, v: Tensor | None
+) -> Tensor:
+    """The unguided DDPM step from x̂0: posterior mean + [t > 0] exp(½ log Σ) z (ε unused)."""
+    sched = process.tensors(x.device, x.dtype)
+    _, log_var = process.variance(v, t, x)
+    mean = sched.posterior_mean_coef1[t] * x0 + sched.posterior_mean_coef2[t] * x
+    draw = noise(x)
+    return mean + (0.0 if t == 0 else 1.0) * torch.exp(0.5 * log_var) * draw
+
+
+def _ddim_update(
+    process: Process, noise: NoiseFn, t: int, eta: float, x: Tensor, x0: Tensor, eps: Tensor,
+    v: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """The unguided DDIM(η) step from a (x̂0, ε) pair (:func:`ddim`'s update lines)."""
+    sched = process.tensors(x.device, x.dtype)
+    abar, abar_prev = sched.alphas_cumprod[t], sched.alphas_cumprod_prev[t]
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+    draw = noise(x)
+    x_prev = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
+    return x_prev + sigma * draw if t > 0 else x_prev
+
+
+def _split(guide: Guide | GuidanceMethod | None) -> tuple[GuidanceMethod | None, Guide | None]:
+    """(a training-free method, None) or (None, EluCD's guide)."""
+    return (guide, None) if isinstance(guide, GuidanceMethod) else (None, guide)
+
+
+def _method_step(
+    method: GuidanceMethod,
+    ctx: StepContext,
+    checks: _FirstNonFinite,
+    callback: Callback | None,
+) -> Tensor:
+    """One step taken by a training-free method; the checks and the step record as EluCD's."""
+    out = method.step(ctx)
+    if out.guidance is not None:
+        checks.guidance(out.guidance.grad, ctx.step)
+    checks.update(out.x_prev, ctx.step)
+    if callback is not None:
+        callback(StepRecord(ctx.step, ctx.num_steps, ctx.t_model, ctx.x, out.x0, out.guidance))
+    return out.x_prev
+
+
 def elucd_sine_boost(t: int, n: int, sigma2_max: Tensor, sine_factor: float) -> Tensor:
     """EluCD's DDPM variance boost a_t = max(sin(π t/n) σ²_max γ_sine, 0), per sample.
 
@@ -234,7 +295,7 @@ def ddpm(
     process: Process,
     *,
     labels: Tensor | None = None,
-    guide: Guide | None = None,
+    guide: Guide | GuidanceMethod | None = None,
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
     clip_denoised: bool = True,
@@ -257,6 +318,7 @@ def ddpm(
     """
     b, n = z.shape[0], process.num_steps
     _check_labels("ddpm", guide, labels, b)
+    method, guide = _split(guide)
     noise = noise or _default_noise()
     sched = process.tensors(z.device, z.dtype)
     checks = _FirstNonFinite(b, z.device, model)
@@ -266,6 +328,12 @@ def ddpm(
         for t in range(_first_step(n, start_step), -1, -1):
             step = n - 1 - t  # 0 is the noisiest step
             t_model = sched.timesteps[t].expand(b)
+            if method is not None and labels is not None:
+                net = partial(_checked_model, model, t_model, labels, checks, step)
+                update = partial(_ddpm_update, process, noise, t)
+                ctx = StepContext(x, t, t_model, labels, process, clip_denoised, net, update, noise)
+                x = _method_step(method, ctx, checks, callback)  # guidance
+                continue
             out = model(x, t_model, labels)
             checks.model(out, step)
             eps, v = process.split_output(out, x)
@@ -301,7 +369,7 @@ def ddim(
     process: Process,
     *,
     labels: Tensor | None = None,
-    guide: Guide | None = None,
+    guide: Guide | GuidanceMethod | None = None,
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
     clip_denoised: bool = True,
@@ -317,6 +385,7 @@ def ddim(
     """
     b, n = z.shape[0], process.num_steps
     _check_labels("ddim", guide, labels, b)
+    method, guide = _split(guide)
     noise = noise or _default_noise()
     sched = process.tensors(z.device, z.dtype)
     checks = _FirstNonFinite(b, z.device, model)
@@ -325,6 +394,12 @@ def ddim(
         for t in range(_first_step(n, start_step), -1, -1):
             step = n - 1 - t
             t_model = sched.timesteps[t].expand(b)
+            if method is not None and labels is not None:
+                net = partial(_checked_model, model, t_model, labels, checks, step)
+                update = partial(_ddim_update, process, noise, t, eta)
+                ctx = StepContext(x, t, t_model, labels, process, clip_denoised, net, update, noise)
+                x = _method_step(method, ctx, checks, callback)  # guidance
+                continue
             out = model(x, t_model, labels)
             checks.model(out, step)
             eps, _ = process.split_output(out, x)
@@ -368,7 +443,7 @@ def heun(
     sigmas: Tensor | Sequence[float],
     *,
     labels: Tensor | None = None,
-    guide: Guide | None = None,
+    guide: Guide | GuidanceMethod | None = None,
     noise: NoiseFn | None = None,
     callback: Callback | None = None,
     sine_factor: float = defaults.SINE_FACTOR,
@@ -404,6 +479,10 @@ def heun(
         raise ValueError(f"s_churn and s_noise must be >= 0; got {s_churn}, {s_noise}")
     b = z.shape[0]
     _check_labels("heun", guide, labels, b)
+    if isinstance(guide, GuidanceMethod):
+        raise ValueError(
+            f"heun: guidance method {guide.name!r} is refused: {REFUSED_SAMPLERS['heun']}"
+        )
     sig_t = torch.as_tensor(sigmas, dtype=torch.float64)
     n = len(sig_t) - 1
     sig = sig_t.to(z)  # the arithmetic on the device, in the state's dtype
