@@ -250,7 +250,7 @@ def _ddim_update(
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
     draw = noise(x)
     x_prev = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-    return x_prev + sigma * draw if t > 0 else x_prev
+    return x_prev + sigma * draw if _ddim_noise_at(process, t) else x_prev
 
 
 def _split(guide: Guide | GuidanceMethod | None) -> tuple[GuidanceMethod | None, Guide | None]:
@@ -422,14 +422,20 @@ def ddim(
             )
             draw = noise(x)
             x_prev = x0 * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
-            # σ = 0 at the last step when ᾱ_prev = 1; a final ᾱ_prev < 1 (diffusers'
-            # set_alpha_to_one=False) keeps its noise, as DDIMScheduler adds it
-            x_prev = x_prev + sigma * draw
+            if _ddim_noise_at(process, t):
+                x_prev = x_prev + sigma * draw
             if callback is not None:
                 callback(StepRecord(step, n, t_model, x, x0, res))
             x = x_prev
     checks.raise_if_any(lambda step: float(process.timestep_map[n - 1 - step]))
     return x
+
+
+def _ddim_noise_at(process: Process, t: int) -> bool:
+    """Whether DDIM's step t adds σ z: every step but the last, and the last too when its ᾱ_prev
+    is below 1 (diffusers' ``set_alpha_to_one=False``: DDIMScheduler adds that noise). Decided on
+    the host, so that a draw that must not count (σ = 0) never enters the state."""
+    return t > 0 or bool(process.alphas_cumprod_prev[0] < 1)
 
 
 def _rms(v: Tensor) -> Tensor:
