@@ -312,6 +312,11 @@ class DigitsConfig:
         base.update(kw)
         return cls(**base)
 
+    @classmethod
+    def full_config(cls, **kw: Any) -> DigitsConfig:
+        """The larger configuration (``--full``): the default run's size before it was cut."""
+        return cls(**kw)
+
     def training_key(self) -> dict[str, Any]:
         """The settings that determine the trained networks (the cache key's content)."""
         keys = (
