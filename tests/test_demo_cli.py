@@ -52,6 +52,8 @@ REFUSED = [
     # flags of the other world
     (["--cache-dir", "c"], "--cache-dir"),
     (["--full"], "--full"),
+    (["--workers", "2"], "--workers"),
+    (["--world", "digits", "--workers", "0"], "--workers"),
     (["--quick", "--full"], "--full"),
     (["--world", "digits", "--dims", "3"], "--dims"),
     (["--world", "digits", "--quick", "--sharpness", "4"], "--sharpness"),
@@ -154,6 +156,23 @@ def test_digits_flags_apply_and_win_over_quick_and_full(tmp_path: Path) -> None:
     assert c == quick.with_(sample_steps=4, num_samples=30, methods=("none", "base"))
     c = _config([*argv, "--full", "--seed", "2"], tmp_path)
     assert c == full.with_(seed=2, seeds=tuple(2 + s for s in full.seeds))
+
+
+@pytest.mark.parametrize("workers", [None, 1, 3])
+def test_digits_workers_reach_the_job(
+    workers: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given: dict[str, Any] = {}
+
+    def digits(out: Path, config: DigitsConfig, **kw: Any) -> Any:
+        given.update(kw)
+        raise Computed(config, out)
+
+    monkeypatch.setattr(digits_run, "run_digits_world", digits)
+    flag = [] if workers is None else ["--workers", str(workers)]
+    with pytest.raises(Computed):
+        main(["demo", "--world", "digits", "--out", str(tmp_path / "o"), *flag])
+    assert given["workers"] == workers  # None: run_digits_world's default
 
 
 def _demo_options() -> list[argparse.Action]:

@@ -25,12 +25,13 @@ from fguide.worlds.demo import METHOD_NAMES, DemoConfig, run_demo, table, write_
 from fguide.worlds.digits import METHODS as DIGITS_METHODS
 from fguide.worlds.digits import NUM_CLASSES as DIGITS_CLASSES
 from fguide.worlds.digits import DigitsConfig
+from fguide.worlds.workers import MAX_DEFAULT_WORKERS, default_workers
 
 HELP = "Run every guidance method in an embedded world (exact Gaussian mixture, or digits)."
 
 # Flags of one world only, by dest (the other world refuses them).
 _GMM_ONLY = {"dims": "--dims", "sharpness": "--sharpness"}
-_DIGITS_ONLY = {"cache_dir": "--cache-dir", "full": "--full"}
+_DIGITS_ONLY = {"cache_dir": "--cache-dir", "full": "--full", "workers": "--workers"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -117,6 +118,15 @@ def configure(p: argparse.ArgumentParser) -> None:
         "~/.cache/fguide/digits)",
     )
     dg.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes for the independent jobs (training, runs, fits), one torch thread "
+        f"each; the results do not depend on it (default {default_workers()}: the usable CPU "
+        f"cores, at most {MAX_DEFAULT_WORKERS})",
+    )
+    dg.add_argument(
         "--full",
         action="store_true",
         help="the larger configuration the default run was cut down from (longer training, "
@@ -141,6 +151,8 @@ def _refuse_foreign_flags(args: argparse.Namespace) -> None:
 
 
 def _check_values(args: argparse.Namespace, valid_methods: tuple[str, ...]) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {args.workers}")
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed must be >= 0; got {args.seed}")
     if args.steps is not None and not 1 <= args.steps <= 1000:
@@ -213,7 +225,7 @@ def _run_digits(args: argparse.Namespace) -> int:
     config = _digits_config(args)
     out = args.out or Path("fguide-demo-digits")
     _check_out(out)
-    result = run_digits_world(out, config, cache_root=args.cache_dir)
+    result = run_digits_world(out, config, cache_root=args.cache_dir, workers=args.workers)
     print(f"wrote {out / 'report.md'} ({result['timing_seconds']['total']:.0f} s)")
     return 0
 
