@@ -17,6 +17,7 @@ from fguide.cli import demo as demo_cli
 from fguide.cli.main import build_parser, main
 from fguide.worlds.demo import DemoConfig
 from fguide.worlds.digits import DigitsConfig
+from fguide.worlds.workers import default_workers
 
 
 class Computed(Exception):
@@ -170,9 +171,10 @@ def test_digits_workers_reach_the_job(
 
     monkeypatch.setattr(digits_run, "run_digits_world", digits)
     flag = [] if workers is None else ["--workers", str(workers)]
-    with pytest.raises(Computed):
-        main(["demo", "--world", "digits", "--out", str(tmp_path / "o"), *flag])
-    assert given["workers"] == workers  # None: run_digits_world's default
+    for quick, default in (([], default_workers()), (["--quick"], 1)):
+        with pytest.raises(Computed):
+            main(["demo", "--world", "digits", "--out", str(tmp_path / "o"), *quick, *flag])
+        assert given["workers"] == (default if workers is None else workers)
 
 
 def _demo_options() -> list[argparse.Action]:

@@ -124,7 +124,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="processes for the independent jobs (training, runs, fits), one torch thread "
         f"each; the results do not depend on it (default {default_workers()}: the usable CPU "
-        f"cores, at most {MAX_DEFAULT_WORKERS})",
+        f"cores, at most {MAX_DEFAULT_WORKERS}; --quick 1)",
     )
     dg.add_argument(
         "--full",
@@ -225,7 +225,10 @@ def _run_digits(args: argparse.Namespace) -> int:
     config = _digits_config(args)
     out = args.out or Path("fguide-demo-digits")
     _check_out(out)
-    result = run_digits_world(out, config, cache_root=args.cache_dir, workers=args.workers)
+    # --quick's jobs are smaller than a worker process's start-up (~3 s of imports)
+    default = 1 if args.quick else default_workers()
+    workers = default if args.workers is None else args.workers
+    result = run_digits_world(out, config, cache_root=args.cache_dir, workers=workers)
     print(f"wrote {out / 'report.md'} ({result['timing_seconds']['total']:.0f} s)")
     return 0
 

@@ -349,7 +349,7 @@ def run_digits_world(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     data: DigitsData | None = None,
-    workers: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run the whole digits experiment into ``out``; returns the results (also results.json).
 
@@ -357,10 +357,12 @@ def run_digits_world(
     ``quick``). ``cache_root`` overrides the network cache folder (see
     :func:`fguide.worlds.digits_train.cache_dir`). ``data`` replaces the digits and their split
     (tests pass a subset; the training split is part of the cache key). ``workers``: processes
-    for the independent jobs (default :func:`~fguide.worlds.workers.default_workers`; 1 runs
-    everything here); the results do not depend on it. Writes ``results.json``, ``report.md``,
-    ``table.png``, ``curves.png``, ``samples.png``, ``calibration.png`` and the sampling runs
-    under ``runs/`` and ``sweep/``.
+    for the independent jobs (1: everything in this process; ``fguide demo`` uses
+    :func:`~fguide.worlds.workers.default_workers`); the results do not depend on it. Worker
+    processes are started by spawn, which imports the calling script again: call with
+    ``workers`` > 1 from under ``if __name__ == "__main__":``. Writes ``results.json``,
+    ``report.md``, ``table.png``, ``curves.png``, ``samples.png``, ``calibration.png`` and the
+    sampling runs under ``runs/`` and ``sweep/``.
     """
     t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     config = config or (DigitsConfig.quick_config() if quick else DigitsConfig())
@@ -370,7 +372,6 @@ def run_digits_world(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    workers = default_workers() if workers is None else workers
     torch.set_grad_enabled(True)
 
     data = data or load_digits_data(config.held_fraction, config.seed)
@@ -542,7 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = DigitsConfig.full_config() if args.full else DigitsConfig()
     config = config.with_(seed=args.seed, seeds=tuple(args.seed + s for s in config.seeds))
-    res = run_digits_world(args.out, config, cache_root=args.cache_dir, workers=args.workers)
+    default = 1 if args.quick else default_workers()  # --quick: jobs smaller than a start-up
+    workers = default if args.workers is None else args.workers
+    res = run_digits_world(args.out, config, cache_root=args.cache_dir, workers=workers)
     print(f"wrote {args.out / 'report.md'} ({res['timing_seconds']['total']:.0f} s)")
     return 0
 
