@@ -192,7 +192,8 @@ def test_help_states_every_default_and_uses_the_shared_metavars() -> None:
         assert action.help and "default" in action.help or action.nargs == 0, flag
     metavars = {a.option_strings[0]: a.metavar for a in options}
     assert metavars["--out"] == "DIR" and metavars["--cache-dir"] == "DIR"
-    assert metavars["--seed"] == metavars["--steps"] == metavars["--per-class"] == "N"
+    assert metavars["--seed"] == metavars["--per-class"] == metavars["--workers"] == "N"
+    assert metavars["--steps"] == "STEPS"  # as fguide sample's
     # the stated defaults are the configurations' own
     helps = {a.option_strings[0]: a.help or "" for a in options}
     g, d = DemoConfig(), DigitsConfig()

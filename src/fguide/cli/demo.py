@@ -57,7 +57,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help=f"gmm: sampling seed, validation seed N+1; digits: training seed, sampling seeds "
-        f"N+{', N+'.join(str(s) for s in d.seeds)} (default {g.seed})",
+        f"N, N+1, ... ({len(d.seeds)}; --full {len(df.seeds)}, --quick {len(dq.seeds)}) "
+        f"(default {g.seed})",
     )
     p.add_argument(
         "--methods",
@@ -71,7 +72,7 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=None,
-        metavar="N",
+        metavar="STEPS",
         help=f"DDPM steps, respaced from 1000 (default gmm {g.steps}, --quick {gq.steps}; "
         f"digits {d.sample_steps}, --quick {dq.sample_steps}, --full {df.sample_steps})",
     )
