@@ -43,6 +43,14 @@ def no_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(digits_run, "run_digits_world", digits)
 
 
+def _exit_code(argv: list[str]) -> int:
+    """The exit code of ``fguide ARGV``, whether argparse (SystemExit) or the command refused."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return int(exit_info.code or 0)
+
+
 def _one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -83,7 +91,7 @@ def test_flags_that_do_not_apply_are_refused_before_computing(
     argv: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    assert main(["demo", "--out", str(out), *argv]) == 2
+    assert _exit_code(["demo", "--out", str(out), *argv]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("fguide demo: error:") and flag in line
     assert not out.exists()  # refused before the output folder was made
