@@ -122,6 +122,42 @@ def test_guided_heun_and_ddim_reach_the_target_class() -> None:
     assert (mix.bayes_labels(unguided) == labels).double().mean() < 0.4
 
 
+@pytest.mark.parametrize("dim", [2, 16])
+def test_method_blocks_equal_each_method_alone(dim: int) -> None:
+    """The demo samples all x̂0 methods in one sampler call: each block must be that method's
+    own run (same noise, its own tilt groups, its own gain), and each block's recorder must
+    see that run's guidance."""
+    from fguide.diagnostics import TrajectoryRecorder
+    from fguide.worlds.demo import DemoConfig, World, method_objectives
+
+    steps = 12
+    world = World(GaussianMixture.circle(dim=dim), DemoConfig(steps=steps))
+    objs = method_objectives(tilt_group_size=5)
+    labels = world.labels(3, seed=5)  # 24 samples a block: tilt groups of 5, the last of 4
+    names = ["none", "elucd", "tilted", "js"]
+    swept_methods = ("elucd", "tilted")
+    recs = [TrajectoryRecorder(vanish_threshold=0.1) for _ in names]
+    blocks = world.sample_blocks([objs[n] for n in names], labels, 5, 0.05, callbacks=recs)
+    gains = [0.01, 0.3]
+    swept = {m: world.sample_blocks([objs[m]] * 2, labels, 5, 1.0, gains) for m in swept_methods}
+    # Blocks and solo runs differ by round-off only (the gains: γ·(Jᵀc) against Jᵀ(γc)),
+    # grown by the guided steps; half of float64's digits bounds that with room to spare,
+    # while a block with other noise, gain, tilt groups or guidance is off by > 1e−3.
+    tol = torch.finfo(torch.float64).eps ** 0.5 * float(blocks.abs().max())
+    for i, name in enumerate(names):
+        rec = TrajectoryRecorder(vanish_threshold=0.1)
+        alone = world.sample(name, objs[name], 0.05, labels, 5, rec)
+        torch.testing.assert_close(blocks[i], alone, rtol=0, atol=tol)
+        mine, theirs = recs[i].curves(), rec.curves()
+        assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-9), name
+        assert recs[i].summary()["max_tilt_weight"] == rec.summary()["max_tilt_weight"]
+    assert recs[2].summary()["max_tilt_weight"] is not None
+    for m in swept_methods:  # a sweep over γ: tilt groups stay inside their block
+        for i, g in enumerate(gains):
+            alone = world.sample(m, objs[m], g, labels, 5)
+            torch.testing.assert_close(swept[m][i], alone, rtol=0, atol=tol)
+
+
 def _demo(tmp_path: Path, name: str) -> dict:
     out = tmp_path / name
     assert main(["demo", "--quick", "--out", str(out)]) == 0

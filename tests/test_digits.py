@@ -212,14 +212,27 @@ def test_methods_run_through_run_sampling(
     np.testing.assert_array_equal(again, images)
 
 
-def test_run_digits_world_end_to_end(digits: DigitsData, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
+def test_run_digits_world_end_to_end(
+    digits: DigitsData, tiny_world: tuple[TrainedWorld, DigitsData, DigitsConfig], tmp_path: Path
+) -> None:
     config = _tiny_config()
     data = _subset(digits)
     out = tmp_path / "out"
     res = run_digits_world(
-        out, config, cache_root=tmp_path / "cache", progress=False, log=lambda s: None, data=data
+        out,
+        config,
+        cache_root=tmp_path / "cache",
+        progress=False,
+        log=lambda s: None,
+        data=data,
+        workers=2,
     )
+    # Trained by two worker processes, the networks are bit for bit those trained here.
+    assert res["cache"]["key"] == tiny_world[0].key
+    for name, path in tiny_world[0].files.items():
+        here = load_state_dict_file(path)
+        there = load_state_dict_file(Path(res["cache"]["folder"]) / path.name)
+        assert all(torch.equal(here[k], there[k]) for k in here), name
     for name in ("report.md", "results.json", "table.png", "curves.png", "samples.png"):
         assert (out / name).is_file(), name
     assert (out / "calibration.png").is_file()
@@ -243,12 +256,34 @@ def test_run_digits_world_end_to_end(digits: DigitsData, tmp_path: Path) -> None
     assert "| base |" in report and "The paper's claims here" in report
     # A second run reuses the cached networks and the finished sampling runs.
     res2 = run_digits_world(
-        out, config, cache_root=tmp_path / "cache", progress=False, log=lambda s: None, data=data
+        out,
+        config,
+        cache_root=tmp_path / "cache",
+        progress=False,
+        log=lambda s: None,
+        data=data,
+        workers=1,
     )
     assert res2["cache"]["trained_now"] == [] and res["cache"]["trained_now"]
     assert res2["methods"]["base"]["mean"] == res["methods"]["base"]["mean"]
+    # recomputed here, the calibration comparison equals the workers' (jobs on one thread)
+    assert res2["calibration_comparison"] == res["calibration_comparison"]
 
 
 def test_bad_method_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="methods"):
         run_digits_world(tmp_path, _tiny_config(methods=("base", "nope")), progress=False)
+
+
+def test_paired_differences_and_their_confidence_interval() -> None:
+    from fguide.worlds.digits import paired_vs
+
+    runs = [{"fd": 11.0, "acc": 0.5}, {"fd": 12.0, "acc": 0.7}, {"fd": 16.0, "acc": 0.6}]
+    base = [{"fd": 10.0, "acc": 0.5}, {"fd": 10.0, "acc": 0.5}, {"fd": 13.0, "acc": 0.5}]
+    d = paired_vs(runs, base, keys=("fd", "acc"))
+    # differences fd 1, 2, 3: mean 2, sample std 1; t(0.975, 2 dof) = 4.302652729911275
+    assert d["mean"]["fd"] == pytest.approx(2.0) and d["std"]["fd"] == pytest.approx(1.0)
+    assert d["ci95"]["fd"] == pytest.approx(4.302652729911275 / 3**0.5, rel=1e-8)  # scipy: ~1e-10
+    assert d["mean"]["acc"] == pytest.approx(0.1)
+    one = paired_vs(runs[:1], base[:1], keys=("fd",))
+    assert one["mean"]["fd"] == 1.0 and one["ci95"]["fd"] is None

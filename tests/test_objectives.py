@@ -142,6 +142,26 @@ def test_tilt_weights_are_mean_one_per_group_and_favour_low_scores() -> None:
     assert int(w[first].argmax()) == int(s[first].argmin())
 
 
+@pytest.mark.parametrize(("b", "group"), [(12, 4), (10, 4), (3, 8), (9, None), (16, 1)])
+def test_tilt_weights_are_each_groups_own_softmax(b: int, group: int | None) -> None:
+    """w_i = |G| exp(t s_i) / Σ_{j∈G} exp(t s_j) over consecutive groups G, the last one
+    possibly short, against a per-group computation in plain Python floats."""
+    f, y = _logits(b, 5, seed=b)
+    t = -0.7
+    w = fguide.objective("tilted", t_tilt=t, group_size=group).weights(f, y)
+    assert w is not None
+    s = base_score(f, y, 1.0, 0.5).tolist()
+    g = group or b
+    expected: list[float] = []
+    for start in range(0, b, g):
+        chunk = s[start : start + g]
+        z = [math.exp(t * (v - max(chunk, key=lambda u: t * u))) for v in chunk]
+        expected += [len(chunk) * v / math.fsum(z) for v in z]
+    # exp, a sum of at most b terms and a division: a few ulps of the largest weight
+    atol = 4 * b * torch.finfo(w.dtype).eps * float(w.abs().max())
+    torch.testing.assert_close(w, torch.tensor(expected, dtype=w.dtype), rtol=0, atol=atol)
+
+
 def test_lemma1_reverse_kl_decomposition() -> None:
     """−∇ D_KL(q‖p) = Σ q_i ∇f_i − Σ p_j ∇f_j through a nonlinear classifier."""
     g = torch.Generator().manual_seed(0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from fguide.objectives import Objective, objective
 from fguide.samplers import StepRecord, ddpm
 from fguide.schedules import make_process
 from fguide.worlds.gmm import BayesClassifier, ExactEpsModel, GaussianMixture, NoisyBayesClassifier
+from fguide.worlds.method_batch import MethodBatchGuide, split_callback, tiled_noise
 
 __all__ = [
     "METHOD_NAMES",
@@ -161,6 +162,7 @@ class World:
         seed: int,
         callback: Callable[[StepRecord], None] | None = None,
     ) -> Tensor:
+        """One method's samples (the demo batches all but ``exact``: :meth:`sample_blocks`)."""
         gen = rng.generator(seed, rng.DEMO_NOISE)
         z = torch.randn(len(labels), self.mixture.dim, generator=gen, dtype=torch.float64)
 
@@ -187,6 +189,35 @@ class World:
             sine_factor=sine,
         )
 
+    def sample_blocks(
+        self,
+        objectives: Sequence[Objective | None],
+        labels: Tensor,
+        seed: int,
+        scale: float = 1.0,
+        gains: Sequence[float] | None = None,
+        callbacks: Sequence[Callable[[StepRecord], None] | None] | None = None,
+    ) -> Tensor:
+        """Samples [len(objectives), n, d] of the x̂0 methods ``objectives`` (None: unguided) in
+        one sampler call; block i is what :meth:`sample` gives that method alone, to round-off
+        (same noise, same per-block tilt groups; :mod:`fguide.worlds.method_batch`)."""
+        m, n, d = len(objectives), len(labels), self.mixture.dim
+        gen = rng.generator(seed, rng.DEMO_NOISE)
+        z = torch.randn(n, d, generator=gen, dtype=torch.float64).repeat(m, 1)
+        guide = MethodBatchGuide(self.classifier, objectives, n, scale, gains)
+        x = ddpm(
+            self.model,
+            z,
+            self.process,
+            labels=labels.repeat(m),
+            guide=guide,
+            noise=tiled_noise(gen, n, m, torch.float64),
+            callback=split_callback(guide, n, callbacks) if callbacks else None,
+            clip_denoised=False,
+            sine_factor=self.config.sine_factor,
+        )
+        return x.reshape(m, n, d)
+
     def frechet(self, x: Tensor, labels: Tensor) -> list[float]:
         return [
             self.mixture.frechet_to_class(x[labels == k], k)
@@ -194,31 +225,64 @@ class World:
         ]
 
     def sweep(self) -> dict[str, Any]:
-        """Mean per-class Fréchet distance of EluCD base guidance over the scale grid."""
+        """Mean per-class Fréchet distance of EluCD base guidance over the scale grid (every
+        scale in one sampler call: the gains of :meth:`sample_blocks`)."""
         c = self.config
         labels = self.labels(c.sweep_samples_per_class, c.validation_seed)
-        obj = objective("base")
-        scores = []
-        for g in c.scale_grid:
-            x = self.sample("elucd", obj, g, labels, c.validation_seed)
-            scores.append(float(np.mean(self.frechet(x, labels))))
+        grid = c.scale_grid
+        x = self.sample_blocks(
+            [objective("base")] * len(grid), labels, c.validation_seed, 1.0, grid
+        )
+        scores = [float(np.mean(self.frechet(xi, labels))) for xi in x]
         best = int(np.nanargmin(scores))
-        return {"grid": list(c.scale_grid), "frechet_mean": scores, "chosen": c.scale_grid[best]}
+        return {"grid": list(grid), "frechet_mean": scores, "chosen": grid[best]}
 
     def evaluate(
-        self, name: str, obj: Objective | None, scale: float
-    ) -> tuple[MethodResult, Tensor, Tensor]:
+        self, methods: dict[str, Objective | None], scale: float
+    ) -> dict[str, tuple[MethodResult, Tensor]]:
+        """Every method's result and samples (on this world's targets, see :meth:`labels`):
+        the x̂0 methods and ``none`` in one sampler call, ``exact`` (another guide, no sine
+        boost) alone."""
         c = self.config
         labels = self.labels(c.samples_per_class, c.seed)
-        rec = TrajectoryRecorder(labels, self.classifier, self.vanish_threshold)
-        x = self.sample(name, obj, scale, labels, c.seed, rec)
+        # a guided x̂0 method's recorder reads the guide's own logits, which are this
+        # classifier's on x̂0 already; the others apply the classifier to x̂0 themselves
+        recorders = {
+            name: TrajectoryRecorder(vanish_threshold=self.vanish_threshold)
+            if name != "exact" and methods[name] is not None
+            else TrajectoryRecorder(labels, self.classifier, self.vanish_threshold)
+            for name in methods
+        }
+        batched = [name for name in methods if name != "exact"]
+        xs: dict[str, Tensor] = {}
+        if batched:
+            x = self.sample_blocks(
+                [methods[m] for m in batched],
+                labels,
+                c.seed,
+                scale,
+                callbacks=[recorders[m] for m in batched],
+            )
+            xs.update(zip(batched, x, strict=True))
+        if "exact" in methods:
+            xs["exact"] = self.sample(
+                "exact", methods["exact"], scale, labels, c.seed, recorders["exact"]
+            )
         ref = self.mixture.sample(labels, rng.generator(c.seed, rng.DEMO_REFERENCE))
+        return {
+            name: (self._measure(name, xs[name], labels, ref, recorders[name]), xs[name])
+            for name in methods
+        }
+
+    def _measure(
+        self, name: str, x: Tensor, labels: Tensor, ref: Tensor, rec: TrajectoryRecorder
+    ) -> MethodResult:
         pr = precision_recall(ref, x, k=3, mode="float64")
         fd = self.frechet(x, labels)
         acc = float((self.mixture.bayes_labels(x) == labels).double().mean())
         curves = {k: v for k, v in rec.curves().items() if any(x is not None for x in v)}
         summary = rec.summary()
-        result = MethodResult(
+        return MethodResult(
             name=name,
             accuracy=acc,
             frechet_mean=float(np.mean(fd)),
@@ -230,7 +294,6 @@ class World:
             max_tilt_weight=summary["max_tilt_weight"],
             curves=curves,
         )
-        return result, x, labels
 
 
 def run_world(
@@ -248,12 +311,13 @@ def run_world(
     sweep = world.sweep()
     scale = sweep["chosen"]
     objs = method_objectives(c.tilt_group_size)
+    if progress:
+        progress(f"d={dim}")
+    evaluated = world.evaluate({name: objs[name] for name in c.methods}, scale)
+    labels = world.labels(c.samples_per_class, c.seed)
     results: dict[str, Any] = {}
     samples: dict[str, dict[str, Tensor]] = {}
-    for name in c.methods:
-        if progress:
-            progress(f"d={dim} {name}")
-        res, x, labels = world.evaluate(name, objs[name], scale)
+    for name, (res, x) in evaluated.items():
         results[name] = asdict(res)
         samples[name] = {"x": x, "labels": labels}
         if on_method:

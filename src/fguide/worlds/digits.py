@@ -7,15 +7,16 @@ Data. ``sklearn.datasets.load_digits``: 1,797 images of 8 × 8 pixels with 17 gr
 v ∈ {0..16}, 10 classes, shipped inside scikit-learn (no download). An image is stored as
 uint8 u = round(255 v / 16), replicated to 3 channels (ADM's models and fguide's pipeline are
 RGB), and enters the networks as x = u / 127.5 − 1 ∈ [−1, 1] (fguide's and ADM's map), at
-8 × 8: the UNet uses channel_mult (1, 2), one downsampling, so 8 is divisible by 2^(2−1); no
+8 × 8: the UNet has two levels (one downsampling), so 8 is divisible by 2^(2−1); no
 upsampling is needed. A seeded, stratified split keeps 20 % of every class as the held-out
 set (:func:`split_digits`), used only for metrics and calibration evaluation.
 
 Networks (trained once per configuration and cached; :mod:`fguide.worlds.digits_train`):
 
 - the diffusion model: fguide's ADM UNet (:func:`fguide.models.presets.create_model`, 32
-  channels, multipliers (1, 2), one residual block per level, attention at 4 × 4), ε-prediction,
-  linear betas, T = 1000, fixed variance, unconditional (guidance supplies the class);
+  channels, multipliers (1, 1) — (1, 2) in :meth:`DigitsConfig.full_config` —, one residual
+  block per level, attention at 4 × 4), ε-prediction, linear betas, T = 1000, fixed variance,
+  unconditional (guidance supplies the class);
 - the off-the-shelf classifier :func:`clean_classifier` (a SiLU CNN) trained on clean images
   only: the EluCD setting, it sees x̂0 during guidance;
 - the noise-aware classifier: ADM's EncoderUNet (:func:`~fguide.models.presets.create_classifier`)
@@ -56,6 +57,7 @@ __all__ = [
     "feature_network",
     "load_digits_data",
     "mean_std",
+    "paired_vs",
     "split_digits",
     "to_model_input",
 ]
@@ -194,12 +196,13 @@ def feature_network() -> FeatureNet:
 # -- configuration -----------------------------------------------------------------------------
 
 
-def _unet_flags() -> dict[str, Any]:
+def _unet_flags(channel_mult: str = "1,1") -> dict[str, Any]:
+    """The UNet: (1, 1) by default, (1, 2) in :meth:`DigitsConfig.full_config`."""
     return {
         "image_size": IMAGE_SIZE,
         "num_channels": 32,
         "num_res_blocks": 1,
-        "channel_mult": "1,2",
+        "channel_mult": channel_mult,
         "attention_resolutions": "4",
         "num_heads": 4,
         "dropout": 0.1,
@@ -246,12 +249,18 @@ class DigitsConfig:
     """Settings of the digits world (every default is stated in the report).
 
     Training (part of the cache key): ``*_steps`` optimizer steps at ``train_batch``; the
-    diffusion model keeps an EMA of its weights (``ema``). Sampling: DDPM with
+    diffusion model keeps an EMA of its weights (``ema``). The defaults are sized for minutes
+    on 2 CPU cores; :meth:`full_config` is the larger run, :meth:`quick_config` a smoke run.
+    Sampling: DDPM with
     ``sample_steps`` respaced steps, ``num_samples`` per run (class-balanced targets), over
     ``seeds``; the guidance scale of the x̂0 methods is chosen by sweeping ``base`` over
     ``scale_grid`` on ``validation_seed`` (mean per-class Fréchet distance, METHODS.md §8),
     ADM's classic guidance gets its own sweep over ``adm_scale_grid`` (its scale multiplies
     another gradient). Fine-tuning: ``finetune_iters`` steps of ``fguide.finetune`` on x̂0.
+    Calibration comparison (:mod:`fguide.worlds.digits_calib`): ``calib_steps`` AdamW steps
+    per loss and seed in ``calib_seeds``, at the t of ``calib_t_grid`` whose accuracy (on every
+    ``calib_select_every``-th training image) is nearest each of ``calib_accuracy_targets``,
+    fitted and measured on every ``calib_fit_every``-th image.
     """
 
     seed: int = 0
@@ -259,8 +268,8 @@ class DigitsConfig:
     unet: dict[str, Any] = field(default_factory=_unet_flags)
     adm_classifier: dict[str, Any] = field(default_factory=_adm_classifier_flags)
     train_batch: int = 128
-    diffusion_steps: int = 1500
-    diffusion_lr: float = 1e-3
+    diffusion_steps: int = 1200
+    diffusion_lr: float = 2e-3
     ema: float = 0.995
     classifier_steps: int = 500
     noisy_classifier_steps: int = 600
@@ -268,9 +277,9 @@ class DigitsConfig:
     classifier_lr: float = 2e-3
     # sampling
     sample_steps: int = 25
-    num_samples: int = 400
+    num_samples: int = 200
     batch_size: int = 200
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
     validation_seed: int = 100
     sweep_samples: int = 200
     scale_grid: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0)
@@ -284,16 +293,21 @@ class DigitsConfig:
     calib_seeds: tuple[int, ...] = (0, 1, 2)
     calib_accuracy_targets: tuple[float, float] = (0.5, 0.9)
     calib_t_grid: tuple[int, ...] = tuple(range(50, 1000, 50))
+    calib_select_every: int = 3
+    calib_fit_every: int = 1
     calib_lr: float = 3e-4
     quick: bool = False
+    full: bool = False
 
     @classmethod
     def quick_config(cls, **kw: Any) -> DigitsConfig:
-        """A tiny configuration for tests and smoke runs (seconds; the numbers mean nothing)."""
+        """A smoke run of seconds (tests, checking an installation): networks trained a few
+        dozen steps (cached apart from the default's), 40 samples of 5 DDPM steps on one
+        seed. It exercises every step of the pipeline; its numbers mean nothing."""
         base: dict[str, Any] = dict(
-            diffusion_steps=30,
+            diffusion_steps=20,
             classifier_steps=30,
-            noisy_classifier_steps=20,
+            noisy_classifier_steps=10,
             feature_steps=30,
             train_batch=64,
             sample_steps=5,
@@ -307,7 +321,26 @@ class DigitsConfig:
             calib_steps=3,
             calib_seeds=(0,),
             calib_t_grid=(100, 600),
+            calib_select_every=12,
+            calib_fit_every=8,
             quick=True,
+        )
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def full_config(cls, **kw: Any) -> DigitsConfig:
+        """The larger configuration (``--full``, tens of minutes on 2 cores): the UNet with
+        channel multipliers (1, 2) trained 1500 steps at 1e−3, 3 seeds × 400 samples, the
+        regimes of the calibration comparison chosen on every training image."""
+        base: dict[str, Any] = dict(
+            unet=_unet_flags("1,2"),
+            diffusion_steps=1500,
+            diffusion_lr=1e-3,
+            num_samples=400,
+            seeds=(0, 1, 2),
+            calib_select_every=1,
+            full=True,
         )
         base.update(kw)
         return cls(**base)
@@ -347,3 +380,30 @@ def mean_std(
         mean[k] = float(np.mean(vals)) if vals else None
         std[k] = float(np.std(vals, ddof=1)) if len(vals) > 1 else (0.0 if vals else None)
     return {"mean": mean, "std": std}
+
+
+PAIRED_KEYS = ("fd", "fd_class", "accuracy")
+
+
+def paired_vs(
+    per_seed: Sequence[Mapping[str, Any]],
+    reference: Sequence[Mapping[str, Any]],
+    keys: Iterable[str] = PAIRED_KEYS,
+) -> dict[str, dict[str, float | None]]:
+    """Per-seed differences to ``reference`` (same seeds, hence the same initial noise of every
+    sample): mean, std (ddof 1) and the half-width of the 95 % confidence interval of the mean
+    difference, t_{0.975, k−1} · std / √k over k seeds (None for one seed)."""
+    from scipy.stats import t as student_t
+
+    diffs = [
+        {k: float(a[k]) - float(b[k]) for k in keys}
+        for a, b in zip(per_seed, reference, strict=True)
+    ]
+    out: dict[str, dict[str, float | None]] = {**mean_std(diffs, keys), "ci95": {}}
+    k = len(diffs)
+    for key in keys:
+        sd = out["std"][key]
+        out["ci95"][key] = (
+            None if k < 2 or sd is None else float(student_t.ppf(0.975, k - 1) * sd / k**0.5)
+        )
+    return out

@@ -36,14 +36,38 @@ def _fmt(mean: float | None, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std or 0.0:.{digits}f}"
 
 
+QUICK_WARNING = (
+    "**Quick run: a smoke test, not a measurement.** The networks trained for a few dozen "
+    "steps (the diffusion model cannot draw digits yet), each method drew 40 samples of 5 "
+    "DDPM steps on one seed, the fine-tunings and the calibration fits ran 3 steps. It shows "
+    "that every step of the pipeline runs and writes its files; it cannot show any of the "
+    "paper's claims below, nor a spread over seeds or a confidence interval. Run without "
+    "`--quick` for the measurement."
+)
+
+_PAIRED_COLS = (("fd", "ΔFD vs base", 2), ("accuracy", "Δacc vs base", 3))
+
+
+def _delta(r: Mapping[str, Any], key: str, digits: int) -> str:
+    vs = r.get("vs_base")
+    if not vs or vs["mean"][key] is None:
+        return "—"
+    return f"{vs['mean'][key]:+.{digits}f} ± {vs['ci95'][key] or 0.0:.{digits}f}"
+
+
 def markdown_table(methods: Mapping[str, Any]) -> str:
-    """One row per method: mean ± std over seeds of each metric."""
-    head = "| method | scale | " + " | ".join(c[1] for c in _COLS) + " |"
-    rule = "|---|---:|" + "---:|" * len(_COLS)
+    """One row per method: mean ± std over seeds of each metric, and the paired difference to
+    the base method ± the half-width of its 95 % confidence interval."""
+    paired = any("vs_base" in r for r in methods.values())
+    cols = [c[1] for c in _COLS] + ([c[1] for c in _PAIRED_COLS] if paired else [])
+    head = "| method | scale | " + " | ".join(cols) + " |"
+    rule = "|---|---:|" + "---:|" * len(cols)
     rows = [head, rule]
     for name, r in methods.items():
         scale = "—" if r["method"] == "none" else f"{r['scale']:g}"
         cells = [_fmt(r["mean"][k], r["std"][k], d) for k, _, d in _COLS]
+        if paired:
+            cells += [_delta(r, k, d) for k, _, d in _PAIRED_COLS]
         rows.append(f"| {name} | {scale} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -70,37 +94,63 @@ def _calib_table(calib: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _paired(m: Mapping[str, Any], row: str, key: str) -> tuple[float, float] | None:
+    """(mean, 95 % CI half-width) of ``row`` − base in ``key`` over the shared seeds."""
+    vs = m.get(row, {}).get("vs_base")
+    if not vs or vs["mean"][key] is None:
+        return None
+    return float(vs["mean"][key]), float(vs["ci95"][key] or 0.0)
+
+
+def _clear(d: tuple[float, float] | None) -> bool:
+    """The 95 % confidence interval of a paired difference excludes 0."""
+    return d is not None and abs(d[0]) > d[1] > 0
+
+
+def _dtext(d: tuple[float, float] | None, digits: int) -> str:
+    return "—" if d is None else f"Δ {d[0]:+.{digits}f} ± {d[1]:.{digits}f}"
+
+
+def _verdict(d: tuple[float, float] | None, paper: float) -> str:
+    """Whether a paired FD difference ``d`` shows the paper's improvement ``paper`` (< 0)."""
+    if d is None:
+        return "undecided (one seed)"
+    low, high = d[0] - d[1], d[0] + d[1]
+    if high < 0:
+        return "holds (lower FD beyond the 95 % CI)"
+    if low > paper:
+        return "does not hold (the 95 % CI excludes the paper's 3 % improvement)"
+    return "undecided at this size (the 95 % CI holds both 0 and a 3 % improvement)"
+
+
 def claims(results: Mapping[str, Any]) -> list[str]:
-    """The paper's claims, each stated as holding or not in these measurements."""
+    """The paper's claims, each stated as holding or not in these measurements (differences to
+    the base method are paired over the shared seeds, with their 95 % confidence intervals)."""
     m = results["methods"]
     out: list[str] = []
 
     def mean(row: str, key: str) -> float | None:
         return m[row]["mean"][key] if row in m else None
 
-    def std(row: str, key: str) -> float:
-        return float(m[row]["std"][key] or 0.0) if row in m else 0.0
-
     base_fd = mean("base", "fd")
     if base_fd is not None:
-        better = [
-            r
-            for r in ("entropy", "rkl", "fkl", "js", "hellinger", "tilted")
-            if mean(r, "fd") is not None and mean(r, "fd") < base_fd  # type: ignore[operator]
-        ]
-        clear = [
-            r
-            for r in better
-            if base_fd - mean(r, "fd") > std("base", "fd") + std(r, "fd")  # type: ignore[operator]
-        ]
+        regs = [r for r in ("entropy", "rkl", "fkl", "js", "hellinger", "tilted") if r in m]
+        deltas = {r: _paired(m, r, "fd") for r in regs}
+        better = [r for r in regs if (d := deltas[r]) is not None and d[0] < 0]
+        clear_better = [r for r in better if _clear(deltas[r])]
+        clear_worse = [r for r in regs if _clear(deltas[r]) and deltas[r][0] > 0]  # type: ignore[index]
         out.append(
             "Regularised guidance beats EluCD base on FD (paper: rkl 5.34 → 5.12 FID): "
             + (
-                f"lower mean FD for {', '.join(better)}; beyond one std of both for "
-                f"{', '.join(clear) or 'none'}."
+                f"lower mean FD for {', '.join(better)}; "
                 if better
-                else "does not hold here — no regulariser lowers the mean FD below base."
+                else "does not hold here — no regulariser lowers the mean FD below base; "
             )
+            + f"lower beyond the 95 % CI of the paired difference: "
+            f"{', '.join(clear_better) or 'none'}; higher beyond it: "
+            f"{', '.join(clear_worse) or 'none'} ("
+            + ", ".join(f"{r} {_dtext(deltas[r], 2)}" for r in regs)
+            + ")."
         )
     ls, b = mean("logsoftmax", "vanished_mean"), mean("base", "vanished_mean")
     if ls is not None and b is not None:
@@ -113,8 +163,11 @@ def claims(results: Mapping[str, Any]) -> list[str]:
     t_cfd, b_cfd = mean("tilted", "fd_class"), mean("base", "fd_class")
     if None not in (t_acc, b_acc, t_cfd, b_cfd):
         out.append(
-            f"Tilting: target accuracy {t_acc:.3f} vs {b_acc:.3f} (base), class FD "
-            f"{t_cfd:.2f} vs {b_cfd:.2f}, FD {mean('tilted', 'fd'):.2f} vs {base_fd:.2f}."
+            f"Tilting: target accuracy {t_acc:.3f} vs {b_acc:.3f} (base; "
+            f"{_dtext(_paired(m, 'tilted', 'accuracy'), 3)}), class FD {t_cfd:.2f} vs "
+            f"{b_cfd:.2f} ({_dtext(_paired(m, 'tilted', 'fd_class'), 2)}), FD "
+            f"{mean('tilted', 'fd'):.2f} vs {base_fd:.2f} "
+            f"({_dtext(_paired(m, 'tilted', 'fd'), 2)})."
         )
     for loss in ("smooth_ece", "soft_binned_ece"):
         row = f"base+ft-{loss}"
@@ -122,7 +175,7 @@ def claims(results: Mapping[str, Any]) -> list[str]:
             fd = mean(row, "fd")
             assert fd is not None
             rel = (fd - base_fd) / base_fd
-            noise = abs(fd - base_fd) <= std("base", "fd") + std(row, "fd")
+            d = _paired(m, row, "fd")
             rep = (results.get("finetuned", {}).get(loss) or {}).get("report") or {}
             cal = ""
             if "before" in rep and "after" in rep:
@@ -133,9 +186,10 @@ def claims(results: Mapping[str, Any]) -> list[str]:
             out.append(
                 f"Guidance with the CE + {loss} fine-tuned classifier (paper, Smooth ECE: about "
                 f"3 % lower FID) at the shared scale: FD {base_fd:.2f} → {fd:.2f} "
-                f"({100 * rel:+.1f} %{', within one std of both' if noise else ''}), accuracy "
-                f"{mean('base', 'accuracy'):.3f} → {mean(row, 'accuracy'):.3f} — "
-                + ("holds" if rel < 0 else "does not hold")
+                f"({100 * rel:+.1f} %, {_dtext(d, 2)}), accuracy "
+                f"{mean('base', 'accuracy'):.3f} → {mean(row, 'accuracy'):.3f} "
+                f"({_dtext(_paired(m, row, 'accuracy'), 3)}) — "
+                + _verdict(d, -0.03 * base_fd)
                 + cal
                 + "."
             )
@@ -171,7 +225,8 @@ def write_report(
     tm = results["timing_seconds"]
     ho = results["held_out"]
     sweep = results["scale_sweep"]
-    quick_note = "QUICK RUN: the numbers mean nothing" if c["quick"] else "default run"
+    size = "full run" if c.get("full") else "default run"
+    quick_note = "QUICK RUN, see the warning below" if c["quick"] else size
     lines = [
         "# fguide demo — the digits world",
         "",
@@ -180,8 +235,11 @@ def write_report(
         "`fguide sample`'s run code, measured by an independent feature network against the "
         f"held-out split ({quick_note}).",
         "",
+        *([QUICK_WARNING, ""] if c["quick"] else []),
         f"- Seeds {c['seeds']}, {c['num_samples']} samples per run (class-balanced targets), "
-        f"DDPM with {c['sample_steps']} respaced steps; mean ± std (ddof 1) over seeds.",
+        f"DDPM with {c['sample_steps']} respaced steps; mean ± std (ddof 1) over seeds. Every "
+        "method starts sample i of a seed from the same noise, so its difference to base is "
+        "paired per seed: Δ ± the half-width of its 95 % confidence interval (Student's t).",
         f"- Guidance scale {results['guidance_scale']:g} for every x̂0 method: the base method's "
         f"sweep over {sweep['base']['grid']} on validation seed {c['validation_seed']} "
         f"(class FD {', '.join(f'{v:.2f}' for v in sweep['base']['fd_class'])})"
@@ -193,10 +251,10 @@ def write_report(
         ),
         f"- Held-out clean accuracy: off-the-shelf classifier {ho['classifier_accuracy']:.3f} "
         f"(ECE {ho['classifier_ece']:.3f}), feature network {ho['feature_net_accuracy']:.3f}.",
-        f"- Time: {tm['total']:.0f} s in all (training or cache {tm['training_or_cache']:.0f} s, "
-        f"sweep {tm['sweep']:.0f} s, fine-tuning {tm['finetune']:.0f} s, sampling and metrics "
-        f"{tm['sampling_and_metrics']:.0f} s, calibration comparison "
-        f"{tm['calibration_comparison']:.0f} s) with {tm['torch_threads']} torch threads.",
+        f"- Time: {tm['total']:.0f} s in all (training or cache {tm['training_or_cache']:.0f} s), "
+        f"jobs on {tm['workers']} process(es) of one torch thread each; CPU time "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in results["cpu_seconds"].items())
+        + ".",
         "",
         "Columns: accuracy of the feature network on the samples against their targets; "
         "Fréchet distance (FD) of the samples' features to the held-out split's; class FD "

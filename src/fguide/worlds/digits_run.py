@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,23 @@ from fguide.worlds.digits import (
     FeatureNet,
     load_digits_data,
     mean_std,
+    paired_vs,
     to_model_input,
 )
+from fguide.worlds.digits_calib import (
+    accuracy_by_t,
+    calibration_regime,
+    calibration_settings,
+    choose_regimes,
+)
+from fguide.worlds.digits_report import write_report
 from fguide.worlds.digits_train import (
     TrainedWorld,
     load_or_train,
     load_unet,
     training_process,
 )
+from fguide.worlds.workers import default_workers, job_pool, timed
 
 __all__ = ["DigitsEvaluator", "main", "run_digits_world", "sample_method"]
 
@@ -166,17 +176,29 @@ def sample_method(
     return images, labels, load_trajectory(run_dir / "trajectory.json")
 
 
-def _sweep(
-    out: Path,
-    world: TrainedWorld,
-    config: DigitsConfig,
-    evaluator: DigitsEvaluator,
-    method: str,
-    grid: tuple[float, ...],
-) -> dict[str, Any]:
-    scores = []
-    for g in grid:
-        images, labels, _ = sample_method(
+class _Jobs:
+    """The experiment's jobs on a pool, and the CPU seconds they took, by phase."""
+
+    def __init__(self, pool: Executor) -> None:
+        self.pool = pool
+        self.cpu: dict[str, float] = {}
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[tuple[Any, float]]:
+        return self.pool.submit(timed, fn, *args)
+
+    def result(self, phase: str, future: Future[tuple[Any, float]]) -> Any:
+        value, cpu = future.result()
+        self.cpu[phase] = self.cpu.get(phase, 0.0) + cpu
+        return value
+
+
+def _submit_sweep(
+    jobs: _Jobs, out: Path, world: TrainedWorld, config: DigitsConfig, method: str
+) -> list[Future[tuple[Any, float]]]:
+    grid = config.adm_scale_grid if method == "adm_cg" else config.scale_grid
+    return [
+        jobs.submit(
+            sample_method,
             out / f"{method}-scale{g:g}",
             world,
             config,
@@ -185,6 +207,22 @@ def _sweep(
             config.validation_seed,
             config.sweep_samples,
         )
+        for g in grid
+    ]
+
+
+def _sweep_result(
+    jobs: _Jobs,
+    futures: list[Future[tuple[Any, float]]],
+    evaluator: DigitsEvaluator,
+    config: DigitsConfig,
+    method: str,
+) -> dict[str, Any]:
+    """The sweep's class FD per scale and the scale that minimises it."""
+    grid = config.adm_scale_grid if method == "adm_cg" else config.scale_grid
+    scores = []
+    for future in futures:
+        images, labels, _ = jobs.result("sweep", future)
         scores.append(evaluator.evaluate(images, labels)["fd_class"])
     best = int(np.nanargmin(scores))
     return {
@@ -240,31 +278,47 @@ def _finetune(
     return res.model_path, report
 
 
-def _run_methods(
+def _submit_runs(
+    jobs: _Jobs,
     out: Path,
     world: TrainedWorld,
     config: DigitsConfig,
-    evaluator: DigitsEvaluator,
     runs: Mapping[str, tuple[str, float, Path | None]],
+) -> dict[tuple[str, int], Future[tuple[Any, float]]]:
+    """One sampling job per (table row, seed)."""
+    return {
+        (row, s): jobs.submit(
+            sample_method,
+            out / "runs" / row / f"seed{s}",
+            world,
+            config,
+            method,
+            scale,
+            s,
+            config.num_samples,
+            weights,
+        )
+        for row, (method, scale, weights) in runs.items()
+        for s in config.seeds
+    }
+
+
+def _collect_runs(
+    jobs: _Jobs,
+    futures: Mapping[tuple[str, int], Future[tuple[Any, float]]],
+    runs: Mapping[str, tuple[str, float, Path | None]],
+    config: DigitsConfig,
+    evaluator: DigitsEvaluator,
     bar: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every (row, seed): metrics per seed, mean ± std, the first seed's curves and samples."""
     table: dict[str, Any] = {}
     extras: dict[str, Any] = {"curves": {}, "samples": {}}
-    for row, (method, scale, weights) in runs.items():
+    for row, (method, scale, _) in runs.items():
         per_seed = []
         for s in config.seeds:
             bar.set_description(f"sampling {row} seed {s}")
-            images, labels, traj = sample_method(
-                out / "runs" / row / f"seed{s}",
-                world,
-                config,
-                method,
-                scale,
-                s,
-                config.num_samples,
-                weights,
-            )
+            images, labels, traj = jobs.result("sampling", futures[row, s])
             m: dict[str, Any] = {"seed": s, **evaluator.evaluate(images, labels)}
             summ = traj.get("summary", {})
             m["integral_ece"] = summ.get("integral_ece")
@@ -281,6 +335,9 @@ def _run_methods(
             "per_seed": per_seed,
             **mean_std(per_seed, _METRICS),
         }
+    if "base" in table:  # every row shares the seeds: differences to base are paired
+        for r in table.values():
+            r["vs_base"] = paired_vs(r["per_seed"], table["base"]["per_seed"])
     return table, extras
 
 
@@ -293,22 +350,22 @@ def run_digits_world(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     data: DigitsData | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run the whole digits experiment into ``out``; returns the results (also results.json).
 
     ``config`` defaults to :class:`DigitsConfig` (or :meth:`DigitsConfig.quick_config` with
     ``quick``). ``cache_root`` overrides the network cache folder (see
     :func:`fguide.worlds.digits_train.cache_dir`). ``data`` replaces the digits and their split
-    (tests pass a subset; the training split is part of the cache key). Writes
-    ``results.json``, ``report.md``, ``table.png``, ``curves.png``, ``samples.png``,
-    ``calibration.png`` and the sampling runs under ``runs/`` and ``sweep/``.
+    (tests pass a subset; the training split is part of the cache key). ``workers``: processes
+    for the independent jobs (1: everything in this process; ``fguide demo`` uses
+    :func:`~fguide.worlds.workers.default_workers`); the results do not depend on it. Worker
+    processes are started by spawn, which imports the calling script again: call with
+    ``workers`` > 1 from under ``if __name__ == "__main__":``. Writes ``results.json``,
+    ``report.md``, ``table.png``, ``curves.png``, ``samples.png``, ``calibration.png`` and the
+    sampling runs under ``runs/`` and ``sweep/``.
     """
-    from tqdm import tqdm
-
-    from fguide.worlds.digits_calib import compare_calibration_losses
-    from fguide.worlds.digits_report import write_report
-
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), _cpu_seconds()
     config = config or (DigitsConfig.quick_config() if quick else DigitsConfig())
     bad = [m for m in config.methods if m not in METHODS]
     if bad:
@@ -319,55 +376,105 @@ def run_digits_world(
     torch.set_grad_enabled(True)
 
     data = data or load_digits_data(config.held_fraction, config.seed)
-    t0 = time.perf_counter()
-    world = load_or_train(data, config, cache_root, progress=progress, log=say)
-    t_train = time.perf_counter() - t0
+    with job_pool(workers) as pool:
+        t0 = time.perf_counter()
+        world = load_or_train(data, config, cache_root, progress=progress, log=say, pool=pool)
+        t_train = time.perf_counter() - t0
+        jobs = _Jobs(pool)
+        results, samples = _experiment(out, world, data, config, jobs, progress, say)
+    t_experiment = time.perf_counter() - t0 - t_train
+    train_cpu = world.meta.get("train_cpu_seconds") or {}
+    results["timing_seconds"] = {
+        "training_or_cache": round(t_train, 1),
+        "experiment": round(t_experiment, 1),
+        "total": round(time.perf_counter() - t_start, 1),
+        "torch_threads": 1,
+        "workers": workers,
+    }
+    results["cpu_seconds"] = {
+        "training": round(sum(train_cpu.values()), 1) if world.trained else 0.0,
+        **{phase: round(v, 1) for phase, v in jobs.cpu.items()},
+        "total": round(_cpu_seconds() - cpu_start, 1),
+    }
+    results["provenance"] = provenance(world="digits", cache_key=world.key)
+    write_report(out, results, samples)
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the workers, once stopped)."""
+    try:
+        import resource
+    except ImportError:  # Windows: this process only
+        return time.process_time()
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _experiment(
+    out: Path,
+    world: TrainedWorld,
+    data: DigitsData,
+    config: DigitsConfig,
+    jobs: _Jobs,
+    progress: bool,
+    say: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sweeps, fine-tuning, the table's runs and the calibration comparison as jobs, in the
+    order their results are needed; the metrics here as the samples come back."""
+    from tqdm import tqdm
+
     feature_net = load_model(FeatureNet(), world.files["feature_net"])
     evaluator = DigitsEvaluator(feature_net, data)  # type: ignore[arg-type]
     held_metrics = _held_out_accuracies(world, data)
-
-    t0 = time.perf_counter()
-    say("digits world: choosing the guidance scale on the validation seed")
-    sweeps = {"base": _sweep(out / "sweep", world, config, evaluator, "base", config.scale_grid)}
-    if "adm_cg" in config.methods:
-        sweeps["adm_cg"] = _sweep(
-            out / "sweep", world, config, evaluator, "adm_cg", config.adm_scale_grid
-        )
-    scale = float(sweeps["base"]["chosen"])
-    t_sweep = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say("digits world: fine-tuning the off-the-shelf classifier (fguide finetune, on x̂0)")
-    finetuned: dict[str, Any] = {}
-    for loss in ("smooth_ece", "soft_binned_ece"):
-        model, report = _finetune(world, data, config, loss, progress)
-        finetuned[loss] = {"model": str(model), "report": _finetune_summary(report)}
-    t_finetune = time.perf_counter() - t0
-
-    runs: dict[str, tuple[str, float, Path | None]] = {}
-    for m in config.methods:
-        runs[m] = (m, float(sweeps["adm_cg"]["chosen"]) if m == "adm_cg" else scale, None)
-    for loss, info in finetuned.items():
-        if "model" in info:
-            runs[f"base+ft-{loss}"] = ("base", scale, Path(info["model"]))
-    t0 = time.perf_counter()
-    bar = tqdm(
-        total=len(runs) * len(config.seeds),
-        unit="run",
-        disable=not progress,
-        file=sys.stderr,
+    say(
+        "digits world: guidance-scale sweeps, fine-tuning (fguide finetune, on x̂0) and the "
+        "calibration-loss comparison, then every method's runs"
     )
+    swept = ["base"] + (["adm_cg"] if "adm_cg" in config.methods else [])
+    sweep_jobs = {m: _submit_sweep(jobs, out / "sweep", world, config, m) for m in swept}
+    inline = not isinstance(jobs.pool, ProcessPoolExecutor)
+    ft_jobs = {
+        loss: jobs.submit(_finetune, world, data, config, loss, progress and inline)
+        for loss in ("smooth_ece", "soft_binned_ece")
+    }
+    cpu0 = time.process_time()
+    acc_by_t = accuracy_by_t(world, data, config)
+    jobs.cpu["calibration"] = time.process_time() - cpu0
+    regime_jobs = {
+        f"t{t}": jobs.submit(calibration_regime, world, data, config, t, target)
+        for t, target in choose_regimes(acc_by_t, config.calib_accuracy_targets)
+    }
+    sweeps = {m: _sweep_result(jobs, f, evaluator, config, m) for m, f in sweep_jobs.items()}
+    scale = float(sweeps["base"]["chosen"])
+    runs: dict[str, tuple[str, float, Path | None]] = {
+        m: (m, float(sweeps["adm_cg"]["chosen"]) if m == "adm_cg" else scale, None)
+        for m in config.methods
+    }
+    run_jobs = _submit_runs(jobs, out, world, config, runs)
+    finetuned: dict[str, Any] = {}
+    for loss, future in ft_jobs.items():
+        model, report = jobs.result("finetune", future)
+        finetuned[loss] = {"model": str(model), "report": _finetune_summary(report)}
+    ft_runs = {
+        f"base+ft-{loss}": ("base", scale, Path(i["model"])) for loss, i in finetuned.items()
+    }
+    run_jobs |= _submit_runs(jobs, out, world, config, ft_runs)
+    runs |= ft_runs
+    bar = tqdm(total=len(run_jobs), unit="run", disable=not progress, file=sys.stderr)
     try:
-        table, extras = _run_methods(out, world, config, evaluator, runs, bar)
+        table, extras = _collect_runs(jobs, run_jobs, runs, config, evaluator, bar)
     finally:
         bar.close()
-    t_sample = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    say("digits world: comparing the calibration losses at low and high accuracy")
-    calib = compare_calibration_losses(world, data, config)
-    t_calib = time.perf_counter() - t0
-
+    calib = {
+        "accuracy_by_t": {str(t): a for t, a in acc_by_t.items()},
+        "regimes": {name: jobs.result("calibration", f) for name, f in regime_jobs.items()},
+        "settings": calibration_settings(config),
+    }
     results: dict[str, Any] = {
         "world": "digits",
         "config": asdict(config),
@@ -384,20 +491,8 @@ def run_digits_world(
         "finetuned": finetuned,
         "calibration_comparison": calib,
         "curves": extras["curves"],
-        "timing_seconds": {
-            "training_or_cache": round(t_train, 1),
-            "sweep": round(t_sweep, 1),
-            "finetune": round(t_finetune, 1),
-            "sampling_and_metrics": round(t_sample, 1),
-            "calibration_comparison": round(t_calib, 1),
-            "total": round(time.perf_counter() - t_start, 1),
-            "torch_threads": torch.get_num_threads(),
-        },
     }
-    results["provenance"] = provenance(world="digits", cache_key=world.key)
-    write_report(out, results, extras["samples"])
-    atomic_write_json(out / "results.json", results)
-    return results
+    return results, extras["samples"]
 
 
 def _finetune_summary(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -427,21 +522,31 @@ def _held_out_accuracies(world: TrainedWorld, data: DigitsData) -> dict[str, flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fguide.worlds.digits_run [--out DIR] [--quick] [--seed S] [--cache-dir D]``:
-    the same job ``fguide demo --world digits`` runs."""
+    """``python -m fguide.worlds.digits_run [--out DIR] [--quick | --full] [--seed N]
+    [--cache-dir DIR] [--workers N]``: the same job ``fguide demo --world digits`` runs."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="fguide-digits", description=run_digits_world.__doc__)
-    ap.add_argument("--out", type=Path, default=Path("fguide-demo-digits"))
-    ap.add_argument("--quick", action="store_true", help="a tiny run in seconds (smoke test)")
-    ap.add_argument("--seed", type=int, default=0, help="training seed (sampling seeds follow)")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="network cache folder")
+    ap.add_argument("--out", type=Path, default=Path("fguide-demo-digits"), metavar="DIR")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a smoke run of seconds")
+    size.add_argument("--full", action="store_true", help="the larger configuration")
+    ap.add_argument("--seed", type=int, default=0, metavar="N", help="training seed (default 0)")
+    ap.add_argument("--cache-dir", type=Path, default=None, metavar="DIR")
+    ap.add_argument("--workers", type=int, default=None, metavar="N")
     args = ap.parse_args(argv)
     if args.seed < 0:
         ap.error(f"--seed must be >= 0, got {args.seed}")
-    config = DigitsConfig.quick_config() if args.quick else DigitsConfig()
+    if args.workers is not None and args.workers < 1:
+        ap.error(f"--workers must be >= 1, got {args.workers}")
+    if args.quick:
+        config = DigitsConfig.quick_config()
+    else:
+        config = DigitsConfig.full_config() if args.full else DigitsConfig()
     config = config.with_(seed=args.seed, seeds=tuple(args.seed + s for s in config.seeds))
-    res = run_digits_world(args.out, config, cache_root=args.cache_dir)
+    default = 1 if args.quick else default_workers()  # --quick: jobs smaller than a start-up
+    workers = default if args.workers is None else args.workers
+    res = run_digits_world(args.out, config, cache_root=args.cache_dir, workers=workers)
     print(f"wrote {args.out / 'report.md'} ({res['timing_seconds']['total']:.0f} s)")
     return 0
 

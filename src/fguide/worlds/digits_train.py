@@ -10,8 +10,10 @@ atomically as a plain state dict; ``meta.json`` is written last and marks the fo
 complete, so an interrupted training leaves no half-valid cache.
 
 Determinism: every draw (initialisation, batch order, shifts, t, ε, dropout) comes from
-generators seeded by (seed, network tag), so a seed gives the same weights in one
-environment (same torch build and thread count; float summation order may differ across).
+generators seeded by (seed, network tag), and every network trains on one torch thread (in
+its own worker process when there are several cores, :mod:`fguide.worlds.workers`), so a seed
+gives the same weights whatever the machine's core count, with one torch build and CPU
+instruction set (float summation order may differ across those).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from fguide.models.loading import load_model
 from fguide.models.presets import create_classifier, create_model, model_defaults
 from fguide.schedules import Process, make_process
 from fguide.worlds.digits import DigitsCNN, DigitsConfig, DigitsData, FeatureNet
+from fguide.worlds.workers import job_pool, timed
 
 __all__ = [
     "TrainedWorld",
@@ -48,6 +53,7 @@ __all__ = [
     "cache_key",
     "data_fingerprint",
     "load_or_train",
+    "train_network",
     "unet_model_flags",
 ]
 
@@ -251,6 +257,33 @@ def load_unet(world: TrainedWorld, config: DigitsConfig) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
+def _classifier_job(config: DigitsConfig, name: str) -> tuple[nn.Module, int, Process | None]:
+    """(network, steps, noising process or None) of classifier ``name``."""
+    if name == "classifier":
+        return DigitsCNN(), config.classifier_steps, None
+    if name == "noisy_classifier":
+        net = create_classifier(**config.adm_classifier)
+        return net, config.noisy_classifier_steps, training_process(config)
+    return FeatureNet(), config.feature_steps, None
+
+
+def train_network(
+    name: str, data: DigitsData, config: DigitsConfig, path: Path, show: bool
+) -> float:
+    """Train network ``name`` (a key of :data:`FILES`) and write it to ``path`` atomically;
+    returns the wall seconds. A job of its own (:mod:`fguide.worlds.workers`): its weights
+    depend on the seed, the settings and the data only (one torch thread)."""
+    t0 = time.perf_counter()
+    if name == "unet":
+        sd = _train_unet(data, config, training_process(config), show)
+    else:
+        _init_seed(config, name)  # before building: the initialisation draws from it
+        net, steps, noise = _classifier_job(config, name)
+        sd = _train_classifier(net, data, config, name, steps, noise, show)
+    _save(path, sd)
+    return time.perf_counter() - t0
+
+
 def load_or_train(
     data: DigitsData,
     config: DigitsConfig,
@@ -258,10 +291,13 @@ def load_or_train(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    pool: Executor | None = None,
 ) -> TrainedWorld:
     """The four networks of ``config``: read from the cache, or trained and cached.
 
     Returns their files; ``trained`` lists what this call trained (empty: cache reused).
+    The networks train as separate jobs of ``pool`` (default: one after another here), the
+    diffusion model first; with worker processes only its progress bar is shown.
     """
     key = cache_key(config, data)
     folder = cache_dir(root) / key
@@ -274,36 +310,29 @@ def load_or_train(
         return TrainedWorld(folder, key, files, [], meta)
     if log:
         log(f"digits world: training the networks into {folder} (once per configuration)")
-    process = training_process(config)
-    seconds: dict[str, float] = {}
-    threads = torch.get_num_threads()
-    t0 = time.perf_counter()
-    _save(files["unet"], _train_unet(data, config, process, progress))
-    seconds["unet"] = time.perf_counter() - t0
-
-    classifiers: list[tuple[str, Callable[[], nn.Module], int, Process | None]] = [
-        ("classifier", DigitsCNN, config.classifier_steps, None),
-        (
-            "noisy_classifier",
-            lambda: create_classifier(**config.adm_classifier),
-            config.noisy_classifier_steps,
-            process,
-        ),
-        ("feature_net", FeatureNet, config.feature_steps, None),
-    ]
-    for name, build, steps, noise in classifiers:
-        t0 = time.perf_counter()
-        _init_seed(config, name)
-        sd = _train_classifier(build(), data, config, name, steps, noise, progress)
-        _save(files[name], sd)
-        seconds[name] = time.perf_counter() - t0
-
+    folder.mkdir(parents=True, exist_ok=True)
+    inline = pool is None or not isinstance(pool, ProcessPoolExecutor)
+    with job_pool(1) if pool is None else nullcontext(pool) as jobs:
+        futures = {
+            name: jobs.submit(
+                timed,
+                train_network,
+                name,
+                data,
+                config,
+                files[name],
+                progress and (inline or name == "unet"),
+            )
+            for name in FILES
+        }
+        done = {name: f.result() for name, f in futures.items()}
     meta = {
         "format": _FORMAT,
         "key": key,
         "training": config.training_key(),
-        "train_seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "torch_threads": threads,
+        "train_seconds": {k: round(wall, 2) for k, (wall, _) in done.items()},
+        "train_cpu_seconds": {k: round(cpu, 2) for k, (_, cpu) in done.items()},
+        "torch_threads": 1,
         "files": {name: p.name for name, p in files.items()},
     }
     atomic_write_json(meta_path, meta)
