@@ -202,7 +202,9 @@ def test_demo_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_demo_rejects_bad_sharpness(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--quick", "--sharpness", "0.5", "--out", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # refused by the flag's Range type
+        main(["demo", "--quick", "--sharpness", "0.5", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
     assert "--sharpness" in capsys.readouterr().err
 
 

@@ -21,7 +21,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fguide.cli import NONNEGATIVE_INT, POSITIVE_INT
 from fguide.io.folders import DEMO_FILES, check_folder
+from fguide.params import Range
 from fguide.worlds.demo import METHOD_NAMES, DemoConfig, run_demo, table, write_demo
 from fguide.worlds.digits import METHODS as DIGITS_METHODS
 from fguide.worlds.digits import NUM_CLASSES as DIGITS_CLASSES
@@ -54,7 +56,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=NONNEGATIVE_INT,
         default=None,
         metavar="N",
         help=f"gmm: sampling seed, validation seed N+1; digits: training seed, sampling seeds "
@@ -71,7 +73,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=Range(int, 1, 1000),
         default=None,
         metavar="STEPS",
         help=f"DDPM steps, respaced from 1000 (default gmm {g.steps}, --quick {gq.steps}; "
@@ -79,7 +81,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--per-class",
-        type=int,
+        type=Range(int, 2),
         default=None,
         metavar="N",
         help=f"samples per class (digits: per class and seed) (default gmm "
@@ -96,7 +98,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("gmm world only")
     w.add_argument(
         "--dims",
-        type=int,
+        type=Range(int, 2),
         nargs="+",
         default=None,
         metavar="D",
@@ -105,7 +107,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     w.add_argument(
         "--sharpness",
-        type=float,
+        type=Range(float, 1),
         default=None,
         metavar="K",
         help=f"classifier overconfidence κ >= 1 (default {g.sharpness:g})",
@@ -121,7 +123,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     dg.add_argument(
         "--workers",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         metavar="N",
         help="processes for the independent jobs (training, runs, fits), one torch thread "
