@@ -46,14 +46,15 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm import tqdm
 
-from fguide.diagnostics import load_trajectory
+from fguide.diagnostics import TrajectoryCurves, load_trajectory
 from fguide.io import runs
 from fguide.io.files import sha256_file
 from fguide.io.folders import folder_kind, kind_label
 from fguide.io.images import ImageSource, from_uint8_nhwc
 from fguide.io.runs import TRAJECTORY
 from fguide.metrics.calibration import (
-    ReliabilityStats,
+    ClassifierCalibration,
+    LevelCalibration,
     reliability_from_confidences,
     smooth_ece_loss,
 )
@@ -140,20 +141,6 @@ def _run_trajectory(folder: Path) -> Path:
     return traj
 
 
-@dataclass
-class TrajectoryCurves:
-    """One run's per-step curves (None where a value is undefined, e.g. unguided steps)."""
-
-    label: str
-    source: Path
-    curves: dict[str, list[float | None]]
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def steps(self) -> list[float]:
-        return [float(s) for s in self.curves["step"] if s is not None]
-
-
 def load_trajectory_curves(
     path: str | os.PathLike[str], label: str | None = None
 ) -> TrajectoryCurves:
@@ -233,63 +220,6 @@ class _LevelAccum:
     correct: list[NDArray[np.bool_]] = field(default_factory=list)
     target: list[NDArray[np.float64]] = field(default_factory=list)
     smooth_sum: float = 0.0
-
-
-@dataclass
-class LevelCalibration:
-    """Calibration of the classifier at one noise level (t = None: clean images)."""
-
-    t: int | None
-    noise_std: float  # sqrt(1 − ᾱ_t); 0 for clean images
-    n: int
-    ece: float
-    smooth_ece: float
-    accuracy: float
-    mean_confidence: float
-    top25_confidence: float
-    mean_target_prob: float
-    reliability: ReliabilityStats
-
-    @property
-    def label(self) -> str:
-        return "clean" if self.t is None else f"t={self.t}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "t": self.t,
-            "label": self.label,
-            "noise_std": self.noise_std,
-            "n": self.n,
-            "ece": self.ece,
-            "smooth_ece": self.smooth_ece,
-            "accuracy": self.accuracy,
-            "mean_confidence": self.mean_confidence,
-            "top25_confidence": self.top25_confidence,
-            "mean_target_prob": self.mean_target_prob,
-            "reliability": self.reliability.to_dict(),
-        }
-
-
-@dataclass
-class ClassifierCalibration:
-    """Per-noise-level calibration of a classifier on labelled images."""
-
-    levels: list[LevelCalibration]
-    n_bins: int
-    beta: float
-    time_aware: bool
-    seed: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mode": "classifier",
-            "n_bins": self.n_bins,
-            "smooth_ece_beta": self.beta,
-            "time_aware": self.time_aware,
-            "classifier_input": "x_t and t" if self.time_aware else "x_t (x0 when clean)",
-            "noise_seed": self.seed,
-            "levels": [lv.to_dict() for lv in self.levels],
-        }
 
 
 def _logits_of(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,20 @@ def _step_stats(
         t_mean = t.detach().to(device=logits.device, dtype=wide).mean()
         stats = torch.cat([conf, conf_max, correct, norm, t_mean[None], weight[None]])
     return stats, res is not None, res is not None and res.weights is not None
+
+
+@dataclass
+class TrajectoryCurves:
+    """One run's per-step curves (None where a value is undefined, e.g. unguided steps)."""
+
+    label: str
+    source: Path
+    curves: dict[str, list[float | None]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> list[float]:
+        return [float(s) for s in self.curves["step"] if s is not None]
 
 
 def load_trajectory(path: str | Path) -> dict[str, Any]:

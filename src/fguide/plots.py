@@ -8,7 +8,8 @@
 - :func:`plot_calibration_vs_noise`, :func:`write_reliability_diagrams`: a classifier's
   calibration on forward-noised images;
 - :func:`plot_demo`: the Gaussian-mixture demo's curves and sample scatters;
-- :func:`image_grid_png`: a grid of uint8 images as a PNG (a sampling run's ``grid.png``).
+- :func:`image_grid_png` (from :mod:`fguide.io.files`): a grid of uint8 images as a PNG (a
+  sampling run's ``grid.png``).
 
 Figures are built on a matplotlib ``Figure`` with an Agg canvas (no pyplot global state, no
 backend switch for the caller) and written atomically as PNG (:func:`fguide.io.files.save_figure`).
@@ -18,20 +19,20 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fguide.io.files import save_figure
+from fguide.io.files import image_grid, image_grid_png, save_figure
 
 if TYPE_CHECKING:
     import torch
 
-    from fguide.calibration_report import ClassifierCalibration, LevelCalibration, TrajectoryCurves
-    from fguide.metrics.calibration import ReliabilityStats
+    from fguide.diagnostics import TrajectoryCurves
+    from fguide.metrics.calibration import ClassifierCalibration, LevelCalibration, ReliabilityStats
 
 __all__ = [
     "FIGURE_FILES",
@@ -306,34 +307,6 @@ def plot_demo(
         save_figure(fig, out / name)
         written.append(name)
     return written
-
-
-# -- image grids --------------------------------------------------------------------------------
-
-
-def image_grid(images: NDArray[np.uint8], columns: int = 8) -> NDArray[np.uint8]:
-    """uint8 [N, H, W, 3] images tiled row by row, min(columns, N) per row; the unused cells
-    of the last row are white."""
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
-    n, h, w, _ = images.shape
-    cols = max(1, min(columns, n))
-    rows = math.ceil(n / cols)
-    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[k]
-    return canvas
-
-
-def image_grid_png(images: NDArray[np.uint8], columns: int = 8) -> Callable[[IO[bytes]], None]:
-    """A writer of :func:`image_grid` as PNG, for :func:`fguide.io.files.atomic_write`."""
-    from PIL import Image
-
-    canvas = image_grid(images, columns)
-    return lambda f: Image.fromarray(canvas).save(f, format="PNG")
 
 
 # -- the digits world ---------------------------------------------------------------------

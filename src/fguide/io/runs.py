@@ -34,7 +34,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fguide.diagnostics import TrajectoryRecorder
-from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.io.files import (
+    atomic_write,
+    atomic_write_json,
+    image_grid_png,
+    provenance,
+    sha256_file,
+)
 from fguide.io.folders import (
     LOCK,
     FolderInUseError,
@@ -44,7 +50,6 @@ from fguide.io.folders import (
     check_folder,
     claim_folder,
 )
-from fguide.plots import image_grid_png
 
 __all__ = [
     "FORMAT",
