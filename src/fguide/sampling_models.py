@@ -257,7 +257,8 @@ def _pipeline(cfg: SampleConfig, dev: torch.device) -> Components:
     ``channels_last`` converts the convolutional networks (UNet2DModel, the VAE); ``compile``
     compiles the denoising network.
     """
-    from fguide.models.hf_diffusers import build_pipeline_sampling, load_pipeline_model
+    from fguide.models.hf_diffusers import load_pipeline_model
+    from fguide.models.latent_guidance import build_pipeline_sampling
 
     pm = load_pipeline_model(cfg.model, device=dev)
     if cfg.precision != "fp32":

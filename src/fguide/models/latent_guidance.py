@@ -1,5 +1,6 @@
-"""Guidance for models with classifier-free guidance (EluCD's Algorithm 3) and guidance passes
-split into micro-batches (bounded memory for a classifier behind a VAE decoder).
+"""Guidance of the diffusers pipeline models: EluCD's Algorithm 3 for models with classifier-free
+guidance, guidance passes split into micro-batches (bounded memory for a classifier behind a
+VAE decoder), and the sampler's parts of a pipeline (:func:`build_pipeline_sampling`).
 
 Algorithm 3 (:class:`CFGClassifierGuidance`), at loop step k of n (k = 0 the noisiest), with
 d = ε_c − ε_u and ε_cfg = ε_u + s d: ẑ0 = x̂0(z_t, ε_cfg), g = ∇_{ẑ0} S(C(Dec(ẑ0)), y) for any
@@ -7,46 +8,43 @@ objective, and ε̃ = ε_u + s (d − c_k · g/rms(g) · rms(d)) with
 c_k = max(G/(n+1) · (n+1−k), 1e−5) + sin(πk/n) · G · γ_sine (EluCD Algorithm 2's schedule),
 rms per sample over C, H, W. This is fguide's reading of EluCD §5.3 (EluCD's DiT code is
 unreleased): the reference magnitude rms(d) and the schedule c_k are fguide's choices.
-The models themselves live in :mod:`fguide.models.hf_diffusers`.
+The models themselves live in :mod:`fguide.models.hf_diffusers` (imported here; it imports
+nothing from this module).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from fguide.accel import Precision, with_precision
 from fguide.guidance import (
     ClassifierFn,
+    ClassifierGuide,
     GuidanceResult,
     LabelsCheck,
     coefficient_vjp,
     evaluate_guidance,
 )
+from fguide.models.hf_diffusers import ClipMode, DiTEps, PipelineModel
 from fguide.objectives import Objective, check_labels
 from fguide.samplers import _rms, elucd_heun_scale
 from fguide.schedules import Process
 
-if TYPE_CHECKING:
-    from fguide.models.hf_diffusers import DiTEps
-
 __all__ = [
     "CFGClassifierGuidance",
     "MicrobatchGuide",
+    "PipelineSampling",
+    "build_pipeline_sampling",
     "evaluate_guidance_microbatched",
     "guidance_weight",
-    "param_dtype",
 ]
-
-
-def param_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
-    """The dtype of ``net``'s first parameter (``default`` when it has none)."""
-    p = next(iter(net.parameters()), None)
-    return default if p is None else p.dtype
 
 
 # -- micro-batched guidance ---------------------------------------------------------------------
@@ -237,3 +235,76 @@ class _ReplayGuide:
             )
         self.owner.last = None
         return res
+
+
+# -- one call for the sampling command ----------------------------------------------------------
+
+
+@dataclass
+class PipelineSampling:
+    """What ``fguide.ddpm`` needs for a pipeline model (see :func:`build_pipeline_sampling`)."""
+
+    model: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    process: Process
+    guide: Any
+    clip_denoised: bool
+    state_shape: tuple[int, int, int]
+    to_image: Callable[[Tensor], Tensor]
+
+
+def build_pipeline_sampling(
+    pm: PipelineModel,
+    *,
+    respacing: str = "250",
+    cfg_scale: float = 1.0,
+    cfg_channels: int | None = None,
+    classifier: ClassifierFn | None = None,
+    objective: Objective | None = None,
+    scale: float = 1.0,
+    guidance: Literal["algorithm3", "mean"] = "algorithm3",
+    sine_factor: float = 0.3,
+    microbatch: int | None = None,
+    clip: ClipMode = "straight_through",
+    classifier_precision: Precision = "fp32",
+) -> PipelineSampling:
+    """Model, process and guide for ``fguide.ddpm(s.model, z, s.process, labels=y,
+    guide=s.guide, noise=..., clip_denoised=s.clip_denoised, sine_factor=...)``.
+
+    Without a classifier: CFG (DiT) or the plain UNet, no guide. With one: ``"algorithm3"``
+    (DiT only) is :class:`CFGClassifierGuidance` with G = ``scale``; ``"mean"`` is EluCD's DDPM
+    mean shift μ' = μ + (Σ + a_t) γ g with γ = ``scale`` and g the (decoded) classifier's
+    gradient at x̂0 of the CFG output, the sampler's ``sine_factor`` giving a_t. The final state
+    goes through ``s.to_image`` (the VAE decoder for latents). ``classifier_precision`` runs the
+    guidance's C∘Dec (decoder and classifier) under autocast (gradients included).
+    """
+    proc = pm.process(respacing)
+    eps = pm.eps_model(cfg_scale, cfg_channels)
+    guide: Any = None
+    model: Callable[[Tensor, Tensor, Tensor | None], Tensor] = eps
+    if classifier is not None:
+        if objective is None:
+            raise ValueError("objective is required with a classifier")
+        clf = with_precision(pm.guidance_classifier(classifier, clip), classifier_precision)
+        if guidance == "algorithm3":
+            if not isinstance(eps, DiTEps):
+                raise ValueError("guidance 'algorithm3' needs a DiT pipeline (CFG); use 'mean'")
+            alg = CFGClassifierGuidance(
+                eps, proc, clf, objective, scale, sine_factor, pm.clip_denoised, microbatch
+            )
+            model, guide = alg, alg.guide
+        elif guidance == "mean":
+            guide = (
+                ClassifierGuide(clf, objective, scale)
+                if microbatch is None
+                else MicrobatchGuide(clf, objective, scale, microbatch)
+            )
+        else:
+            raise ValueError(f"guidance must be 'algorithm3' or 'mean'; got {guidance!r}")
+    return PipelineSampling(
+        model=model,
+        process=proc,
+        guide=guide,
+        clip_denoised=pm.clip_denoised,
+        state_shape=pm.state_shape,
+        to_image=lambda x: pm.to_image(x, microbatch),
+    )
