@@ -87,9 +87,9 @@ __all__ = [
 TRAJECTORY_FILE = TRAJECTORY
 #: Curves a trajectory file must have (one value per recorded step; None where undefined).
 REQUIRED_CURVES = ("step", "confidence_mean", "confidence_top25", "grad_norm", "ece")
-OPTIONAL_CURVES = (
-    "t", "accuracy", "vanished_fraction", "max_tilt_weight", "clip_score", "clip_cosine",
-)  # fmt: skip
+OPTIONAL_CURVES = ("t", "accuracy", "vanished_fraction", "max_tilt_weight")
+#: Any other curve of ``step``'s length is a per-step statistic of the run's guide (e.g. the CLIP
+#: score); it is kept, and drawn when the file defines it (``<curve>_definition``).
 
 
 # -- 1. trajectories --------------------------------------------------------------------------
@@ -162,7 +162,16 @@ def load_trajectory_curves(
     if label is None:
         label = file.parent.name if file.name == TRAJECTORY_FILE else file.stem
     kept = {k: list(curves[k]) for k in (*REQUIRED_CURVES, *OPTIONAL_CURVES) if k in curves}
-    return TrajectoryCurves(label, file, kept, dict(data.get("summary") or {}))
+    extra = [
+        k
+        for k, v in curves.items()
+        if k not in kept and isinstance(v, list) and len(v) == n and isinstance(k, str)
+    ]
+    kept.update((k, list(curves[k])) for k in extra)
+    definitions = {
+        k: data[f"{k}_definition"] for k in extra if isinstance(data.get(f"{k}_definition"), str)
+    }
+    return TrajectoryCurves(label, file, kept, dict(data.get("summary") or {}), definitions)
 
 
 def trajectory_json(runs: Sequence[TrajectoryCurves]) -> dict[str, Any]:

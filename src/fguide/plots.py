@@ -4,7 +4,8 @@
   diagonal; METHODS.md 4), from :class:`~fguide.metrics.calibration.ReliabilityStats` or from
   its JSON form (:func:`plot_reliability_dict`);
 - :func:`plot_trajectory_figures`: the paper's Figure 1 from sampling runs (ECE, confidence and
-  guidance-gradient norm per sampling step);
+  guidance-gradient norm per sampling step), and any other per-step statistic a run defines
+  (a CLIP guide's CLIP score);
 - :func:`plot_calibration_vs_noise`, :func:`write_reliability_diagrams`: a classifier's
   calibration on forward-noised images;
 - :func:`plot_demo`: the Gaussian-mixture demo's curves and sample scatters;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,7 @@ __all__ = [
     "plot_reliability_dict",
     "plot_trajectory_figures",
     "reliability_png_name",
+    "statistic_figure",
     "write_reliability_diagrams",
 ]
 
@@ -169,11 +172,16 @@ FIGURE_FILES = {
     "confidence": "confidence_vs_step.png",
     "grad_norm": "grad_norm_vs_step.png",
 }
-CLIP_FIGURE = "clip_score_vs_step.png"
+
+
+def statistic_figure(curve: str) -> str:
+    """The file of an extra per-step statistic's figure: ``clip_score_vs_step.png``."""
+    return f"{curve}_vs_step.png"
 
 
 def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> None:
-    """Draw one of the three Figure-1 panels (``ece``, ``confidence``, ``grad_norm``)."""
+    """Draw one Figure-1 panel (``ece``, ``confidence``, ``grad_norm``) or the panel of an
+    extra per-step statistic (any other curve name, e.g. ``clip_score``)."""
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         x = _values(run.curves["step"])
@@ -184,9 +192,9 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
         elif kind == "confidence":
             ax.plot(x, _values(run.curves["confidence_mean"]), color=color, label=run.label)
             ax.plot(x, _values(run.curves["confidence_top25"]), color=color, ls="--", lw=1)
-        elif kind == "clip_score":
-            if "clip_score" in run.curves:
-                ax.plot(x, _values(run.curves["clip_score"]), color=color, label=run.label)
+        elif kind not in FIGURE_FILES:
+            if kind in run.curves:
+                ax.plot(x, _values(run.curves[kind]), color=color, label=run.label)
         else:
             g = _values(run.curves["grad_norm"])
             if np.isfinite(g).any():
@@ -200,9 +208,10 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
         ax.set_ylabel("confidence in the target p_y")
         ax.set_title("confidence: mean (solid), top 25% (dashed)")
         ax.set_ylim(0, 1.02)
-    elif kind == "clip_score":
-        ax.set_ylabel("CLIP score 100·max(cos, 0) of x̂0")
-        ax.set_title("CLIP score along the trajectory (EluCD Fig. 7)")
+    elif kind not in FIGURE_FILES:
+        ax.set_ylabel(kind)
+        definition = next((r.definitions[kind] for r in runs if kind in r.definitions), kind)
+        ax.set_title(textwrap.fill(definition, 48), fontsize=8)
     else:
         ax.set_ylabel("guidance-gradient norm ‖∇S‖")
         ax.set_title("guidance-gradient norm")
@@ -220,13 +229,15 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
 def plot_trajectory_figures(
     runs: Sequence[TrajectoryCurves], out_dir: str | os.PathLike[str]
 ) -> dict[str, Path]:
-    """Write the three curves as separate PNGs and side by side (``figure1.png``); runs with a
-    CLIP guide add the CLIP score per step (``clip_score_vs_step.png``, a fourth panel)."""
+    """Write the three curves as separate PNGs and side by side (``figure1.png``); each extra
+    per-step statistic a run defines adds its figure and a panel (a CLIP guide's CLIP score:
+    ``clip_score_vs_step.png``, EluCD's Figure 7)."""
     out = Path(out_dir)
     written: dict[str, Path] = {}
     kinds = dict(FIGURE_FILES)
-    if any("clip_score" in r.curves for r in runs):
-        kinds["clip_score"] = CLIP_FIGURE
+    for run in runs:
+        for curve in run.definitions:
+            kinds.setdefault(curve, statistic_figure(curve))
     for kind, name in kinds.items():
         fig, (ax,) = new_figure(1)
         _trajectory_panel(ax, runs, kind)

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from fguide import rng
 from fguide.accel import choose_batch_size
-from fguide.diagnostics import TrajectoryRecorder
+from fguide.diagnostics import StepStatistic, TrajectoryRecorder
 from fguide.distributed import Dist, DistributedRunError
 from fguide.guidance import GuidanceResult
 from fguide.io.files import sha256_file
@@ -454,7 +454,16 @@ def _merge(
             "sampler": cfg.sampler,
             "steps": cfg.steps,
         },
+        statistics=_statistics(comp),
     )
+
+
+def _statistics(comp: Components) -> tuple[type[StepStatistic], ...]:
+    if comp.classifier is not None and comp.classifier.kind == "clip":
+        from fguide.models.clip import CLIPScoreRecorder
+
+        return (CLIPScoreRecorder,)
+    return ()
 
 
 def run_sampling(cfg: SampleConfig) -> SampleResult:

@@ -47,7 +47,7 @@ from fguide.io.folders import claim_folder
 from fguide.io.images import open_images
 from fguide.models.classifiers import load_classifier
 from fguide.params import ParamError
-from fguide.plots import CLIP_FIGURE, FIGURE_FILES
+from fguide.plots import FIGURE_FILES, statistic_figure
 from fguide.runtime import resolve_device
 from fguide.schedules import make_process
 
@@ -56,7 +56,7 @@ FILES = (
     "calibration.json",
     "figure1.png",
     *FIGURE_FILES.values(),
-    CLIP_FIGURE,
+    statistic_figure("clip_score"),
     "reliability_*.png",
     "calibration_vs_t.png",
 )

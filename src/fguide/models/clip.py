@@ -36,12 +36,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from fguide.diagnostics import StepStatistic
 from fguide.models.hf_files import Rule, check_clip_folder, check_fields, read_json_object
 from fguide.models.imagenet_classes import IMAGENET_CLASSNAMES
 
@@ -435,15 +435,13 @@ def load_clip_head(
 
 # -- CLIP score along the trajectory ---------------------------------------------------------
 
-_CLIP_SUMS = ("n", "cos_sum", "score_sum")
-
 
 def clip_score(cos: Tensor) -> Tensor:
     """The CLIP score of a cosine similarity: 100 · max(cos, 0) (:data:`CLIP_SCORE_WEIGHT`)."""
     return CLIP_SCORE_WEIGHT * cos.clamp_min(0)
 
 
-class CLIPScoreRecorder:
+class CLIPScoreRecorder(StepStatistic):
     """Sampler callback: per step, the mean CLIP score of x̂0 against each sample's target prompt.
 
     clip_score = 100 · max(cos, 0) (:data:`CLIP_SCORE_WEIGHT`), clip_cosine = cos, both averaged
@@ -451,110 +449,45 @@ class CLIPScoreRecorder:
     (a step without either is skipped). By default the head runs on ``rec.x0`` (one extra
     forward without gradient, any guide or none); ``from_guidance=True`` instead reads the
     cosine off the guidance logits, f_y / s — valid only when this head is the guide and sees
-    x̂0 (DDPM/DDIM), and then free. Batches, shards and processes merge by summing.
+    x̂0 (DDPM/DDIM), and then free. Batches, shards and processes merge by summing
+    (:class:`~fguide.diagnostics.StepStatistic`).
     """
+
+    name = "clip"
+    columns = ("n", "cos_sum", "score_sum")
+    curve_columns = (("clip_score", "score_sum"), ("clip_cosine", "cos_sum"))
+    summary_of = ("final_clip_score", "clip_score")
+    definition = (
+        "clip_score",
+        "mean over samples of 100 * max(cos(CLIP image embedding of x0, target prompt), 0)",
+    )
 
     def __init__(
         self, head: CLIPHead, labels: Tensor | None = None, *, from_guidance: bool = False
     ):
+        super().__init__()
         self.head, self.labels, self.from_guidance = head, labels, from_guidance
-        self.sums: dict[int, dict[str, float]] = {}
-        self._pending: list[tuple[int, int, Tensor]] = []  # (step, n, [Σ cos, Σ score]) on device
 
-    def __call__(self, rec: StepRecord) -> None:
+    def step_sums(self, rec: StepRecord) -> tuple[int, Tensor] | None:
+        """(n, [Σ cos, Σ score]) of the step's samples, on the device."""
         res = rec.guidance
         labels = self.labels if self.labels is not None else (None if res is None else res.labels)
         if labels is None:
-            return
+            return None
         if self.from_guidance:
             if res is None:
-                return
+                return None
             f_y = res.logits.double().gather(-1, labels[:, None].to(res.logits.device))
             cos = f_y.squeeze(-1) / self.head.logit_scale
         else:
             with torch.no_grad():
                 cos = self.head.cosine(rec.x0).double()
             cos = cos.gather(-1, labels[:, None].to(cos.device)).squeeze(-1)
-        sums = torch.stack([cos.sum(), clip_score(cos).sum()])
-        self._pending.append((rec.step, len(cos), sums))
-
-    def finalize(self) -> None:
-        """Fold the pending steps' device sums into the host sums (one transfer), as
-        :meth:`TrajectoryRecorder.finalize` does."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        values = torch.stack([p[2] for p in pending]).cpu().tolist()  # the one read
-        for (step, n, _), (cos_sum, score_sum) in zip(pending, values, strict=True):
-            s = self.sums.setdefault(step, dict.fromkeys(_CLIP_SUMS, 0.0))
-            s["n"] += n
-            s["cos_sum"] += cos_sum
-            s["score_sum"] += score_sum
-
-    @property
-    def steps(self) -> list[int]:
-        self.finalize()
-        return sorted(self.sums)
-
-    def merge(self, other: CLIPScoreRecorder) -> None:
-        """Add another recorder's observations (another batch, shard or process)."""
-        self.finalize()
-        other.finalize()
-        for k, o in other.sums.items():
-            s = self.sums.setdefault(k, dict.fromkeys(_CLIP_SUMS, 0.0))
-            for key in _CLIP_SUMS:
-                s[key] += o[key]
-
-    def state(self) -> dict[str, NDArray[Any]]:
-        """Per-step sums as arrays under ``clip_``-prefixed keys, so that they can be stored in
-        the same dict (npz) as :meth:`TrajectoryRecorder.state` without a clash."""
-        steps = self.steps
-        return {
-            "clip_steps": np.asarray(steps, dtype=np.int64),
-            "clip_sums": np.asarray(
-                [[self.sums[k][n] for n in _CLIP_SUMS] for k in steps], dtype=np.float64
-            ).reshape(len(steps), len(_CLIP_SUMS)),
-        }
+        return len(cos), torch.stack([cos.sum(), clip_score(cos).sum()])
 
     @classmethod
     def from_state(cls, state: dict[str, NDArray[Any]], head: Any = None) -> CLIPScoreRecorder:
         """Inverse of :meth:`state` (other keys are ignored; no ``clip_steps``: empty)."""
         rec = cls(head)
-        if "clip_steps" not in state:
-            return rec
-        for j, k in enumerate(state["clip_steps"].tolist()):
-            rec.sums[k] = dict(
-                zip(_CLIP_SUMS, (float(v) for v in state["clip_sums"][j]), strict=True)
-            )
+        rec._restore(state)
         return rec
-
-    def curves(self) -> dict[str, list[float]]:
-        """``step``, ``clip_score`` and ``clip_cosine``, one value per recorded step."""
-        steps = self.steps
-        return {
-            "step": [float(k) for k in steps],
-            "clip_score": [self.sums[k]["score_sum"] / self.sums[k]["n"] for k in steps],
-            "clip_cosine": [self.sums[k]["cos_sum"] / self.sums[k]["n"] for k in steps],
-        }
-
-    def add_to(self, trajectory: dict[str, Any]) -> dict[str, Any]:
-        """Add the curves to a :meth:`TrajectoryRecorder.to_dict` result, in place.
-
-        ``curves["clip_score"]`` and ``curves["clip_cosine"]`` are aligned with
-        ``curves["step"]`` (None at a step without a CLIP value); ``summary["final_clip_score"]``
-        is the last step's mean; ``clip_score_definition`` names the convention.
-        """
-        curves = trajectory.setdefault("curves", {})
-        steps = curves.get("step") or self.steps
-        curves.setdefault("step", list(steps))
-        mine = self.curves()
-        at = {int(k): i for i, k in enumerate(mine["step"])}
-        for key in ("clip_score", "clip_cosine"):
-            curves[key] = [mine[key][at[int(k)]] if int(k) in at else None for k in steps]
-        trajectory.setdefault("summary", {})["final_clip_score"] = (
-            mine["clip_score"][-1] if self.sums else None
-        )
-        trajectory["clip_score_definition"] = (
-            "mean over samples of 100 * max(cos(CLIP image embedding of x0, target prompt), 0)"
-        )
-        return trajectory
