@@ -569,8 +569,8 @@ def test_adm_classifier_guides_with_adm_plain_mean_condition(
     # ADM's noise-aware classifier: μ' = μ + Σ γ g (condition_mean), no EluCD sine boost;
     # an x̂0 classifier keeps EluCD's γ_sine = 0.3 (METHODS.md §5).
     import fguide.sampling
+    from fguide.config import parse_flags
     from fguide.models.presets import create_classifier
-    from fguide.sampling_config import parse_flags
 
     assert resolve_config(config(tmp_path / "r", ckpt, classifier="resnet50")).sine_factor == 0.3
     adm = resolve_config(config(tmp_path / "a", ckpt, classifier="128x128_classifier"))

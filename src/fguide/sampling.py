@@ -53,6 +53,12 @@ from torch import Tensor
 
 from fguide import rng
 from fguide.accel import choose_batch_size
+from fguide.config import (
+    DEFAULT_SHARD_SIZE,
+    SampleConfig,
+    parse_flags,
+    resolve_config,
+)
 from fguide.diagnostics import StepStatistic, TrajectoryRecorder
 from fguide.distributed import Dist, DistributedRunError
 from fguide.guidance import GuidanceResult
@@ -83,12 +89,6 @@ from fguide.samplers import (
     ddim,
     ddpm,
     heun,
-)
-from fguide.sampling_config import (
-    DEFAULT_SHARD_SIZE,
-    SampleConfig,
-    parse_flags,
-    resolve_config,
 )
 from fguide.sampling_models import Components, build_components
 

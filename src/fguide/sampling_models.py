@@ -20,6 +20,7 @@ from fguide.accel import (
     to_channels_last,
     with_precision,
 )
+from fguide.config import SampleConfig, build_objective, model_family
 from fguide.denoisers import ADMModel, Denoiser, EpsModel, VPAsEDM
 from fguide.guidance import ClassifierGuide
 from fguide.models.classifiers import LoadedClassifier, load_classifier
@@ -35,7 +36,6 @@ from fguide.models.presets import (
     split_flags,
 )
 from fguide.params import ParamError
-from fguide.sampling_config import SampleConfig, build_objective, model_family
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process
 
 __all__ = ["Components", "build_components"]
