@@ -544,7 +544,7 @@ def test_first_sample_variance_tracking_puts_the_batch_size_in_the_identity(
 
 def test_pipeline_folder_identity_hashes_names_with_contents(tmp_path: Path) -> None:
     # Two weight files swapped (same names, same set of contents) are another model.
-    from fguide.sampling import _model_sha256
+    from fguide.sampling.run import _model_sha256
 
     folder = tmp_path / "pipeline"
     (folder / "unet").mkdir(parents=True)
@@ -568,7 +568,7 @@ def test_adm_classifier_guides_with_adm_plain_mean_condition(
 ) -> None:
     # ADM's noise-aware classifier: μ' = μ + Σ γ g (condition_mean), no EluCD sine boost;
     # an x̂0 classifier keeps EluCD's γ_sine = 0.3 (METHODS.md §5).
-    import fguide.sampling
+    import fguide.sampling.run
     from fguide.config import parse_flags
     from fguide.models.presets import create_classifier
 
@@ -583,13 +583,13 @@ def test_adm_classifier_guides_with_adm_plain_mean_condition(
     weights = tmp_path / "adm_classifier.pt"
     torch.save(create_classifier(**parse_flags(flags)).state_dict(), weights)
     seen: list[float] = []
-    ddpm = fguide.sampling.ddpm
+    ddpm = fguide.sampling.run.ddpm
 
     def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append(kwargs["sine_factor"])
         return ddpm(*args, **kwargs)
 
-    monkeypatch.setattr(fguide.sampling, "ddpm", spy)
+    monkeypatch.setattr(fguide.sampling.run, "ddpm", spy)
     cfg = config(
         tmp_path / "run", ckpt, classifier="adm", classifier_flags=flags,
         classifier_weights=weights, method="logsoftmax", num_samples=2,
