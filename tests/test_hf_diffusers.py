@@ -666,7 +666,7 @@ def test_resume_over_swapped_pipeline_weights_is_refused(dit_dir: Path, tmp_path
 
 
 def test_algorithm3_needs_an_explicit_scale(dit_dir: Path, tmp_path: Path) -> None:
-    from fguide.config import SampleConfig, resolve_config
+    from fguide.sampling import SampleConfig, resolve_config
 
     cfg = SampleConfig(out=tmp_path, model=dit_dir, classifier="test_hf_diffusers:cli_classifier")
     with pytest.raises(ValueError, match="scale: give scale"):

@@ -568,7 +568,7 @@ def test_adm_classifier_guides_with_adm_plain_mean_condition(
 ) -> None:
     # ADM's noise-aware classifier: μ' = μ + Σ γ g (condition_mean), no EluCD sine boost;
     # an x̂0 classifier keeps EluCD's γ_sine = 0.3 (METHODS.md §5).
-    import fguide.sampling.run
+    import fguide.sampling.batch
     from fguide.config import parse_flags
     from fguide.models.presets import create_classifier
 
@@ -583,13 +583,13 @@ def test_adm_classifier_guides_with_adm_plain_mean_condition(
     weights = tmp_path / "adm_classifier.pt"
     torch.save(create_classifier(**parse_flags(flags)).state_dict(), weights)
     seen: list[float] = []
-    ddpm = fguide.sampling.run.ddpm
+    ddpm = fguide.sampling.batch.ddpm
 
     def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append(kwargs["sine_factor"])
         return ddpm(*args, **kwargs)
 
-    monkeypatch.setattr(fguide.sampling.run, "ddpm", spy)
+    monkeypatch.setattr(fguide.sampling.batch, "ddpm", spy)
     cfg = config(
         tmp_path / "run", ckpt, classifier="adm", classifier_flags=flags,
         classifier_weights=weights, method="logsoftmax", num_samples=2,

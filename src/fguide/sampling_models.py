@@ -5,8 +5,10 @@ checkpoint), the schedule the sampler walks, and the guide (through the one clas
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,7 @@ from fguide.accel import (
     to_channels_last,
     with_precision,
 )
-from fguide.config import SampleConfig, build_objective, model_family
+from fguide.config import SampleConfig, build_objective
 from fguide.denoisers import ADMModel, Denoiser, EpsModel, VPAsEDM
 from fguide.guidance import ClassifierGuide
 from fguide.models.classifiers import LoadedClassifier, load_classifier
@@ -377,3 +379,25 @@ def _with_guide(
         info,
         label_mode,
     )
+
+
+def model_family(path: str | Path) -> str:
+    """``diffusers`` (a pipeline folder), ``nvlabs`` (an EDM network pickle) or ``adm``."""
+    from fguide.models.nvlabs import is_network_pickle
+
+    p = Path(path)
+    if p.is_dir() and (p / "model_index.json").is_file():
+        return "diffusers"
+    if p.is_file() and is_network_pickle(p):
+        return "nvlabs"
+    return "adm"
+
+
+def _is_dit_pipeline(path: Path) -> bool:
+    """True when a pipeline folder's ``model_index.json`` names a ``transformer`` (DiT); an
+    unreadable index counts as DiT here (the loader then says what is wrong with it)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return not isinstance(index, dict) or "transformer" in index
