@@ -39,7 +39,7 @@ from _memory import heap_probe
 from fguide.config import SampleConfig, build_objective
 from fguide.denoisers import ADMModel
 from fguide.guidance import ClassifierGuide
-from fguide.models.classifiers import LoadedClassifier
+from fguide.guides import LoadedClassifier
 from fguide.models.presets import build_preset, create_model
 from fguide.models.resnet import ImageClassifier, resnet
 from fguide.sampling import resolve_config, sample_batch, sample_labels

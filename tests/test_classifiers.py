@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fguide.models.classifiers import is_adm_classifier, load_classifier, state_dict_sha256
+from fguide.guides import is_adm_classifier, load_classifier, state_dict_sha256
 from fguide.models.presets import create_classifier
 from fguide.models.resnet import resnet
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from fguide import defaults, objective
 from fguide.cli.main import build_parser
-from fguide.models.classifiers import load_classifier
+from fguide.guides import load_classifier
 from fguide.sampling import SampleConfig, resolve_config
 
 

@@ -78,15 +78,15 @@ from fguide.finetune_steps import (
     evaluate_held_out,
     training_loss,
 )
-from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
-from fguide.io.folders import check_folder, claim_folder
-from fguide.io.images import ImageSource, from_arrays, open_images, random_crop_arr
-from fguide.models.classifiers import (
+from fguide.guides import (
     ClassifierKind,
     LoadedClassifier,
     probe_num_classes,
     state_dict_sha256,
 )
+from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.io.folders import check_folder, claim_folder
+from fguide.io.images import ImageSource, from_arrays, open_images, random_crop_arr
 from fguide.plots import plot_reliability_dict
 from fguide.runtime import resolve_device
 from fguide.schedules import Process, make_process
@@ -157,7 +157,7 @@ class Classifier:
     file (for a ResNet the bare network's, which :func:`fguide.models.resnet.load_resnet`
     reads; for an ADM preset the ``EncoderUNetModel``'s, which ``load_model(preset, path)``
     reads). Build one with :meth:`from_loaded` (what
-    :func:`fguide.models.classifiers.load_classifier` returns) or :func:`wrap_module`.
+    :func:`fguide.guides.load_classifier` returns) or :func:`wrap_module`.
     """
 
     module: nn.Module
@@ -295,7 +295,7 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``classifier`` with CE + λ·Smooth ECE on ``data``; resume from ``out_dir``.
 
-    ``classifier``: a :class:`Classifier`, what :func:`fguide.models.classifiers.load_classifier`
+    ``classifier``: a :class:`Classifier`, what :func:`fguide.guides.load_classifier`
     returns, or a plain ``nn.Module`` (clean input unless ``config.input`` says otherwise).
     ``data``: an :class:`~fguide.io.images.ImageSource` with labels, or its path
     (:func:`open_data`).

@@ -1,6 +1,6 @@
 """The networks of a sampling run, built from its configuration: the diffusion model (an ADM
 checkpoint), the schedule the sampler walks, and the guide (through the one classifier loader,
-:func:`fguide.models.classifiers.load_classifier`).
+:func:`fguide.guides.load_classifier`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fguide.accel import (
 from fguide.config import SampleConfig, build_objective
 from fguide.denoisers import ADMModel, Denoiser, EpsModel, VPAsEDM
 from fguide.guidance import ClassifierGuide
-from fguide.models.classifiers import LoadedClassifier, load_classifier
+from fguide.guides import LoadedClassifier, load_classifier
 from fguide.models.edm import EDMDenoiser
 from fguide.models.loading import load_model, load_state_dict_file, matching_presets
 from fguide.models.nvlabs import load_network_pickle

@@ -42,10 +42,10 @@ from fguide.cli import (
     add_hidden_alias,
     softplus_beta_arg,
 )
+from fguide.guides import load_classifier
 from fguide.io.files import atomic_write_json, provenance, sha256_file
 from fguide.io.folders import claim_folder
 from fguide.io.images import open_images
-from fguide.models.classifiers import load_classifier
 from fguide.params import ParamError
 from fguide.plots import FIGURE_FILES, statistic_figure
 from fguide.runtime import resolve_device

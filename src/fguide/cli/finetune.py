@@ -270,7 +270,7 @@ def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
 def run(args: argparse.Namespace) -> int:
     from fguide.finetune import Classifier, FinetuneConfig, finetune, open_data
     from fguide.finetune_data import default_image_size
-    from fguide.models.classifiers import is_adm_classifier, load_classifier
+    from fguide.guides import is_adm_classifier, load_classifier
     from fguide.runtime import resolve_device
 
     # Every configuration field that has a flag (``--bins`` is ``n_bins``).

@@ -17,7 +17,7 @@ from typing import Any
 from fguide import defaults
 from fguide.accel import PRECISIONS
 from fguide.config import PARAM_RANGES, SampleConfig, build_objective, parse_flags
-from fguide.models.classifiers import CLIP_PREFIX, is_adm_classifier
+from fguide.guides import CLIP_PREFIX, is_adm_classifier
 from fguide.models.dit_network import check_dit_network
 from fguide.models.presets import PRESETS
 from fguide.models.resnet import ARCHS, INPUT_MODES
