@@ -79,7 +79,6 @@ from fguide.finetune_steps import (
     training_loss,
 )
 from fguide.guides import (
-    ClassifierKind,
     LoadedClassifier,
     probe_num_classes,
     state_dict_sha256,
@@ -162,7 +161,9 @@ class Classifier:
 
     module: nn.Module
     spec: str
-    kind: ClassifierKind | Literal["module"]  # "module": an nn.Module given in memory
+    kind: str
+    """A guide kind's name (:data:`fguide.guides.GUIDE_KINDS`), or ``module``: an nn.Module given
+    in memory."""
     default_input: ClassifierInput
     image_size: int | None = None
     noise_schedule: str | None = None
@@ -178,7 +179,8 @@ class Classifier:
         """
         module = loaded.module.requires_grad_(True)
         size = loaded.image_size
-        schedule = _adm_noise_schedule(size) if loaded.kind == "adm" and size else None
+        # a classifier whose spec fixes its size and timestep (ADM's) was trained with it
+        schedule = _adm_noise_schedule(size) if loaded.time_aware and size else None
         default: ClassifierInput = "noisy" if loaded.time_aware else "clean"
         weights = loaded.description.get("weights")
         return cls(

@@ -270,7 +270,7 @@ def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
 def run(args: argparse.Namespace) -> int:
     from fguide.finetune import Classifier, FinetuneConfig, finetune, open_data
     from fguide.finetune_data import default_image_size
-    from fguide.guides import is_adm_classifier, load_classifier
+    from fguide.guides import find_guide_kind, load_classifier
     from fguide.runtime import resolve_device
 
     # Every configuration field that has a flag (``--bins`` is ``n_bins``).
@@ -283,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     # The loader probes the classifier on images of the training size; an ADM preset has its
     # own (the data are then cropped to it).
     size = args.image_size
-    if size is None and not is_adm_classifier(args.classifier):
+    kind = find_guide_kind(args.classifier)
+    if size is None and not (kind is not None and kind.fixes_image_size):
         size = default_image_size(data)
     loaded = load_classifier(
         args.classifier,

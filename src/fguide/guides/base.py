@@ -1,23 +1,11 @@
-"""THE loader of every guide: one function builds any classifier fguide can guide with.
+"""What every guide kind shares: the loaded classifier, its load options, the one probe and
+the weights' hash, and :class:`GuideKind`, the base a kind of guide fills in.
 
-``load_classifier(spec, weights, ...)`` understands
-
-- a ResNet name (``resnet18`` … ``resnet152``): torchvision-format weights, every ReLU made
-  Softplus(β) (β from :mod:`fguide.defaults`: 3 for DDPM/DDIM, 5 for Heun; 0 keeps ReLU),
-  wrapped so that it takes x̂0 ∈ [−1, 1] (``input_mode`` ``elucd`` or ``imagenet``);
-- an ADM classifier preset (``128x128_classifier`` …) or ``adm`` with ``flags``: ADM's
-  noise-aware classifier, called as ``f(x_t, t)``;
-- ``module:function`` or ``file.py:function`` returning an ``nn.Module`` (``time_aware`` when
-  the module says so with a ``time_aware`` attribute or the caller asks);
-- ``clip:FOLDER``: a transformers CLIP model folder as a zero-shot head over ``prompts`` (or a
-  ``prompt_file``; neither: the 1000 ImageNet classes), logits = s · cos(image, prompt_k)
-  (:mod:`fguide.models.clip`).
-
-Every command (``sample``, ``calibration``, ``finetune``) goes through it, so a new kind of
-guide is added here once. The result carries what callers need: the kind, whether the
-classifier takes the timestep, the number of classes (from one probe), and a description with
-the SHA-256 of the weights actually loaded (and, for an import spec, of its module's source
-file), which is part of a sampling run's identity.
+A guide kind (one module in :mod:`fguide.guides`, one line in its ``GUIDE_KINDS``) says which
+``--classifier`` specs it claims, which configuration fields and load options it alone uses
+(refused for the others, in one generic message), its part of a sampling run's configuration
+(defaults, checks), how it loads a classifier, and what extra per-step statistics a run guided
+by it records (:class:`~fguide.diagnostics.StepStatistic`).
 """
 
 from __future__ import annotations
@@ -27,39 +15,23 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fguide import defaults
-from fguide.io.files import sha256_file
-from fguide.models.loading import load_model
-from fguide.models.presets import PRESETS, classifier_defaults, create_classifier
-from fguide.models.resnet import ARCHS, INPUT_MODES, ImageClassifier, InputMode, load_resnet, resnet
-from fguide.runtime import import_module_spec, import_spec_source
+from fguide.config import SampleConfig
+from fguide.diagnostics import StepStatistic
+from fguide.params import OwnedFields
 
 __all__ = [
-    "ClassifierKind",
+    "GuideKind",
+    "LoadOptions",
     "LoadedClassifier",
-    "classifier_presets",
-    "is_adm_classifier",
-    "load_classifier",
+    "finish_loading",
+    "probe_num_classes",
     "state_dict_sha256",
 ]
-
-ClassifierKind = Literal["resnet", "adm", "import", "clip"]
-CLIP_PREFIX = "clip:"
-
-
-def classifier_presets() -> list[str]:
-    """Names of ADM's noise-aware classifier presets."""
-    return [n for n, p in PRESETS.items() if p.kind == "classifier"]
-
-
-def is_adm_classifier(spec: str | None) -> bool:
-    """Whether ``spec`` names ADM's noise-aware classifier (a preset or ``adm``)."""
-    return spec == "adm" or (spec in PRESETS and PRESETS[spec].kind == "classifier")
 
 
 def state_dict_sha256(module: nn.Module) -> str:
@@ -83,7 +55,8 @@ class LoadedClassifier:
     module: nn.Module
     """Eval mode, ``requires_grad`` off, on the requested device and dtype."""
     spec: str
-    kind: ClassifierKind
+    kind: str
+    """The guide kind's name (:data:`fguide.guides.GUIDE_KINDS`): ``resnet``, ``adm``, ...."""
     time_aware: bool
     """Called as ``module(x_t, t)`` (ADM's noise-aware classifier) instead of ``module(x)``."""
     num_classes: int
@@ -100,14 +73,6 @@ class LoadedClassifier:
     def state_dict_to_save(self) -> dict[str, Tensor]:
         sd = self.export() if self.export is not None else self.module.state_dict()
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
-
-
-def _kinds_message(spec: str) -> str:
-    return (
-        f"classifier: {spec!r} is none of {', '.join(ARCHS)}, an ADM classifier preset "
-        f"({', '.join(classifier_presets())}), 'adm', 'clip:FOLDER' or a 'module:function' "
-        "import spec"
-    )
 
 
 def probe_num_classes(
@@ -142,134 +107,99 @@ def probe_num_classes(
     return int(out.shape[1])
 
 
-def load_classifier(
+@dataclass(frozen=True)
+class LoadOptions:
+    """The options of :func:`fguide.guides.load_classifier` (see there); each kind reads its own."""
+
+    image_size: int | None = None
+    device: torch.device | str = "cpu"
+    softplus_beta: float | None = None
+    sampler: str = "ddpm"
+    input_mode: str = "elucd"
+    resize: int | None = None
+    flags: Mapping[str, Any] = field(default_factory=dict)
+    time_aware: bool | None = None
+    num_classes: int | None = None
+    require_weights: bool = True
+    dtype: torch.dtype | None = torch.float32
+    prompts: Sequence[str] | None = None
+    prompt_file: str | os.PathLike[str] | None = None
+
+
+def finish_loading(
+    net: nn.Module,
     spec: str,
-    weights: str | os.PathLike[str] | None = None,
-    *,
-    image_size: int | None = None,
-    device: torch.device | str = "cpu",
-    softplus_beta: float | None = None,
-    sampler: str = "ddpm",
-    input_mode: str = "elucd",
-    resize: int | None = None,
-    flags: Mapping[str, Any] | None = None,
-    time_aware: bool | None = None,
-    num_classes: int | None = None,
-    require_weights: bool = True,
-    dtype: torch.dtype | None = torch.float32,
-    prompts: Sequence[str] | None = None,
-    prompt_file: str | os.PathLike[str] | None = None,
+    kind: str,
+    time_aware: bool,
+    path: Path | None,
+    options: LoadOptions,
+    description: dict[str, Any],
+    size_required: int | None = None,
+    export: Callable[[], Mapping[str, Tensor]] | None = None,
 ) -> LoadedClassifier:
-    """Build the classifier named by ``spec``, load ``weights`` (``weights_only``), probe it.
-
-    ``softplus_beta``: None takes :func:`fguide.defaults.softplus_beta` of ``sampler``; 0 keeps
-    ReLU (ResNets only). ``image_size``: the images the classifier will see (required for the
-    probe unless an ADM preset fixes it). ``flags``: ADM ``create_classifier`` flags (``adm``
-    or overriding a preset's). ``require_weights=False`` allows a randomly initialised preset or
-    ResNet (benchmarks, fine-tuning from scratch). ``num_classes``: a ResNet head without
-    weights. ``dtype=None`` keeps an imported module's own precision (float32 by default).
-    ``prompts`` / ``prompt_file``: the classes of a ``clip:`` head.
-    """
-    if (prompts or prompt_file is not None) and not spec.startswith(CLIP_PREFIX):
-        raise ValueError(f"prompts apply to CLIP guides (clip:FOLDER), not {spec!r}")
-    path = None if weights is None else Path(weights)
-    if path is not None and not path.is_file():
-        raise FileNotFoundError(f"classifier_weights: file not found: {path}")
-    flags = dict(flags or {})
-    desc: dict[str, Any] = {"spec": spec}
-    export: Callable[[], Mapping[str, Tensor]] | None = None
-    size_required: int | None = None
-    if spec in ARCHS:
-        if path is None and require_weights:
-            raise ValueError(f"classifier {spec} needs --classifier-weights (its weight file)")
-        if input_mode not in INPUT_MODES:
-            raise ValueError(
-                f"input_mode must be one of {', '.join(INPUT_MODES)}; got {input_mode!r}"
-            )
-        beta = defaults.softplus_beta(sampler) if softplus_beta is None else softplus_beta
-        beta = defaults.parse_softplus_beta(beta)
-        act = None if beta == defaults.RELU else beta
-        mode = cast(InputMode, input_mode)
-        if path is not None:
-            wrapped = load_resnet(spec, path, act, mode, resize, num_classes=num_classes)
-        else:
-            wrapped = ImageClassifier(resnet(spec, num_classes or 1000, act), mode, resize)
-        net: nn.Module = wrapped
-        export = wrapped.net.state_dict
-        kind: ClassifierKind = "resnet"
-        aware = False
-        desc.update(softplus_beta=beta if beta else "relu", input_mode=input_mode, resize=resize)
-    elif is_adm_classifier(spec):
-        if path is None and require_weights:
-            raise ValueError(f"classifier {spec} needs --classifier-weights (its checkpoint)")
-        if spec == "adm":
-            base = {**classifier_defaults(), "image_size": image_size or 64}
-        else:
-            base = dict(PRESETS[spec].flags)
-        full = {**base, **flags}
-        size_required = int(full["image_size"])
-        if image_size is not None and size_required != image_size:
-            raise ValueError(
-                f"image size: classifier {spec!r} takes {size_required}x{size_required} images "
-                f"but the images are {image_size}x{image_size}"
-            )
-        if spec != "adm" and not flags:
-            net = load_model(spec, path) if path is not None else PRESETS[spec].build()
-        else:
-            built = create_classifier(**full)
-            net = load_model(built, path) if path is not None else built
-        kind, aware = "adm", True
-        desc["flags"] = full
-    elif spec.startswith(CLIP_PREFIX):
-        from fguide.models.clip import load_clip_head
-
-        if path is not None:
-            raise ValueError("classifier_weights: a CLIP guide reads its weights from its folder")
-        head = load_clip_head(
-            spec[len(CLIP_PREFIX) :],
-            list(prompts) if prompts else None,
-            prompt_file=prompt_file,
-            imagenet=not prompts and prompt_file is None,
-        )
-        net, kind, aware = head, "clip", False
-        desc.update(head.describe())
-    elif ":" in spec:
-        obj = import_module_spec(spec)
-        if not isinstance(obj, nn.Module):
-            raise ValueError(f"classifier: {spec!r} must be or return a torch.nn.Module")
-        net = load_model(obj, path) if path is not None else obj
-        kind = "import"
-        # Code can change what a module computes without changing its weights (a constant
-        # read in forward): the spec's own file is part of what identifies the guide.
-        source = import_spec_source(spec)
-        desc["source_sha256"] = None if source is None else sha256_file(source)
-        aware = bool(time_aware or getattr(net, "time_aware", False))
-    elif spec in PRESETS:
-        raise ValueError(
-            f"classifier: {spec!r} is a diffusion model preset; classifier presets: "
-            + ", ".join(classifier_presets())
-        )
-    else:
-        raise ValueError(_kinds_message(spec))
-    if flags and kind != "adm":
-        raise ValueError("classifier_flags apply to ADM classifiers only")
-    if kind != "resnet" and (softplus_beta not in (None, 0) or input_mode != "elucd" or resize):
-        raise ValueError(
-            "softplus_beta, input_mode and resize apply to ResNet classifiers only "
-            f"(classifier {spec!r} is of kind {kind!r})"
-        )
-    if time_aware is not None and kind == "adm" and not time_aware:
-        raise ValueError(f"classifier {spec!r}: ADM's classifier always takes the timestep")
-    net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    size = size_required or image_size
+    """The common end of every kind's loading: eval mode, no gradients, the requested device and
+    dtype, one probe for the number of classes, and the description with the weights' hash."""
+    net = net.to(device=options.device, dtype=options.dtype).eval().requires_grad_(False)
+    size = size_required or options.image_size
     if size is None:
         raise ValueError(f"classifier {spec!r}: image_size is needed to check the classifier")
-    n = probe_num_classes(net, spec, size, aware, device)
-    desc.update(
+    n = probe_num_classes(net, spec, size, time_aware, options.device)
+    description.update(
         kind=kind,
-        time_aware=aware,
+        time_aware=time_aware,
         num_classes=n,
         weights=None if path is None else str(path),
         state_dict_sha256=state_dict_sha256(net),
     )
-    return LoadedClassifier(net, spec, kind, aware, n, size_required, desc, export)
+    return LoadedClassifier(net, spec, kind, time_aware, n, size_required, description, export)
+
+
+class GuideKind:
+    """One kind of guide. A subclass sets the attributes and overrides the methods it needs; an
+    instance of it in :data:`fguide.guides.GUIDE_KINDS` makes it known to every command."""
+
+    name: str = ""
+    """The kind's name: :attr:`LoadedClassifier.kind` and the run identity's ``kind``."""
+    form: str = ""
+    """How a ``--classifier`` of this kind is written (the unknown-spec message lists them)."""
+    fields: OwnedFields | None = None
+    """The :class:`~fguide.config.SampleConfig` fields only this kind uses."""
+    dropped: tuple[str, ...] = ()
+    """Fields only this kind uses that a configuration of another kind drops (sets to None)
+    instead of refusing (a named configuration's value for its own guide)."""
+    fixes_image_size: bool = False
+    """The spec fixes the classifier's input size (an ADM preset's flags)."""
+    statistics: tuple[type[StepStatistic], ...] = ()
+    """The extra per-step statistics a run guided by this kind records (:meth:`recorders`)."""
+
+    def claims(self, spec: str) -> bool:
+        """Whether ``spec`` is a classifier of this kind."""
+        raise NotImplementedError
+
+    def misnamed(self, spec: str) -> str | None:
+        """Why ``spec``, claimed by no kind, looks like this kind's and is not one (or None)."""
+        return None
+
+    def refuse_options(self, spec: str, kind: str, options: LoadOptions) -> None:
+        """Raise a ``ValueError`` when ``options`` sets an option only this kind takes (``spec``
+        is of another kind, ``kind``)."""
+
+    def resolve(self, config: SampleConfig) -> None:
+        """Check and fill this kind's part of a sampling run's configuration, in place."""
+
+    def guidance_defaults(self, config: SampleConfig) -> dict[str, float]:
+        """Defaults of ``scale`` and ``sine_factor`` that differ for this kind (else the
+        defaults table's)."""
+        return {}
+
+    def labels(self, config: SampleConfig, loaded: LoadedClassifier) -> str:
+        """How a run draws its labels: the configuration's ``labels`` unless the kind fixes them."""
+        return config.labels
+
+    def load(self, spec: str, path: Path | None, options: LoadOptions) -> LoadedClassifier:
+        """The classifier ``spec`` with the weights at ``path`` (checked to exist), probed."""
+        raise NotImplementedError
+
+    def recorders(self, loaded: LoadedClassifier, labels: Tensor) -> list[StepStatistic]:
+        """Fresh recorders of :attr:`statistics` for one batch with target ``labels``."""
+        return []
