@@ -689,9 +689,9 @@ def test_batch_size_changes_a_sample_by_rounding_only(ckpt: Path, tmp_path: Path
     # The guarantee stated in the README: identical bytes for the same batch size (any number
     # of processes, any interruption); across batch sizes equal up to float32 rounding, i.e. at
     # most one quantisation level on rare pixels. Checked over many seeds.
+    from fguide.families import build_components
     from fguide.io.images import to_uint8_nhwc
     from fguide.sampling import sample_batch
-    from fguide.sampling_models import build_components
 
     diffs, changed, total = [], 0, 0
     for seed in range(12):
@@ -826,7 +826,7 @@ def check_compile_and_channels_last(
     *flags)`` (the samples as ints) and the plain samples."""
     from functools import partial
 
-    import fguide.sampling_models as sm
+    import fguide.families.base as sm
     from fguide.accel import compile_model
 
     monkeypatch.setattr(sm, "compile_model", partial(compile_model, backend="eager"))

@@ -11,11 +11,11 @@ registry (:mod:`fguide.families`), the guide from the guide-kind registry
 
 from fguide.config import DEFAULT_SHARD_SIZE, SampleConfig, parse_flags
 from fguide.distributed import DistributedRunError
+from fguide.families import Components, build_components
 from fguide.io.runs import ConfigMismatchError, plan_shards
 from fguide.sampling.batch import NonFiniteSamplesError, sample_batch, sample_labels
 from fguide.sampling.resolve import resolve_config
 from fguide.sampling.run import SampleResult, run_sampling
-from fguide.sampling_models import Components, build_components
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",

@@ -21,6 +21,7 @@ from torch import Tensor
 from fguide import rng
 from fguide.config import SampleConfig
 from fguide.diagnostics import TrajectoryRecorder
+from fguide.families import Components
 from fguide.guidance import GuidanceResult
 from fguide.io.images import to_uint8_nhwc
 from fguide.io.runs import TrajState, merge_states, recorder_state
@@ -34,7 +35,6 @@ from fguide.samplers import (
     ddpm,
     heun,
 )
-from fguide.sampling_models import Components
 
 __all__ = ["NonFiniteSamplesError", "generate_shard", "sample_batch", "sample_labels"]
 

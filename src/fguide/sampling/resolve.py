@@ -17,13 +17,13 @@ from typing import Any
 from fguide import defaults
 from fguide.accel import PRECISIONS
 from fguide.config import PARAM_RANGES, SampleConfig, build_objective, parse_flags
+from fguide.families.base import _is_dit_pipeline, model_family
 from fguide.guides import CLIP_PREFIX, is_adm_classifier
 from fguide.models.dit_network import check_dit_network
 from fguide.models.presets import PRESETS
 from fguide.models.resnet import ARCHS, INPUT_MODES
 from fguide.objectives import METHODS
 from fguide.params import ParamError, check_ranges
-from fguide.sampling_models import _is_dit_pipeline, model_family
 
 __all__ = ["resolve_config"]
 

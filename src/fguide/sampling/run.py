@@ -51,6 +51,7 @@ from fguide.accel import choose_batch_size
 from fguide.config import SampleConfig
 from fguide.diagnostics import StepStatistic
 from fguide.distributed import Dist, DistributedRunError
+from fguide.families import Components, build_components
 from fguide.io.files import sha256_file
 from fguide.io.runs import (
     FORMAT,
@@ -67,7 +68,6 @@ from fguide.io.runs import (
 from fguide.samplers import StepRecord
 from fguide.sampling.batch import generate_shard, sample_batch, sample_labels
 from fguide.sampling.resolve import resolve_config
-from fguide.sampling_models import Components, build_components
 
 __all__ = ["SampleResult", "run_sampling"]
 
