@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OwnedFields", "ParamError", "Range", "check_ranges"]
+__all__ = ["OwnedFields", "ParamError", "Range", "check_choice", "check_ranges"]
 
 
 def _rebuild(template: str, params: tuple[str, ...], values: dict[str, Any]) -> ParamError:
@@ -111,6 +111,14 @@ def check_ranges(values: Any, ranges: Mapping[str, Range]) -> None:
         value = getattr(values, name)
         if value is not None:
             domain.check(name, value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise a :class:`ParamError` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ParamError(
+            "{0} must be one of {valid}; got {value!r}", name, valid=", ".join(choices), value=value
+        )
 
 
 @dataclass(frozen=True)

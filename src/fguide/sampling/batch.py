@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fguide import rng
 from fguide.config import SampleConfig
-from fguide.diagnostics import TrajectoryRecorder
+from fguide.diagnostics import StepStatistic, TrajectoryRecorder
 from fguide.families import Components
 from fguide.guidance import GuidanceResult
 from fguide.io.images import to_uint8_nhwc
@@ -175,36 +175,23 @@ def _sample_state(
 def generate_shard(
     comp: Components, config: SampleConfig, i0: int, i1: int, on_batch: Callable[[int], None]
 ) -> tuple[NDArray[np.uint8], NDArray[np.int64] | None, TrajState]:
+    """Samples [i0, i1) batch by batch: uint8 NHWC images, their labels, and the merged
+    per-step statistics (the trajectory recorder's and the guide kind's)."""
     group = config.tilt_group if config.t_tilt is not None else None
     end = i1 if group is None else -(-i1 // group) * group  # complete the last tilt group
     size = config.batch_size or 64  # resolved by the run (None only for direct callers)
     batch = size if group is None else max(1, size // group) * group
     labels = sample_labels(comp.label_mode, config.seed, range(i0, end), comp.num_classes)
-    # Unguided runs record the classifier's calibration too, when it sees x̂0.
-    record = comp.guide is not None or (
-        comp.classifier is not None and not comp.classifier.time_aware
-    )
     images, states = [], []
     for b0 in range(i0, end, batch):
         idx = list(range(b0, min(b0 + batch, end)))
         keep = min(len(idx), i1 - b0)
         lab = None if labels is None else labels[b0 - i0 : b0 - i0 + len(idx)]
-        rec, clip_rec = None, None
+        rec, extras = _recorders(comp, lab, keep)
         callback: Callable[[StepRecord], None] | None = None
-        if record and lab is not None:
-            y_keep = torch.as_tensor(lab[:keep], device=comp.device)
-            if comp.guide is not None:
-                rec = TrajectoryRecorder()
-            else:
-                assert comp.classifier is not None
-                rec = TrajectoryRecorder(labels=y_keep, classifier=comp.classifier.module)
-            callbacks: list[Callable[[StepRecord], None]] = [rec]
-            if comp.classifier is not None and comp.classifier.kind == "clip":
-                from fguide.models.clip import CLIPScoreRecorder
-
-                clip_rec = CLIPScoreRecorder(comp.classifier.module, y_keep)  # type: ignore[arg-type]
-                callbacks.append(clip_rec)
-            callback = _each(callbacks) if keep == len(idx) else _Kept(_each(callbacks), keep)
+        if rec is not None:
+            both = _each([rec, *extras])
+            callback = both if keep == len(idx) else _Kept(both, keep)
         try:
             x = sample_batch(comp, config, idx, lab, callback)
         except NonFiniteGuidanceError as err:
@@ -216,13 +203,38 @@ def generate_shard(
             ) from None
         images.append(to_uint8_nhwc(x[:keep]))
         state = recorder_state(rec)
-        states.append(state if clip_rec is None else {**state, **clip_rec.state()})
+        for extra in extras:
+            state = {**state, **extra.state()}
+        states.append(state)
         on_batch(keep)
     return (
         np.concatenate(images),
         None if labels is None else labels[: i1 - i0],
         merge_states(states),
     )
+
+
+def _recorders(
+    comp: Components, labels: NDArray[np.int64] | None, keep: int
+) -> tuple[TrajectoryRecorder | None, list[StepStatistic]]:
+    """A batch's recorders: the trajectory recorder and the guide kind's statistics; none
+    without labels or without a guide or a classifier that sees x̂0 (unguided runs record the
+    classifier's calibration too, when it sees x̂0)."""
+    record = comp.guide is not None or (
+        comp.classifier is not None and not comp.classifier.time_aware
+    )
+    if not record or labels is None:
+        return None, []
+    y_keep = torch.as_tensor(labels[:keep], device=comp.device)
+    if comp.guide is not None:
+        rec = TrajectoryRecorder()
+    else:
+        assert comp.classifier is not None
+        rec = TrajectoryRecorder(labels=y_keep, classifier=comp.classifier.module)
+    extras = []
+    if comp.guide_kind is not None and comp.classifier is not None:
+        extras = comp.guide_kind.recorders(comp.classifier, y_keep)
+    return rec, extras
 
 
 def _each(callbacks: list[Callable[[StepRecord], None]]) -> Callable[[StepRecord], None]:

@@ -5,34 +5,96 @@ fields (the sampler, the classifier, the method) from :mod:`fguide.defaults`, so
 ``fguide sample`` and the named configurations agree. Parameters that do not apply to a
 configuration resolve to None (so they never make two runs differ). Errors are
 :class:`~fguide.params.ParamError` naming the field (the CLI names its flag).
+
+The parts that depend on the model and on the guide are asked of their registries: the model
+family (:func:`fguide.families.find_family`) and the guide kind
+(:func:`fguide.guides.find_guide_kind`) each check and fill their own fields, and every field
+another family or kind owns is refused in one generic message naming the flag and its owner.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fguide import defaults
 from fguide.accel import PRECISIONS
 from fguide.config import PARAM_RANGES, SampleConfig, build_objective, parse_flags
-from fguide.families.base import _is_dit_pipeline, model_family
-from fguide.guides import CLIP_PREFIX, is_adm_classifier
-from fguide.models.dit_network import check_dit_network
-from fguide.models.presets import PRESETS
-from fguide.models.resnet import ARCHS, INPUT_MODES
+from fguide.families import FAMILIES, ModelFamily, find_family
+from fguide.guides import GUIDE_KINDS, GuideKind, find_guide_kind, unknown_guide
+from fguide.models.resnet import INPUT_MODES
 from fguide.objectives import METHODS
-from fguide.params import ParamError, check_ranges
+from fguide.params import ParamError, check_choice, check_ranges
 
 __all__ = ["resolve_config"]
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ParamError(
-            "{0} must be one of {valid}; got {value!r}", name, valid=", ".join(choices), value=value
-        )
+def resolve_config(config: SampleConfig) -> SampleConfig:
+    """Validate ``config`` and fill its derived defaults; parameters that do not apply are None.
+
+    Errors are :class:`~fguide.params.ParamError` naming the field (the CLI names its flag).
+    """
+    c = _checked_fields(config)
+    family, kind = find_family(c.model), find_guide_kind(c.classifier)
+    allowed = _owned(family) | _owned(kind)  # a field both own (none yet) is not refused
+    _resolve_family(c, family, allowed)
+    _resolve_steps_and_labels(c)
+    _resolve_guide(c, kind, allowed)
+    _resolve_sampler_settings(c)
+    if c.method == "none":
+        for name in ("tau1", "tau2", "alpha", "eps", "lam_max", "lam_min", "lam_schedule"):
+            setattr(c, name, None)
+        c.entropy, c.t_tilt, c.tilt_group = False, None, None
+        c.scale = c.sine_factor = c.variance_tracking = c.guidance_input = None
+        return c
+    _resolve_objective(c)
+    _resolve_guidance_strength(c, kind)
+    build_objective(c)  # validates what is left with the objective's own messages
+    return c
+
+
+def _checked_fields(config: SampleConfig) -> SampleConfig:
+    """A copy with every field of its type (paths, flag mappings, a tuple of prompts), in its
+    range and among its choices."""
+    if not str(config.out).strip():
+        raise ParamError("{0}: the output folder path is empty", "out")
+    if not str(config.model).strip():
+        raise ParamError("{0}: the diffusion checkpoint path is empty", "model")
+    weights, prompts = config.classifier_weights, config.prompts
+    c = dataclasses.replace(
+        config,
+        out=Path(config.out),
+        model=Path(config.model),
+        classifier_weights=None if weights is None else Path(weights),
+        model_flags=_flags("model_flags", config.model_flags),
+        classifier_flags=_flags("classifier_flags", config.classifier_flags),
+        prompts=None
+        if prompts is None
+        else tuple(str(p) for p in ([prompts] if isinstance(prompts, str) else prompts)),
+    )
+    check_ranges(c, PARAM_RANGES)
+    check_choice("precision", c.precision, list(PRECISIONS))
+    check_choice("classifier_precision", c.classifier_precision, list(PRECISIONS))
+    check_choice("classifier_input_mode", c.classifier_input_mode, INPUT_MODES)
+    return c
+
+
+def _owned(owner: ModelFamily | GuideKind | None) -> set[str]:
+    return set() if owner is None or owner.fields is None else set(owner.fields.names)
+
+
+def _resolve_family(c: SampleConfig, family: ModelFamily, allowed: set[str]) -> None:
+    """The sampler (the family's default), the fields of other families refused, then the
+    family's own part."""
+    if c.sampler is None:
+        c.sampler = family.default_sampler
+    check_choice("sampler", c.sampler, defaults.SAMPLERS)
+    for other in FAMILIES:
+        if other is not family and other.fields is not None:
+            other.fields.refuse(c, allowed)
+    family.resolve(c)
 
 
 def _flags(name: str, text: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -50,84 +112,6 @@ def _check_respacing(steps: str) -> None:
             "{0}: expected a respacing 'N', 'N1,N2,...' or 'ddimN' with counts >= 1; got {steps!r}",
             "steps",
             steps=steps,
-        )
-
-
-def resolve_config(config: SampleConfig) -> SampleConfig:
-    """Validate ``config`` and fill its derived defaults; parameters that do not apply are None.
-
-    Errors are :class:`~fguide.params.ParamError` naming the field (the CLI names its flag).
-    """
-    if not str(config.out).strip():
-        raise ParamError("{0}: the output folder path is empty", "out")
-    if not str(config.model).strip():
-        raise ParamError("{0}: the diffusion checkpoint path is empty", "model")
-    c = dataclasses.replace(
-        config,
-        out=Path(config.out),
-        model=Path(config.model),
-        classifier_weights=None
-        if config.classifier_weights is None
-        else Path(config.classifier_weights),
-        model_flags=_flags("model_flags", config.model_flags),
-        classifier_flags=_flags("classifier_flags", config.classifier_flags),
-    )
-    check_ranges(c, PARAM_RANGES)
-    _check_choice("precision", c.precision, list(PRECISIONS))
-    _check_choice("classifier_precision", c.classifier_precision, list(PRECISIONS))
-    _check_choice("classifier_input_mode", c.classifier_input_mode, INPUT_MODES)
-    _resolve_model_family(c)
-    _resolve_steps_and_labels(c)
-    _resolve_classifier(c)
-    _resolve_sampler_settings(c)
-    if c.method == "none":
-        for name in ("tau1", "tau2", "alpha", "eps", "lam_max", "lam_min", "lam_schedule"):
-            setattr(c, name, None)
-        c.entropy, c.t_tilt, c.tilt_group = False, None, None
-        c.scale = c.sine_factor = c.variance_tracking = c.guidance_input = None
-        return c
-    _resolve_objective(c)
-    _resolve_guidance_strength(c)
-    build_objective(c)  # validates what is left with the objective's own messages
-    return c
-
-
-def _resolve_model_family(c: SampleConfig) -> None:
-    """The sampler's default and the settings that apply to diffusers pipelines only."""
-    family = model_family(c.model)
-    if c.sampler is None:
-        c.sampler = "heun" if family == "nvlabs" else "ddpm"
-    _check_choice("sampler", c.sampler, defaults.SAMPLERS)
-    pipeline_only = (
-        "cfg_scale", "cfg_channels", "dit_network", "guidance_form", "guidance_microbatch"
-    )  # fmt: skip
-    if family != "diffusers":
-        given = [n for n in pipeline_only if getattr(c, n) is not None]
-        if given:
-            names = ", ".join(f"{{{i}}}" for i in range(len(given)))
-            verb = "applies" if len(given) == 1 else "apply"
-            raise ParamError(
-                names + f" {verb} to diffusers pipeline folders ({{{len(given)}}} DIR)",
-                *given,
-                "model",
-            )
-        return
-    if c.sampler == "heun":
-        raise ParamError("{0}: diffusers pipelines are sampled with ddpm or ddim", "sampler")
-    if c.model_preset is not None or c.model_flags:
-        raise ParamError("{0} and {1} apply to ADM checkpoints", "model_preset", "model_flags")
-    c.cfg_scale = 1.0 if c.cfg_scale is None else float(c.cfg_scale)
-    c.clip_denoised = True  # unused: the pipeline's scheduler decides (resolved model info)
-    if _is_dit_pipeline(c.model):
-        c.dit_network = check_dit_network(c.dit_network or "dit")
-    elif c.dit_network is not None:
-        raise ParamError("{0} applies to DiT pipelines (a transformer component)", "dit_network")
-    if c.method != "none":
-        c.guidance_form = c.guidance_form or "algorithm3"
-        _check_choice("guidance_form", c.guidance_form, ("algorithm3", "mean"))
-    elif c.guidance_form is not None or c.guidance_microbatch is not None:
-        raise ParamError(
-            "{0} and {1} need a guided {2}", "guidance_form", "guidance_microbatch", "method"
         )
 
 
@@ -150,62 +134,28 @@ def _resolve_steps_and_labels(c: SampleConfig) -> None:
                 "labels",
                 value=c.labels,
             ) from None
-    _check_choice("method", c.method, [m for m in ("none", *METHODS) if m != "f"])
+    check_choice("method", c.method, [m for m in ("none", *METHODS) if m != "f"])
 
 
-def _resolve_classifier(c: SampleConfig) -> None:
-    """The classifier's kind decides which classifier settings apply (and β's default)."""
-    adm_clf = is_adm_classifier(c.classifier)
+def _resolve_guide(c: SampleConfig, kind: GuideKind | None, allowed: set[str]) -> None:
+    """The guide's kind decides which classifier settings apply: the fields of other kinds are
+    refused (or dropped), then the kind fills its own (β's default, CLIP's prompts ...)."""
     if c.method != "none" and c.classifier is None:
         raise ParamError(
             "{0} {method!r} needs a classifier ({1})", "method", "classifier", method=c.method
         )
-    if adm_clf and c.sampler == "heun":
-        raise ParamError(
-            "{0}: ADM's noise-aware classifier guides DDPM or DDIM on x_t; Heun guidance needs "
-            "an x̂0 classifier (a ResNet or an import spec)",
-            "classifier",
-        )
-    if c.classifier is not None and c.classifier.startswith("resnet"):
-        if c.classifier not in ARCHS:
-            raise ParamError(
-                "{0}: unknown ResNet {spec!r}; valid: {valid}",
-                "classifier",
-                spec=c.classifier,
-                valid=", ".join(ARCHS),
-            )
-        if c.softplus_beta is None:
-            c.softplus_beta = defaults.softplus_beta(c.sampler or "ddpm")
-        c.softplus_beta = defaults.parse_softplus_beta(c.softplus_beta)
-    else:
-        c.softplus_beta = None  # ResNets only (a config's β is dropped for other classifiers)
-        if c.classifier_input_mode != "elucd" or c.classifier_resize is not None:
-            raise ParamError(
-                "{0} and {1} apply to ResNet classifiers only",
-                "classifier_input_mode",
-                "classifier_resize",
-            )
-    clip = c.classifier is not None and c.classifier.startswith(CLIP_PREFIX)
-    if c.prompts is not None:
-        c.prompts = tuple(
-            str(p) for p in ([c.prompts] if isinstance(c.prompts, str) else c.prompts)
-        )
-    if not clip and (c.prompts or c.prompt_file is not None or c.target is not None):
-        raise ParamError(
-            "{0}, {1} and {2} apply to CLIP guides ({3} clip:FOLDER)",
-            "prompts",
-            "prompt_file",
-            "target",
-            "classifier",
-        )
-    if c.prompts and c.prompt_file is not None:
-        raise ParamError("give {0} or {1}, not both", "prompts", "prompt_file")
-    if c.prompt_file is not None:
-        c.prompt_file = Path(c.prompt_file)
-    if c.target is not None and c.labels != "uniform":
-        raise ParamError(
-            "{0} fixes every sample's label: do not give {1} as well", "target", "labels"
-        )
+    if c.classifier is not None and kind is None:
+        raise ParamError("{0}: {why}", "classifier", why=unknown_guide(c.classifier))
+    for other in GUIDE_KINDS:
+        if other is kind:
+            continue
+        if other.fields is not None:
+            other.fields.refuse(c, allowed)
+        for name in other.dropped:  # e.g. a configuration's Softplus β, for a ResNet only
+            if name not in allowed:
+                setattr(c, name, None)
+    if kind is not None:
+        kind.resolve(c)
 
 
 def _resolve_sampler_settings(c: SampleConfig) -> None:
@@ -283,36 +233,25 @@ def _resolve_objective(c: SampleConfig) -> None:
         )
 
 
-def _resolve_guidance_strength(c: SampleConfig) -> None:
+def _resolve_guidance_strength(c: SampleConfig, kind: GuideKind | None) -> None:
     """The scale γ (G for Heun), the sine boost, DDPM's variance tracking, Heun's input."""
-    adm_clf = is_adm_classifier(c.classifier)
+    kind_defaults = {} if kind is None else kind.guidance_defaults(c)
     if c.scale is None:
-        if c.guidance_form == "algorithm3":
-            raise ParamError(
-                "{0}: give {0}, the maximum guidance G of EluCD's Algorithm 3 (EluCD does not "
-                "publish its DiT value; choose it by a sweep on a validation seed)",
-                "scale",
-            )
         if c.sampler == "heun":
             c.scale = defaults.heun_scale(int(c.steps))
-        elif adm_clf:
-            # ADM's README scale for the diffusion model the classifier belongs to
-            name = c.model_preset or str(c.classifier).replace("_classifier", "_diffusion")
-            preset = PRESETS.get(name)
-            c.scale = (preset.readme_classifier_scale if preset else None) or 1.0
         else:
-            c.scale = defaults.SCALE
+            c.scale = kind_defaults.get("scale", defaults.SCALE)
     if c.sampler == "ddim":
         c.sine_factor = None
     elif c.sine_factor is None:
-        c.sine_factor = 0.0 if adm_clf else defaults.SINE_FACTOR
+        c.sine_factor = kind_defaults.get("sine_factor", defaults.SINE_FACTOR)
     if c.sampler == "ddpm":
         c.variance_tracking = c.variance_tracking or "per_sample"
-        _check_choice("variance_tracking", c.variance_tracking, ("per_sample", "first_sample"))
+        check_choice("variance_tracking", c.variance_tracking, ("per_sample", "first_sample"))
     else:
         c.variance_tracking = None
     if c.sampler == "heun":
         c.guidance_input = c.guidance_input or "x"
-        _check_choice("guidance_input", c.guidance_input, ("x", "denoised"))
+        check_choice("guidance_input", c.guidance_input, ("x", "denoised"))
     else:
         c.guidance_input = None

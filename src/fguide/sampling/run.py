@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import sys
 import time
 from collections.abc import Mapping
@@ -51,7 +50,7 @@ from fguide.accel import choose_batch_size
 from fguide.config import SampleConfig
 from fguide.diagnostics import StepStatistic
 from fguide.distributed import Dist, DistributedRunError
-from fguide.families import Components, build_components
+from fguide.families import Components, build_components, find_family
 from fguide.io.files import sha256_file
 from fguide.io.runs import (
     FORMAT,
@@ -148,15 +147,8 @@ def _auto_batch_size(comp: Components, config: SampleConfig) -> int:
 
 
 def _model_sha256(path: Path) -> str:
-    """SHA-256 of a model file, or of a diffusers folder's files (names and contents)."""
-    if path.is_file():
-        return sha256_file(path)
-    from fguide.models.hf_diffusers import pipeline_files
-
-    h = hashlib.sha256()
-    for f in pipeline_files(path):
-        h.update(f"{f.relative_to(path).as_posix()}:{sha256_file(f)}\n".encode())
-    return h.hexdigest()
+    """SHA-256 of the model's files, as its family hashes them (contents, and names)."""
+    return find_family(path).files_sha256(path)
 
 
 def _log(dist: Dist, msg: str) -> None:
@@ -202,11 +194,8 @@ def _merge(
 
 
 def _statistics(comp: Components) -> tuple[type[StepStatistic], ...]:
-    if comp.classifier is not None and comp.classifier.kind == "clip":
-        from fguide.models.clip import CLIPScoreRecorder
-
-        return (CLIPScoreRecorder,)
-    return ()
+    """The extra per-step statistics of the run's guide kind (written to trajectory.json)."""
+    return () if comp.guide_kind is None else comp.guide_kind.statistics
 
 
 def run_sampling(config: SampleConfig) -> SampleResult:
