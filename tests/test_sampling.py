@@ -26,7 +26,6 @@ from torch import nn
 from fguide.cli.main import main
 from fguide.models.presets import create_model
 from fguide.models.resnet import resnet
-from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.sampling import (
     ConfigMismatchError,
     SampleConfig,
@@ -35,6 +34,7 @@ from fguide.sampling import (
     run_sampling,
     sample_labels,
 )
+from fguide.sampling.configs import PAPER_CONFIGS, apply_paper_config
 
 TESTS = Path(__file__).resolve().parent
 FLAGS = (

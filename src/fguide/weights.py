@@ -1,5 +1,5 @@
 """Where the weight files come from: one table of every file a named configuration
-(:mod:`fguide.paper_configs`) or ``fguide evaluate`` needs, and finding them in a folder.
+(:mod:`fguide.sampling.configs`) or ``fguide evaluate`` needs, and finding them in a folder.
 
 Each :class:`WeightEntry` is a file or a folder (a Hugging Face repository's files in the
 layout fguide loads: safetensors and configs, never pickled ``.bin``) under the name
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fguide.paper_configs import PAPER_CONFIGS, paper_config
+from fguide.sampling.configs import PAPER_CONFIGS, paper_config
 
 __all__ = [
     "EVALUATE",

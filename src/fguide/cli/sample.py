@@ -21,9 +21,9 @@ from fguide.cli import CLASSIFIER_FORMS, softplus_beta_arg
 from fguide.config import DEFAULT_SHARD_SIZE, PARAM_RANGES, SampleConfig
 from fguide.io import runs
 from fguide.objectives import METHODS
-from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.samplers import NonFiniteGuidanceError
 from fguide.sampling import DistributedRunError, run_sampling
+from fguide.sampling.configs import PAPER_CONFIGS, apply_paper_config
 from fguide.weights import weights_dir_overrides
 
 HELP = "Draw guided samples into resumable ADM-format shards (torchrun for several GPUs)."
