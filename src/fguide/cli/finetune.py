@@ -54,7 +54,7 @@ def _holdout(text: str) -> float:
 def configure(p: argparse.ArgumentParser) -> None:
     from fguide import defaults
     from fguide.finetune import FinetuneConfig
-    from fguide.finetune_config import PARAM_RANGES as R
+    from fguide.finetune.config import PARAM_RANGES as R
     from fguide.metrics.calibration import CALIBRATION_LOSSES
 
     d = FinetuneConfig()
@@ -269,7 +269,7 @@ def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
 
 def run(args: argparse.Namespace) -> int:
     from fguide.finetune import Classifier, FinetuneConfig, finetune, open_data
-    from fguide.finetune_data import default_image_size
+    from fguide.finetune.data import default_image_size
     from fguide.guides import find_guide_kind, load_classifier
     from fguide.runtime import resolve_device
 

@@ -33,8 +33,8 @@ step k repeats the uninterrupted run exactly; the checkpoint holds the model, op
 grad-scaler and step. The run's identity covers the settings, the classifier's initial weights
 (SHA-256 of its state dict) and the data's content (:meth:`ImageSource.fingerprint`).
 
-Layout: :mod:`fguide.finetune_config` (settings), :mod:`fguide.finetune_data` (split,
-augmentation, batches), :mod:`fguide.finetune_steps` (loss, gradient accumulation, held-out
+Layout: :mod:`fguide.finetune.config` (settings), :mod:`fguide.finetune.data` (split,
+augmentation, batches), :mod:`fguide.finetune.steps` (loss, gradient accumulation, held-out
 evaluation), this module (the classifier wrapper, checkpoints, the loop, the report).
 """
 
@@ -54,7 +54,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from fguide.finetune_config import (
+from fguide.finetune.config import (
     FREE_KEYS,
     INPUTS,
     ClassifierInput,
@@ -62,15 +62,15 @@ from fguide.finetune_config import (
     Precision,
     config_dict,
 )
-from fguide.finetune_data import (
+from fguide.finetune.data import (
     TrainLoader,
     check_labels,
     default_image_size,
     labels_of,
     split_holdout,
 )
-from fguide.finetune_loop import Interrupt, Trainer, rng_fork, train_loop, trim_log
-from fguide.finetune_steps import (
+from fguide.finetune.loop import Interrupt, Trainer, rng_fork, train_loop, trim_log
+from fguide.finetune.steps import (
     X0Estimator,
     accumulate_gradients,
     calibration_loss,

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from fguide import rng as streams
 from fguide.accel import autocast
-from fguide.finetune_config import ClassifierInput, Precision
-from fguide.finetune_data import TrainLoader
+from fguide.finetune.config import ClassifierInput, Precision
+from fguide.finetune.data import TrainLoader
 from fguide.metrics.calibration import calibration_loss_fn, reliability_diagram, smooth_ece_loss
 from fguide.schedules import Process
 

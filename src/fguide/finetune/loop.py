@@ -2,7 +2,7 @@
 
 :class:`Trainer` holds the mutable training state (what a checkpoint holds: model, optimizer,
 grad scaler, step, the batches since the last log line) and does one AdamW step on
-CE + λ·L_cal (:func:`fguide.finetune_steps.accumulate_gradients`). Step k's random draws come
+CE + λ·L_cal (:func:`fguide.finetune.steps.accumulate_gradients`). Step k's random draws come
 from (seed, k) alone: (t, ε) from (seed, ``FINETUNE_NOISE``, k), torch's global generator
 (dropout) from (seed, ``FINETUNE_STEP``, k). :func:`train_loop` runs steps until the target
 or a SIGINT/SIGTERM (:class:`Interrupt`), saving checkpoints and writing ``log.jsonl``.
@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from fguide import rng as streams
-from fguide.finetune_config import FinetuneConfig
-from fguide.finetune_data import TrainLoader
-from fguide.finetune_steps import BatchStats, accumulate_gradients
+from fguide.finetune.config import FinetuneConfig
+from fguide.finetune.data import TrainLoader
+from fguide.finetune.steps import BatchStats, accumulate_gradients
 from fguide.io.files import atomic_write
 from fguide.metrics.calibration import reliability_diagram
 
