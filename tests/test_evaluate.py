@@ -27,7 +27,7 @@ from PIL import Image
 from tolerances import assert_close, network_depth
 
 import fguide.cli.evaluate
-import fguide.evaluation
+import fguide.evaluation.quality
 import fguide.io.features
 from fguide.cli.main import main
 from fguide.evaluation import (
@@ -397,7 +397,9 @@ def test_out_filling_up_after_the_features_keeps_the_metrics(
     monkeypatch.setattr(
         fguide.io.features, "extract_features", lambda src, *a, **k: feats[src.path]
     )
-    monkeypatch.setattr(fguide.evaluation, "load_fid_inception", lambda *a, **k: data["model"])
+    monkeypatch.setattr(
+        fguide.evaluation.quality, "load_fid_inception", lambda *a, **k: data["model"]
+    )
     out, cache = tmp_path / "out", tmp_path / "cache"
     _failing_out(monkeypatch, out, failure)
     code, stdout, stderr = _cli(

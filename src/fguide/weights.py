@@ -275,13 +275,13 @@ def weights_dir_overrides(
     """
     if config is None:
         raise ValueError("--weights-dir needs --config NAME (it finds that configuration's files)")
-    cfg = paper_config(config)
+    named = paper_config(config)
     if not weights_dir.is_dir():
         raise FileNotFoundError(
             f"--weights-dir {weights_dir}: not a folder; fill it with: "
             + download_command([config], weights_dir)
         )
-    wanted = {"model": cfg.model_file, "guide": cfg.weights}
+    wanted = {"model": named.model_file, "guide": named.weights}
     entries = [REGISTRY[n] for n in wanted.values() if n is not None]
     roles = {
         "model": "model",

@@ -1,6 +1,6 @@
 """``fguide calibration``: calibration diagnostics, as PNG figures plus ``calibration.json``.
 
-Two modes (see :mod:`fguide.calibration_report` for the definitions and for what the
+Two modes (see :mod:`fguide.evaluation.calibration` for the definitions and for what the
 classifier sees at a noise level):
 
 - ``--trajectory RUN [RUN ...]``: a sampling run's ``trajectory.json`` (or its output folder)
@@ -25,7 +25,14 @@ import argparse
 from pathlib import Path
 
 from fguide import defaults as D
-from fguide.calibration_report import (
+from fguide.cli import (
+    CLASSIFIER_FORMS,
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    add_hidden_alias,
+    softplus_beta_arg,
+)
+from fguide.evaluation.calibration import (
     ClassifierCalibration,
     classifier_calibration,
     load_trajectory_curves,
@@ -34,13 +41,6 @@ from fguide.calibration_report import (
     plot_trajectory_figures,
     trajectory_json,
     write_reliability_diagrams,
-)
-from fguide.cli import (
-    CLASSIFIER_FORMS,
-    NONNEGATIVE_INT,
-    POSITIVE_INT,
-    add_hidden_alias,
-    softplus_beta_arg,
 )
 from fguide.guides import load_classifier
 from fguide.io.files import atomic_write_json, provenance, sha256_file

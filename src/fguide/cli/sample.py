@@ -354,10 +354,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _print_configs() -> None:
-    for cfg in PAPER_CONFIGS.values():
-        settings = " ".join(f"{k}={v}" for k, v in cfg.settings.items())
-        print(f"{cfg.name}\n  {cfg.description}\n  reproduces: {cfg.reference}")
-        files = ", ".join(f for f in (cfg.model_file, cfg.weights) if f)
+    for named in PAPER_CONFIGS.values():
+        settings = " ".join(f"{k}={v}" for k, v in named.settings.items())
+        print(f"{named.name}\n  {named.description}\n  reproduces: {named.reference}")
+        files = ", ".join(f for f in (named.model_file, named.weights) if f)
         print(f"  files (fguide weights list): {files}\n  {settings}")
 
 
@@ -380,9 +380,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list_configs:
         _print_configs()
         return 0
-    cfg = config_from_args(args)
+    config = config_from_args(args)
     try:
-        result = run_sampling(cfg)
+        result = run_sampling(config)
     except (NonFiniteGuidanceError, DistributedRunError) as err:
         print(f"fguide sample: error: {err}", file=sys.stderr)
         return 1

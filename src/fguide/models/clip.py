@@ -115,29 +115,29 @@ class CLIPPreprocess:
         file = Path(folder) / "preprocessor_config.json"
         if not file.is_file():
             return cls(size=image_size, crop_height=image_size, crop_width=image_size)
-        cfg = read_json_object(file, "a CLIP image processor config")
-        check_fields(cfg, _PREPROCESS_RULES, file)
+        settings = read_json_object(file, "a CLIP image processor config")
+        check_fields(settings, _PREPROCESS_RULES, file)
         for key in ("size", "crop_size"):
-            value = cfg.get(key)
+            value = settings.get(key)
             if isinstance(value, dict):
                 need = ("height", "width") if key == "crop_size" else ()
                 check_fields(value, _SIDES, f"{file} ({key})", need)
-        if cfg.get("do_rescale", True) is False or cfg.get("do_normalize", True) is False:
+        if settings.get("do_rescale", True) is False or settings.get("do_normalize", True) is False:
             raise ValueError(f"{file}: do_rescale/do_normalize false is not supported")
-        size = cfg.get("size", image_size)
+        size = settings.get("size", image_size)
         if isinstance(size, dict):
             if "shortest_edge" not in size:
                 raise ValueError(f"{file}: size must give 'shortest_edge'; got {size}")
             size = size["shortest_edge"]
-        crop = cfg.get("crop_size", size)
+        crop = settings.get("crop_size", size)
         ch, cw = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
-        resample = cfg.get("resample", 3)
+        resample = settings.get("resample", 3)
         if resample not in _RESAMPLE:
             raise ValueError(
                 f"{file}: resample {resample} is not supported (2 bilinear, 3 bicubic)"
             )
-        mean = tuple(float(v) for v in cfg.get("image_mean", _OPENAI_MEAN))
-        std = tuple(float(v) for v in cfg.get("image_std", _OPENAI_STD))
+        mean = tuple(float(v) for v in settings.get("image_mean", _OPENAI_MEAN))
+        std = tuple(float(v) for v in settings.get("image_std", _OPENAI_STD))
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"{file}: image_mean and image_std need 3 values (std > 0)")
         return cls(
@@ -147,8 +147,8 @@ class CLIPPreprocess:
             mean=(mean[0], mean[1], mean[2]),
             std=(std[0], std[1], std[2]),
             resample=_RESAMPLE[resample],  # type: ignore[arg-type]
-            do_resize=bool(cfg.get("do_resize", True)),
-            do_center_crop=bool(cfg.get("do_center_crop", True)),
+            do_resize=bool(settings.get("do_resize", True)),
+            do_center_crop=bool(settings.get("do_center_crop", True)),
         )
 
 
@@ -161,7 +161,7 @@ def resize_output_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def clip_preprocess(
-    x: Tensor, cfg: CLIPPreprocess, mean: Tensor | None = None, std: Tensor | None = None
+    x: Tensor, pre: CLIPPreprocess, mean: Tensor | None = None, std: Tensor | None = None
 ) -> Tensor:
     """CLIP's ``pixel_values`` from x ∈ [−1, 1] (NCHW), differentiably.
 
@@ -171,28 +171,28 @@ def clip_preprocess(
     processor, all below one grey level: PIL resamples the uint8 image and rounds (and clamps
     bicubic overshoot to [0, 255]) before rescaling; here nothing is rounded or clamped, so the
     gradient exists everywhere. ``mean``/``std`` ([3, 1, 1], on x's device) save building
-    them from ``cfg`` on every call.
+    them from ``pre`` on every call.
     """
     v = (x + 1) / 2
-    if cfg.do_resize:
-        h, w = resize_output_size(v.shape[-2], v.shape[-1], cfg.size)
+    if pre.do_resize:
+        h, w = resize_output_size(v.shape[-2], v.shape[-1], pre.size)
         if (h, w) != tuple(v.shape[-2:]):
             v = F.interpolate(
-                v, size=(h, w), mode=cfg.resample, align_corners=False, antialias=True
+                v, size=(h, w), mode=pre.resample, align_corners=False, antialias=True
             )
-    if cfg.do_center_crop:
+    if pre.do_center_crop:
         h, w = v.shape[-2:]
-        if cfg.crop_height > h or cfg.crop_width > w:
+        if pre.crop_height > h or pre.crop_width > w:
             raise ValueError(
-                f"CLIP centre crop {cfg.crop_height}x{cfg.crop_width} is larger than the "
+                f"CLIP centre crop {pre.crop_height}x{pre.crop_width} is larger than the "
                 f"resized image {h}x{w}"
             )
-        top, left = (h - cfg.crop_height) // 2, (w - cfg.crop_width) // 2
-        v = v[..., top : top + cfg.crop_height, left : left + cfg.crop_width]
+        top, left = (h - pre.crop_height) // 2, (w - pre.crop_width) // 2
+        v = v[..., top : top + pre.crop_height, left : left + pre.crop_width]
     if mean is None:
-        mean = torch.tensor(cfg.mean, dtype=v.dtype, device=v.device)[:, None, None]
+        mean = torch.tensor(pre.mean, dtype=v.dtype, device=v.device)[:, None, None]
     if std is None:
-        std = torch.tensor(cfg.std, dtype=v.dtype, device=v.device)[:, None, None]
+        std = torch.tensor(pre.std, dtype=v.dtype, device=v.device)[:, None, None]
     return (v - mean) / std
 
 

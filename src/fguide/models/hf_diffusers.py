@@ -433,9 +433,9 @@ def load_pipeline_model(
         if "vae" not in index:
             raise ValueError(f"{root}: a DiT pipeline needs a vae/ component")
         vae = _load_component(diffusers.AutoencoderKL, root, "vae", dev, dtype)
-        cfg = net.config
-        c, size = int(cfg.in_channels), int(cfg.sample_size)
-        out_c = int(cfg.out_channels or c)
+        net_config = net.config
+        c, size = int(net_config.in_channels), int(net_config.sample_size)
+        out_c = int(net_config.out_channels or c)
         if out_c not in (c, 2 * c):
             raise ValueError(f"{root}/transformer: out_channels {out_c} is neither {c} nor {2 * c}")
         if int(vae.config.latent_channels) != c:
@@ -443,9 +443,9 @@ def load_pipeline_model(
                 f"{root}: the VAE has {vae.config.latent_channels} latent channels, the "
                 f"transformer {c}"
             )
-        num_classes = int(cfg.num_embeds_ada_norm)
+        num_classes = int(net_config.num_embeds_ada_norm)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        configs.update(transformer=dict(cfg), vae=dict(vae.config))
+        configs.update(transformer=dict(net_config), vae=dict(vae.config))
         return PipelineModel(
             kind="dit",
             net=net,
@@ -463,18 +463,18 @@ def load_pipeline_model(
         )
     if "unet" in index:
         net = _load_component(diffusers.UNet2DModel, root, "unet", dev, dtype)
-        cfg = net.config
-        c = int(cfg.in_channels)
-        size = cfg.sample_size
+        net_config = net.config
+        c = int(net_config.in_channels)
+        size = net_config.sample_size
         if not isinstance(size, int):  # [h, w] (checked by check_diffusers_component)
             if len(set(size)) != 1:
                 raise ValueError(f"{root}/unet: non-square sample_size {size} is not supported")
             size = int(size[0])
-        out_c = int(cfg.out_channels)
+        out_c = int(net_config.out_channels)
         if out_c not in (c, 2 * c):
             raise ValueError(f"{root}/unet: out_channels {out_c} is neither {c} nor {2 * c}")
-        n_cls = getattr(cfg, "num_class_embeds", None)
-        configs.update(unet=dict(cfg))
+        n_cls = getattr(net_config, "num_class_embeds", None)
+        configs.update(unet=dict(net_config))
         return PipelineModel(
             kind="unet",
             net=net,
