@@ -46,6 +46,15 @@ def _default(name: str) -> Any:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    """The flags of ``fguide sample``, in four groups (the order ``--help`` lists them in)."""
+    _run_flags(p)
+    _model_flags(p)
+    _classifier_flags(p)
+    _guidance_flags(p)
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """The run: output folder, named configuration, sizes, seed, labels, precision, device."""
     io = p.add_argument_group("run")
     io.add_argument(
         "--out", type=Path, metavar="DIR", help="output folder (rerun into it to resume)"
@@ -138,6 +147,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """The diffusion model, its sampler and steps, and what applies to one family only."""
     m = p.add_argument_group("diffusion model")
     m.add_argument(
         "--model",
@@ -223,6 +235,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="do not clip x̂0 to [-1, 1] (default: clipped, as ADM)",
     )
 
+
+def _classifier_flags(p: argparse.ArgumentParser) -> None:
+    """The guide: its spec, weights, prompts and the settings of one kind only."""
     c = p.add_argument_group("classifier")
     c.add_argument(
         "--classifier",
@@ -270,6 +285,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         f"{D.softplus_beta('heun'):g}; 'relu' keeps ReLU)",
     )
 
+
+def _guidance_flags(p: argparse.ArgumentParser) -> None:
+    """The objective and its parameters, the scale and the samplers' guidance options."""
     g = p.add_argument_group("guidance")
     g.add_argument(
         "--method",

@@ -3,8 +3,9 @@
 The public entry is :func:`finetune` with a :class:`FinetuneConfig`. The package's modules:
 :mod:`~fguide.finetune.config` (settings), :mod:`~fguide.finetune.data` (split, augmentation,
 batches), :mod:`~fguide.finetune.steps` (loss, gradient accumulation, held-out evaluation),
-:mod:`~fguide.finetune.loop` (the training loop, interrupts) and :mod:`~fguide.finetune.job`
-(the classifier wrapper, checkpoints, the report: the job itself).
+:mod:`~fguide.finetune.loop` (the training loop, interrupts), :mod:`~fguide.finetune.classifier`
+(the classifier wrapper, the x̂0 estimator) and :mod:`~fguide.finetune.job` (checkpoints,
+resume, the report: the job itself).
 """
 
 from fguide.finetune.job import (
