@@ -41,7 +41,7 @@ FLAGS = (
     "image_size=8 num_channels=32 num_res_blocks=1 channel_mult=1,2 attention_resolutions=4 "
     "num_head_channels=32 class_cond=True learn_sigma=True"
 )
-SPEC = "test_sampling:tiny_classifier"
+SPEC = "test_sampling_run:tiny_classifier"
 # The reference run most tests compare against: 7 samples in shards of 2, batch 2, JS guidance.
 REF = dict(num_samples=7, batch_size=2, shard_size=2)
 
@@ -387,7 +387,7 @@ def test_other_configuration_is_refused_and_more_samples_extend(
         (["--model-flags", FLAGS.replace("num_channels=32", "num_channels=64")], "does not fit"),
         (["--classifier", "resnet18"], "--classifier-weights"),
         (["--classifier-weights", "nope.pth"], "--classifier-weights: file not found"),
-        (["--classifier", "test_sampling:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
+        (["--classifier", "test_sampling_run:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
         (["--method", "tilted", "--tilt-group", "3"], "multiple of --tilt-group"),
         (["--method", "base", "--alpha", "0.1"], "alpha is a divergence weight"),
         (["--steps", "ddim999"], "cannot create exactly 999 steps"),
@@ -415,7 +415,7 @@ def test_non_finite_guidance_names_step_and_samples(
     tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = cli_args(tmp_path / "run", ckpt, "--num-samples", "4", "--batch-size", "2")
-    args[args.index(SPEC)] = "test_sampling:fails_on_second_batch"
+    args[args.index(SPEC)] = "test_sampling_run:fails_on_second_batch"
     assert main([*args, "--shard-size", "4"]) == 1
     err = capsys.readouterr().err
     assert "sampling step 0" in err and "sample indices [2, 3]" in err
@@ -480,7 +480,7 @@ def test_identity_covers_the_weights_behind_an_import_spec(
     # An import spec names code, not weights: the run identity must hash the weights in use,
     # or a resumed run would silently mix samples of two classifiers (issue 10, item 2).
     out = tmp_path / "run"
-    cfg = config(out, ckpt, classifier="test_sampling:seeded_classifier", max_shards=1)
+    cfg = config(out, ckpt, classifier="test_sampling_run:seeded_classifier", max_shards=1)
     assert not run_sampling(cfg).complete
     monkeypatch.setitem(WEIGHT_SEED, "seed", 2)
     with pytest.raises(ConfigMismatchError, match="classifier_state_sha256"):
@@ -724,7 +724,7 @@ def test_nvlabs_edm_network_samples_with_heun_by_default(
     out = tmp_path / "edm"
     argv = [
         "sample", "--out", str(out), "--model", str(EDM_PICKLE),
-        "--classifier", "test_sampling:tiny4_classifier", "--steps", "4", "--seed", "1",
+        "--classifier", "test_sampling_run:tiny4_classifier", "--steps", "4", "--seed", "1",
         "--num-samples", "3", "--batch-size", "2", "--device", "cpu", "--no-progress", *churn,
     ]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
@@ -849,7 +849,7 @@ def test_edm_gpu_path_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [
-        "sample", "--model", str(EDM_PICKLE), "--classifier", "test_sampling:tiny4_classifier",
+        "sample", "--model", str(EDM_PICKLE), "--classifier", "test_sampling_run:tiny4_classifier",
         "--steps", "4", "--seed", "1", "--num-samples", "2", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     check_compile_and_channels_last(argv, tmp_path, monkeypatch, capsys)

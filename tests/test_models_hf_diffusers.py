@@ -607,7 +607,7 @@ def test_fguide_sample_with_a_dit_pipeline_folder(
     out = tmp_path / "dit-run"
     argv = [
         "sample", "--model", str(dit_dir), "--cfg-scale", "1.5", "--classifier",
-        "test_hf_diffusers:cli_classifier", "--scale", "0.5", "--steps", "3",
+        "test_models_hf_diffusers:cli_classifier", "--scale", "0.5", "--steps", "3",
         "--num-samples", "8", "--batch-size", "4", "--shard-size", "4", "--out", str(out),
         "--device", "cpu", "--no-progress",
     ]  # fmt: skip
@@ -668,7 +668,9 @@ def test_resume_over_swapped_pipeline_weights_is_refused(dit_dir: Path, tmp_path
 def test_algorithm3_needs_an_explicit_scale(dit_dir: Path, tmp_path: Path) -> None:
     from fguide.sampling import SampleConfig, resolve_config
 
-    cfg = SampleConfig(out=tmp_path, model=dit_dir, classifier="test_hf_diffusers:cli_classifier")
+    cfg = SampleConfig(
+        out=tmp_path, model=dit_dir, classifier="test_models_hf_diffusers:cli_classifier"
+    )
     with pytest.raises(ValueError, match="scale: give scale"):
         resolve_config(cfg)
     with pytest.raises(ValueError, match="ddpm or ddim"):
@@ -682,7 +684,7 @@ def test_dit_configuration_runs_on_the_tiny_pipeline(dit_dir: Path, tmp_path: Pa
     out = tmp_path / "cfg"
     argv = [
         "sample", "--config", "elucd-dit-xl2-256", "--model", str(dit_dir), "--out", str(out),
-        "--classifier", "test_hf_diffusers:cli_classifier",
+        "--classifier", "test_models_hf_diffusers:cli_classifier",
         "--scale", "0.2", "--steps", "4", "--num-samples", "2", "--device", "cpu",
         "--no-progress",
     ]  # fmt: skip
@@ -703,11 +705,11 @@ def test_pipeline_gpu_path_options(
     # in bf16 and --classifier-precision bf16 the decoder and classifier of the guidance: close
     # to float32, not equal to it.
     import numpy as np
-    from test_sampling import check_compile_and_channels_last
+    from test_sampling_run import check_compile_and_channels_last
 
     argv = [
         "sample", "--model", str(dit_dir), "--cfg-scale", "1.5", "--classifier",
-        "test_hf_diffusers:cli_classifier", "--scale", "2", "--steps", "3",
+        "test_models_hf_diffusers:cli_classifier", "--scale", "2", "--steps", "3",
         "--num-samples", "4", "--batch-size", "4", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     run, fp32 = check_compile_and_channels_last(argv, tmp_path, monkeypatch, capsys)

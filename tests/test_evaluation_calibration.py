@@ -1,5 +1,5 @@
 """fguide.evaluation.calibration: where a run's diagnostics are found (the figures and the
-numbers are tested end to end in test_calibration_cli.py)."""
+numbers are tested end to end in test_cli_calibration.py)."""
 
 from __future__ import annotations
 
