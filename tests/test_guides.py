@@ -1,18 +1,38 @@
-"""The one classifier loader: every kind of guide, one probe, the weights' hash, clear errors."""
+"""The guides: the one classifier loader (every kind of guide, one probe, the weights' hash,
+clear errors), and the guide-kind registry's contract, checked for every kind in
+``GUIDE_KINDS``.
+
+Each kind has a tiny spec here (a new kind adds one, or the contract fails): the spec is claimed
+first by its kind (the order of ``GUIDE_KINDS`` decides); it loads through the one loader as
+that kind, probed and hashed; its recorders are its declared statistics; a configuration guided
+by it refuses every field another kind owns (naming it) and drops another kind's dropped fields;
+the loader refuses the options only another kind takes; an unknown spec is refused naming every
+kind's form.
+"""
 
 from __future__ import annotations
 
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from fguide.guides import is_adm_classifier, load_classifier, state_dict_sha256
+from fguide.guides import (
+    GUIDE_KINDS,
+    find_guide_kind,
+    is_adm_classifier,
+    load_classifier,
+    state_dict_sha256,
+    unknown_guide,
+)
 from fguide.models.presets import create_classifier
 from fguide.models.resnet import resnet
+from fguide.params import ParamError
+from fguide.sampling import SampleConfig, resolve_config
 
 ADM_FLAGS = dict(
     image_size=16,
@@ -115,3 +135,144 @@ def test_errors_name_the_problem(
 def test_missing_weight_file_names_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="classifier_weights: file not found"):
         load_classifier("resnet18", tmp_path / "nope.pth", image_size=32)
+
+
+# -- the registry's contract, for every kind -----------------------------------------------
+
+ADM_CLASSIFIER_FLAGS = (
+    "image_size=8 classifier_width=32 classifier_depth=1 "
+    "classifier_attention_resolutions=4 channel_mult=1,2"
+)
+NAMES = [kind.name for kind in GUIDE_KINDS]
+# A value for each configuration field a kind owns (set for another kind: refused).
+OWNED_VALUES: dict[str, Any] = {
+    "classifier_input_mode": "imagenet",
+    "classifier_resize": 8,
+    "classifier_flags": "image_size=8",
+    "prompts": ("a cat",),
+    "prompt_file": "prompts.txt",
+    "target": "a cat",
+}
+# Load options only one kind takes (given for another kind's spec: refused).
+LOAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
+    "resnet": [{"softplus_beta": 3.0}, {"input_mode": "imagenet"}, {"resize": 8}],
+    "adm": [{"flags": {"image_size": 8}}],
+    "clip": [{"prompts": ["a cat"]}, {"prompt_file": "prompts.txt"}],
+    "import": [],
+}
+
+
+def _resnet(folder: Path) -> tuple[str, Path | None, dict[str, Any]]:
+    torch.manual_seed(0)
+    torch.save(resnet("resnet18", num_classes=4).state_dict(), folder / "r18.pth")
+    return "resnet18", folder / "r18.pth", {}
+
+
+def _adm(folder: Path) -> tuple[str, Path | None, dict[str, Any]]:
+    flags = dict(kv.split("=") for kv in ADM_CLASSIFIER_FLAGS.split())
+    torch.manual_seed(0)
+    torch.save(create_classifier(**flags).state_dict(), folder / "adm.pt")  # type: ignore[arg-type]
+    return "adm", folder / "adm.pt", {"flags": flags}
+
+
+def _clip(folder: Path) -> tuple[str, Path | None, dict[str, Any]]:
+    pytest.importorskip("transformers")
+    from test_models_clip import _build_clip_folder
+
+    return f"clip:{_build_clip_folder(folder / 'clip')}", None, {"prompts": ["a cat", "a dog"]}
+
+
+def _import(folder: Path) -> tuple[str, Path | None, dict[str, Any]]:
+    return "test_sampling_run:tiny_classifier", None, {}
+
+
+TINY = {"resnet": _resnet, "adm": _adm, "clip": _clip, "import": _import}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, Path | None, dict]]:
+    """Every registered kind's tiny spec, weight file and load options."""
+    missing = [name for name in NAMES if name not in TINY]
+    assert not missing, f"guide kinds without a tiny spec in this test: {missing}"
+    return {name: TINY[name](tmp_path_factory.mktemp(name)) for name in NAMES}
+
+
+def test_each_spec_is_claimed_first_by_its_kind(tiny: dict[str, tuple]) -> None:
+    for kind in GUIDE_KINDS:
+        spec = tiny[kind.name][0]
+        assert find_guide_kind(spec) is kind
+        claimants = [k.name for k in GUIDE_KINDS if k.claims(spec)]
+        assert claimants[0] == kind.name  # a later kind may claim it too (import: any ':')
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loads_as_its_kind_with_its_statistics(name: str, tiny: dict[str, tuple]) -> None:
+    spec, weights, options = tiny[name]
+    kind = find_guide_kind(spec)
+    assert kind is not None
+    loaded = load_classifier(spec, weights, image_size=8, **options)
+    assert loaded.kind == loaded.description["kind"] == name
+    logits = loaded(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
+    assert logits.shape == (2, loaded.num_classes)
+    assert len(loaded.description["state_dict_sha256"]) == 64
+    recorders = kind.recorders(loaded, torch.zeros(2, dtype=torch.long))
+    assert [type(r) for r in recorders] == list(kind.statistics)
+
+
+@pytest.mark.parametrize("field", sorted(OWNED_VALUES))
+def test_a_field_one_kind_owns_is_refused_for_the_others(
+    field: str, tiny: dict[str, tuple], tmp_path: Path
+) -> None:
+    owners = [k.name for k in GUIDE_KINDS if k.fields is not None and field in k.fields.names]
+    assert len(owners) == 1, (field, owners)
+    for name in NAMES:
+        if name in owners:
+            continue
+        config = SampleConfig(
+            out=tmp_path / "run", model=tmp_path / "m.pt", classifier=tiny[name][0]
+        )
+        setattr(config, field, OWNED_VALUES[field])
+        with pytest.raises(ParamError) as err:
+            resolve_config(config)
+        assert field in err.value.params, (name, str(err.value))
+
+
+def test_every_owned_field_is_in_this_test() -> None:
+    owned = {n for k in GUIDE_KINDS if k.fields is not None for n in k.fields.names}
+    assert owned == set(OWNED_VALUES)
+
+
+def test_every_dropped_field_is_in_this_test() -> None:
+    assert {n for k in GUIDE_KINDS for n in k.dropped} == {"softplus_beta"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fields_another_kind_drops(name: str, tiny: dict[str, tuple], tmp_path: Path) -> None:
+    spec = tiny[name][0]
+    kind = find_guide_kind(spec)
+    for other in GUIDE_KINDS:
+        for field in other.dropped:
+            config = SampleConfig(out=tmp_path / "run", model=tmp_path / "m.pt", classifier=spec)
+            setattr(config, field, 3.0)
+            value = getattr(resolve_config(config), field)
+            assert (value is None) == (other is not kind), (name, field, value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_options_of_other_kinds_are_refused(name: str, tiny: dict[str, tuple]) -> None:
+    spec, weights, options = tiny[name]
+    assert set(LOAD_OPTIONS) == set(NAMES)
+    for other, refused in LOAD_OPTIONS.items():
+        if other == name:
+            continue
+        for option in refused:
+            with pytest.raises(ValueError, match=f"(?i){other}|{'|'.join(option)}"):
+                load_classifier(spec, weights, image_size=8, **{**options, **option})
+
+
+def test_an_unknown_spec_names_every_form() -> None:
+    message = unknown_guide("nonesuch")
+    assert find_guide_kind("nonesuch") is None
+    assert all(kind.form in message for kind in GUIDE_KINDS)
+    with pytest.raises(ValueError, match="is none of"):
+        load_classifier("nonesuch", image_size=8)
