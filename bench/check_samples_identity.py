@@ -151,7 +151,8 @@ def _unet_folder(path: Path) -> Path:
 
 
 def _clip_folder(folder: Path) -> Path:
-    """A tiny random CLIP (byte-level BPE tokenizer, CLIP's layout), as tests/test_models_clip.py."""
+    """A tiny random CLIP (byte-level BPE tokenizer, CLIP's layout), as in
+    tests/test_models_clip.py."""
     import transformers
     from tokenizers import pre_tokenizers
 

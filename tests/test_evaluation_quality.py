@@ -2,7 +2,7 @@
 
 The Inception gets fixture-init weights saved to a temporary file (the real weights are not
 needed: the evaluator's plumbing is under test; the network itself is tested against the
-fixtures in test_inception.py). Every Inception forward costs ~0.1-0.3 s per image on CPU, so
+fixtures in test_models_inception.py). Every Inception forward costs ~0.1-0.3 s per image on CPU, so
 the batches hold 4 images and the features of a run are shared by the tests that read them.
 """
 

@@ -137,7 +137,7 @@ def _patch_scheduler_noise(monkeypatch: pytest.MonkeyPatch, draws: list[Tensor])
 def test_dit_matches_dit_pipeline(
     dit_dir: Path, monkeypatch: pytest.MonkeyPatch, cfg_scale: float
 ) -> None:
-    # DiTPipeline runs diffusers' own network (not DiT's arithmetic: test_dit_reference.py)
+    # DiTPipeline runs diffusers' own network (not DiT's arithmetic: test_models_dit_network.py)
     dit = hd.load_pipeline_model(dit_dir, dtype=torch.float64, dit_network="diffusers")
     steps, b = 10, 2
     gen = torch.Generator().manual_seed(3)
