@@ -4,7 +4,7 @@ Side by side in one run (round-robin, ``--repeats`` rounds, rotated order, each 
 in a row and the second timed), on randomly initialised networks built from configs:
 
 - ``cfg``: DiT with classifier-free guidance (s = 1.5), unguided, then the final decode;
-- ``alg3``: EluCD Algorithm 3 (:class:`fguide.models.hf_diffusers.CFGClassifierGuidance`),
+- ``alg3``: EluCD Algorithm 3 (:class:`fguide.models.latent_guidance.CFGClassifierGuidance`),
   the whole batch in one decoder + classifier backward;
 - ``alg3-mb``: the same with ``guidance_microbatch`` = batch/4 (bounded decoder-backward
   memory);
@@ -40,6 +40,7 @@ from torch import Tensor
 
 import fguide
 from fguide.models import hf_diffusers as hd
+from fguide.models import latent_guidance as lg
 from fguide.models.resnet import resnet
 
 CASES = ("cfg", "alg3", "alg3-mb", "mean")
@@ -147,12 +148,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common: dict[str, Any] = dict(respacing=str(steps), cfg_scale=1.5)
     guided: dict[str, Any] = dict(common, classifier=clf, objective=obj)
     setups = {
-        "cfg": hd.build_pipeline_sampling(pm, **common),
-        "alg3": hd.build_pipeline_sampling(pm, **guided, scale=0.1),
-        "alg3-mb": hd.build_pipeline_sampling(
+        "cfg": lg.build_pipeline_sampling(pm, **common),
+        "alg3": lg.build_pipeline_sampling(pm, **guided, scale=0.1),
+        "alg3-mb": lg.build_pipeline_sampling(
             pm, **guided, scale=0.1, microbatch=max(1, batch // 4)
         ),
-        "mean": hd.build_pipeline_sampling(pm, **guided, scale=1.0, guidance="mean"),
+        "mean": lg.build_pipeline_sampling(pm, **guided, scale=1.0, guidance="mean"),
     }
     noise = fguide.SampleNoise(0, range(batch))
     z = noise.initial(pm.state_shape, device=device)

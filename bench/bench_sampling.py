@@ -36,14 +36,14 @@ from typing import Any
 import torch
 from _memory import heap_probe
 
+from fguide.config import SampleConfig, build_objective
 from fguide.denoisers import ADMModel
+from fguide.families import Components
 from fguide.guidance import ClassifierGuide
-from fguide.models.classifiers import LoadedClassifier
+from fguide.guides import LoadedClassifier
 from fguide.models.presets import build_preset, create_model
 from fguide.models.resnet import ImageClassifier, resnet
-from fguide.sampling import sample_batch, sample_labels
-from fguide.sampling_config import SampleConfig, build_objective, resolve_config
-from fguide.sampling_models import Components
+from fguide.sampling import resolve_config, sample_batch, sample_labels
 from fguide.schedules import make_process
 
 METHODS = ("unguided", "base", "entropy", "rkl", "fkl", "js", "hellinger", "tilted")

@@ -45,9 +45,9 @@ from bench_dit import _Peak
 from torch import Tensor
 
 import fguide
-from fguide.cfg_guidance import MicrobatchGuide
 from fguide.models import hf_diffusers as hd
 from fguide.models.clip import CLIPHead, CLIPPreprocess
+from fguide.models.latent_guidance import MicrobatchGuide
 from fguide.models.sd_schedules import sd_schedule
 from fguide.models.sd_text import PromptEmbeds
 from fguide.models.stable_diffusion import SDEps, SDSampling

@@ -23,7 +23,7 @@ import fguide
 from fguide.cli.main import main
 from fguide.models.presets import create_model
 from fguide.params import ParamError
-from fguide.sampling_config import SampleConfig, resolve_config
+from fguide.sampling import SampleConfig, resolve_config
 
 FLAGS = (
     "image_size=8 num_channels=32 num_res_blocks=1 channel_mult=1,2 attention_resolutions=4 "

@@ -10,8 +10,8 @@ from torch import nn
 
 from fguide import defaults, objective
 from fguide.cli.main import build_parser
-from fguide.models.classifiers import load_classifier
-from fguide.sampling_config import SampleConfig, resolve_config
+from fguide.guides import load_classifier
+from fguide.sampling import SampleConfig, resolve_config
 
 
 def _resolved(**kw: object) -> SampleConfig:

@@ -1,4 +1,4 @@
-"""fguide.finetune_data: the stratified, seeded held-out split; the augmentation."""
+"""fguide.finetune.data: the stratified, seeded held-out split; the augmentation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fguide.finetune_data import load_one, split_holdout
+from fguide.finetune.data import load_one, split_holdout
 from fguide.io.images import from_arrays, random_crop_arr
 
 

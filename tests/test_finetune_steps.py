@@ -1,4 +1,4 @@
-"""fguide.finetune_steps: the loss and its gradient, accumulated over micro-batches.
+"""fguide.finetune.steps: the loss and its gradient, accumulated over micro-batches.
 
 Expected values are autograd gradients of the loss written out in the test, in float64.
 """
@@ -11,8 +11,8 @@ import torch
 from tolerances import network_depth
 from torch import nn
 
-from fguide.finetune_config import FinetuneConfig
-from fguide.finetune_steps import accumulate_gradients, classifier_inputs
+from fguide.finetune.config import FinetuneConfig
+from fguide.finetune.steps import accumulate_gradients, classifier_inputs
 from fguide.schedules import make_process
 
 

@@ -18,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
-from test_clip import PROMPTS, _build_clip_folder  # noqa: E402
+from test_models_clip import PROMPTS, _build_clip_folder  # noqa: E402
 
 from fguide.cli.main import main  # noqa: E402
 from fguide.models import hf_diffusers as hd  # noqa: E402

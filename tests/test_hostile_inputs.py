@@ -40,7 +40,7 @@ MiB = 1 << 20
 
 
 def _close32(actual: torch.Tensor, case: dict[str, Any]) -> None:
-    """float32 against NVlabs' float32 output (as tests/test_nvlabs.py compares)."""
+    """float32 against NVlabs' float32 output (as tests/test_models_nvlabs.py compares)."""
     expected = case["expected_float32"]
     atol = 1e-5 + 1e-6 * expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol)

@@ -1,9 +1,9 @@
 """The Inception feature cache (fguide.io.features): keys, checksums, recomputation.
 
-The features themselves are tested in test_evaluate.py (against the Inception run directly);
-here the extractor is replaced by a counter that returns known features, so that what is under
-test is only the cache: which file a key maps to, what makes a file invalid, and that an invalid
-file is recomputed rather than trusted.
+The features themselves are tested in test_evaluation_quality.py (against the Inception run
+directly); here the extractor is replaced by a counter that returns known features, so that
+what is under test is only the cache: which file a key maps to, what makes a file invalid, and
+that an invalid file is recomputed rather than trusted.
 """
 
 from __future__ import annotations

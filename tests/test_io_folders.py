@@ -1,7 +1,8 @@
 """Folders owned by an fguide job (fguide.io.folders): check first, lock second, own files only.
 
-The commands' own tests exercise the mechanism through the CLI (test_finetune, test_sampling,
-test_evaluate, test_calibration_cli, test_demo); here: its rules, one by one.
+The commands' own tests exercise the mechanism through the CLI (test_finetune_job,
+test_sampling_run, test_evaluation_quality, test_cli_calibration, test_demo); here: its rules,
+one by one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Figures (fguide.plots): reliability diagrams and image grids.
 
-The Figure-1 and demo figures are drawn end to end by test_calibration_cli.py and
+The Figure-1 and demo figures are drawn end to end by test_cli_calibration.py and
 test_demo.py; here, what can be checked exactly: the JSON round trip of a reliability diagram
 gives the same picture, and an image grid puts every image where the layout says.
 """

@@ -24,7 +24,6 @@ transformers = pytest.importorskip("transformers")
 
 from sd_folders import LATENT, build_clip_folder, build_sd_folder, one_thread  # noqa: E402
 
-from fguide.cfg_guidance import MicrobatchGuide  # noqa: E402
 from fguide.models.clip import load_clip_head  # noqa: E402
 from fguide.models.clip_reward import (  # noqa: E402
     load_reward_head,
@@ -32,6 +31,7 @@ from fguide.models.clip_reward import (  # noqa: E402
     read_linear_stack,
     reward_objective,
 )
+from fguide.models.latent_guidance import MicrobatchGuide  # noqa: E402
 from fguide.models.loading import UnsafeCheckpointError  # noqa: E402
 from fguide.models.stable_diffusion import SDModel, build_sd_sampling, load_sd_pipeline  # noqa: E402
 

@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(
     import json, sys
     import torch
     import fguide
-    from fguide.models.classifiers import load_classifier
+    from fguide.guides import load_classifier
 
     after_import = {m: m in sys.modules for m in ("torch._dynamo", "sympy", "scipy")}
     loaded = load_classifier("resnet18", sys.argv[1], image_size=8)

@@ -17,7 +17,7 @@ import pytest
 from fguide import weights
 from fguide.cli.main import build_parser, main
 from fguide.cli.sample import config_from_args
-from fguide.paper_configs import PAPER_CONFIGS
+from fguide.sampling.configs import PAPER_CONFIGS
 from fguide.weights import REGISTRY, RemoteFile, WeightEntry, resolve_inception
 
 DATA = bytes(range(256)) * 1200  # 307,200 bytes

@@ -59,6 +59,12 @@ def autocast(device: torch.device | str, precision: Precision = "fp32") -> Itera
         yield
 
 
+def param_dtype(net: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``net``'s first parameter (``default`` when it has none)."""
+    p = next(iter(net.parameters()), None)
+    return default if p is None else p.dtype
+
+
 class WithPrecision:
     """A model called under autocast; floating outputs come back in the first input's dtype.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,169 @@ def _step_stats(
         t_mean = t.detach().to(device=logits.device, dtype=wide).mean()
         stats = torch.cat([conf, conf_max, correct, norm, t_mean[None], weight[None]])
     return stats, res is not None, res is not None and res.weights is not None
+
+
+# -- statistics beside the classifier's (CLIP score; later reward, guide confidence) ------------
+
+
+class StepStatistic:
+    """A per-step statistic recorded beside the classifier's: a sampler callback keeping, per
+    step, sums of :attr:`columns` over the samples seen (the first column counts them).
+
+    A subclass says what it sums (:meth:`step_sums`, on the device) and what it reports: each
+    curve of :attr:`curve_columns` is Σ column / Σ n per step, :attr:`summary_of` names a
+    summary key holding a curve's last value, :attr:`definition` a text stored beside the
+    curves. Like :class:`TrajectoryRecorder`, the sums stay on the device until
+    :meth:`finalize` reads them back in one transfer; batches, shards and processes merge by
+    summing, and the state is stored under ``{name}_steps`` / ``{name}_sums``, beside the
+    trajectory recorder's keys, so that a run folder merges any statistic without knowing it
+    (:func:`merge_statistic_states`).
+    """
+
+    name: str = "statistic"
+    columns: tuple[str, ...] = ("n",)
+    curve_columns: tuple[tuple[str, str], ...] = ()
+    """(curve name, column), in the order written to ``trajectory.json``."""
+    summary_of: tuple[str, str] | None = None
+    """(summary key, curve): the summary holds the curve's last value."""
+    definition: tuple[str, str] | None = None
+    """(curve, text): what the curve means, stored in ``trajectory.json`` as
+    ``<curve>_definition``; ``fguide calibration`` draws each defined curve."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, dict[str, float]] = {}
+        self._pending: list[tuple[int, int, Tensor]] = []  # (step, n, column sums) on device
+
+    def step_sums(self, rec: StepRecord) -> tuple[int, Tensor] | None:
+        """(number of samples, [sum of each column after the first]) of one step, or None to
+        skip it."""
+        raise NotImplementedError
+
+    def __call__(self, rec: StepRecord) -> None:
+        row = self.step_sums(rec)
+        if row is not None:
+            self._pending.append((rec.step, row[0], row[1]))
+
+    def finalize(self) -> None:
+        """Fold the pending steps' device sums into the host sums (one transfer)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        values = torch.stack([p[2] for p in pending]).cpu().tolist()  # the one read
+        for (step, n, _), row in zip(pending, values, strict=True):
+            s = self.sums.setdefault(step, dict.fromkeys(self.columns, 0.0))
+            s[self.columns[0]] += n
+            for key, v in zip(self.columns[1:], row, strict=True):
+                s[key] += v
+
+    @property
+    def steps(self) -> list[int]:
+        self.finalize()
+        return sorted(self.sums)
+
+    def merge(self, other: StepStatistic) -> None:
+        """Add another recorder's observations (another batch, shard or process)."""
+        self.finalize()
+        other.finalize()
+        for k, o in other.sums.items():
+            s = self.sums.setdefault(k, dict.fromkeys(self.columns, 0.0))
+            for key in self.columns:
+                s[key] += o[key]
+
+    def state(self) -> dict[str, NDArray[Any]]:
+        """Per-step sums as arrays under ``{name}_``-prefixed keys, so that they can be stored
+        in the same dict (npz) as :meth:`TrajectoryRecorder.state` without a clash."""
+        steps = self.steps
+        return {
+            f"{self.name}_steps": np.asarray(steps, dtype=np.int64),
+            f"{self.name}_sums": np.asarray(
+                [[self.sums[k][n] for n in self.columns] for k in steps], dtype=np.float64
+            ).reshape(len(steps), len(self.columns)),
+        }
+
+    def _restore(self, state: dict[str, NDArray[Any]]) -> StepStatistic:
+        """Fill from :meth:`state` (other keys are ignored; no ``{name}_steps``: empty)."""
+        if f"{self.name}_steps" not in state:
+            return self
+        sums = state[f"{self.name}_sums"]
+        if len(self.columns) == 1:  # a statistic read back generically: its width from the file
+            self.columns = ("n", *(f"col{j}" for j in range(1, sums.shape[1])))
+        for j, k in enumerate(state[f"{self.name}_steps"].tolist()):
+            self.sums[k] = dict(zip(self.columns, (float(v) for v in sums[j]), strict=True))
+        return self
+
+    @classmethod
+    def from_state(cls, state: dict[str, NDArray[Any]]) -> StepStatistic:
+        """Inverse of :meth:`state` (a subclass whose constructor takes arguments overrides it)."""
+        return cls()._restore(state)
+
+    @classmethod
+    def restored(cls, state: dict[str, NDArray[Any]], name: str) -> StepStatistic:
+        """The statistic ``name`` of ``state`` as plain sums (merging needs no subclass)."""
+        rec = StepStatistic()
+        rec.name = name
+        return rec._restore(state)
+
+    def curves(self) -> dict[str, list[float]]:
+        """``step`` and each curve, one value per recorded step."""
+        steps = self.steps
+        out = {"step": [float(k) for k in steps]}
+        for curve, column in self.curve_columns:
+            out[curve] = [self.sums[k][column] / self.sums[k][self.columns[0]] for k in steps]
+        return out
+
+    def add_to(self, trajectory: dict[str, Any]) -> dict[str, Any]:
+        """Add the curves to a :meth:`TrajectoryRecorder.to_dict` result, in place: each curve
+        aligned with ``curves["step"]`` (None at a step without a value), the summary value
+        and the definition."""
+        curves = trajectory.setdefault("curves", {})
+        steps = curves.get("step") or self.steps
+        curves.setdefault("step", list(steps))
+        mine = self.curves()
+        at = {int(k): i for i, k in enumerate(mine["step"])}
+        for key, _ in self.curve_columns:
+            curves[key] = [mine[key][at[int(k)]] if int(k) in at else None for k in steps]
+        if self.summary_of is not None:
+            key, curve = self.summary_of
+            trajectory.setdefault("summary", {})[key] = mine[curve][-1] if self.sums else None
+        if self.definition is not None:
+            trajectory[f"{self.definition[0]}_definition"] = self.definition[1]
+        return trajectory
+
+
+def statistic_names(state: dict[str, NDArray[Any]]) -> list[str]:
+    """The names of the :class:`StepStatistic` states stored in ``state`` (its ``*_steps``)."""
+    return [k[: -len("_steps")] for k in state if k.endswith("_steps") and k != "steps"]
+
+
+def merge_statistic_states(states: list[dict[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:
+    """Every :class:`StepStatistic` found in ``states``, merged in the given order (so equal
+    inputs give equal floats), as one state."""
+    merged: dict[str, StepStatistic] = {}
+    for s in states:
+        for name in statistic_names(s):
+            rec = StepStatistic.restored(s, name)
+            if name in merged:
+                merged[name].merge(rec)
+            else:
+                merged[name] = rec
+    return {k: v for rec in merged.values() for k, v in rec.state().items()}
+
+
+@dataclass
+class TrajectoryCurves:
+    """One run's per-step curves (None where a value is undefined, e.g. unguided steps)."""
+
+    label: str
+    source: Path
+    curves: dict[str, list[float | None]]
+    summary: dict[str, Any] = field(default_factory=dict)
+    definitions: dict[str, str] = field(default_factory=dict)
+    """The run's extra per-step statistics (e.g. ``clip_score``): curve → what it means."""
+
+    @property
+    def steps(self) -> list[float]:
+        return [float(s) for s in self.curves["step"] if s is not None]
 
 
 def load_trajectory(path: str | Path) -> dict[str, Any]:

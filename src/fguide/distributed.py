@@ -8,14 +8,17 @@ rank's error never leaves the others waiting in a collective.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from fguide.runtime import resolve_device
 
 __all__ = ["Dist", "DistributedRunError"]
+
+T = TypeVar("T")
 
 
 class DistributedRunError(RuntimeError):
@@ -83,6 +86,25 @@ class Dist:
         for r, msg in enumerate(errors):
             if msg is not None:
                 raise DistributedRunError(f"rank {r} failed: {msg}")
+
+    def on_rank0(self, fn: Callable[[], T], failed: str = "rank 0 failed") -> T:
+        """Collective: ``fn()`` on rank 0 only, its result broadcast to every rank. Its error is
+        raised on rank 0 as itself and on the other ranks as a :class:`DistributedRunError`
+        (``failed: <error>``)."""
+        payload: tuple[str, Any] = ("ok", None)
+        err: Exception | None = None
+        if self.rank == 0:
+            try:
+                payload = ("ok", fn())
+            except Exception as e:
+                err = e
+                payload = ("error", f"{type(e).__name__}: {e}")
+        payload = self.broadcast(payload)
+        if err is not None:
+            raise err
+        if payload[0] == "error":
+            raise DistributedRunError(f"{failed}: {payload[1]}")
+        return payload[1]
 
     def close(self) -> None:
         if self.owned:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ParamError", "Range", "check_ranges"]
+__all__ = ["OwnedFields", "ParamError", "Range", "check_choice", "check_ranges"]
 
 
 def _rebuild(template: str, params: tuple[str, ...], values: dict[str, Any]) -> ParamError:
@@ -111,3 +111,61 @@ def check_ranges(values: Any, ranges: Mapping[str, Range]) -> None:
         value = getattr(values, name)
         if value is not None:
             domain.check(name, value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise a :class:`ParamError` naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ParamError(
+            "{0} must be one of {valid}; got {value!r}", name, valid=", ".join(choices), value=value
+        )
+
+
+@dataclass(frozen=True)
+class OwnedFields:
+    """Configuration fields that one model family or one guide kind alone uses, and the words
+    that refuse them in a configuration of another one.
+
+    ``applies_to`` completes "<fields> apply to ..." and may name other parameters in braces
+    (``"diffusers pipeline folders ({model} DIR)"``); ``name_all`` names every owned field
+    (they go together) rather than the ones given; ``neutral`` holds the values that count as
+    not given besides None and empty (a field's non-None default).
+    """
+
+    names: tuple[str, ...]
+    applies_to: str
+    name_all: bool = False
+    neutral: Mapping[str, Any] = field(default_factory=dict)
+
+    def given(self, values: Any) -> list[str]:
+        """The owned fields that ``values`` sets (not None, not empty, not neutral)."""
+        out = []
+        for name in self.names:
+            value = getattr(values, name)
+            if value is None or (isinstance(value, Collection) and not value):
+                continue
+            if name in self.neutral and value == self.neutral[name]:
+                continue
+            out.append(name)
+        return out
+
+    def refuse(self, values: Any, allowed: Collection[str] = ()) -> None:
+        """Raise a :class:`ParamError` naming the owned fields ``values`` sets (those in
+        ``allowed``, which the configuration's own family or guide uses too, excepted)."""
+        given = [n for n in self.given(values) if n not in allowed]
+        if not given:
+            return
+        named = list(self.names) if self.name_all else given
+        words = [f"{{{i}}}" for i in range(len(named))]
+        listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+        extra = [p for p in _braced(self.applies_to)]
+        applies_to = self.applies_to
+        for j, p in enumerate(extra):
+            applies_to = applies_to.replace(f"{{{p}}}", f"{{{len(named) + j}}}")
+        verb = "applies" if len(named) == 1 else "apply"
+        raise ParamError(f"{listed} {verb} to {applies_to}", *named, *extra)
+
+
+def _braced(text: str) -> list[str]:
+    """The names in braces in ``text``, in order."""
+    return [part.split("}", 1)[0] for part in text.split("{")[1:]]

@@ -4,11 +4,13 @@
   diagonal; METHODS.md 4), from :class:`~fguide.metrics.calibration.ReliabilityStats` or from
   its JSON form (:func:`plot_reliability_dict`);
 - :func:`plot_trajectory_figures`: the paper's Figure 1 from sampling runs (ECE, confidence and
-  guidance-gradient norm per sampling step);
+  guidance-gradient norm per sampling step), and any other per-step statistic a run defines
+  (a CLIP guide's CLIP score);
 - :func:`plot_calibration_vs_noise`, :func:`write_reliability_diagrams`: a classifier's
   calibration on forward-noised images;
 - :func:`plot_demo`: the Gaussian-mixture demo's curves and sample scatters;
-- :func:`image_grid_png`: a grid of uint8 images as a PNG (a sampling run's ``grid.png``).
+- :func:`image_grid_png` (from :mod:`fguide.io.files`): a grid of uint8 images as a PNG (a
+  sampling run's ``grid.png``).
 
 Figures are built on a matplotlib ``Figure`` with an Agg canvas (no pyplot global state, no
 backend switch for the caller) and written atomically as PNG (:func:`fguide.io.files.save_figure`).
@@ -18,20 +20,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fguide.io.files import save_figure
+from fguide.io.files import image_grid, image_grid_png, save_figure
 
 if TYPE_CHECKING:
     import torch
 
-    from fguide.calibration_report import ClassifierCalibration, LevelCalibration, TrajectoryCurves
-    from fguide.metrics.calibration import ReliabilityStats
+    from fguide.diagnostics import TrajectoryCurves
+    from fguide.metrics.calibration import ClassifierCalibration, LevelCalibration, ReliabilityStats
 
 __all__ = [
     "FIGURE_FILES",
@@ -48,6 +51,7 @@ __all__ = [
     "plot_reliability_dict",
     "plot_trajectory_figures",
     "reliability_png_name",
+    "statistic_figure",
     "write_reliability_diagrams",
 ]
 
@@ -168,11 +172,16 @@ FIGURE_FILES = {
     "confidence": "confidence_vs_step.png",
     "grad_norm": "grad_norm_vs_step.png",
 }
-CLIP_FIGURE = "clip_score_vs_step.png"
+
+
+def statistic_figure(curve: str) -> str:
+    """The file of an extra per-step statistic's figure: ``clip_score_vs_step.png``."""
+    return f"{curve}_vs_step.png"
 
 
 def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> None:
-    """Draw one of the three Figure-1 panels (``ece``, ``confidence``, ``grad_norm``)."""
+    """Draw one Figure-1 panel (``ece``, ``confidence``, ``grad_norm``) or the panel of an
+    extra per-step statistic (any other curve name, e.g. ``clip_score``)."""
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         x = _values(run.curves["step"])
@@ -183,9 +192,9 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
         elif kind == "confidence":
             ax.plot(x, _values(run.curves["confidence_mean"]), color=color, label=run.label)
             ax.plot(x, _values(run.curves["confidence_top25"]), color=color, ls="--", lw=1)
-        elif kind == "clip_score":
-            if "clip_score" in run.curves:
-                ax.plot(x, _values(run.curves["clip_score"]), color=color, label=run.label)
+        elif kind not in FIGURE_FILES:
+            if kind in run.curves:
+                ax.plot(x, _values(run.curves[kind]), color=color, label=run.label)
         else:
             g = _values(run.curves["grad_norm"])
             if np.isfinite(g).any():
@@ -199,9 +208,10 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
         ax.set_ylabel("confidence in the target p_y")
         ax.set_title("confidence: mean (solid), top 25% (dashed)")
         ax.set_ylim(0, 1.02)
-    elif kind == "clip_score":
-        ax.set_ylabel("CLIP score 100·max(cos, 0) of x̂0")
-        ax.set_title("CLIP score along the trajectory (EluCD Fig. 7)")
+    elif kind not in FIGURE_FILES:
+        ax.set_ylabel(kind)
+        definition = next((r.definitions[kind] for r in runs if kind in r.definitions), kind)
+        ax.set_title(textwrap.fill(definition, 48), fontsize=8)
     else:
         ax.set_ylabel("guidance-gradient norm ‖∇S‖")
         ax.set_title("guidance-gradient norm")
@@ -219,13 +229,15 @@ def _trajectory_panel(ax: Any, runs: Sequence[TrajectoryCurves], kind: str) -> N
 def plot_trajectory_figures(
     runs: Sequence[TrajectoryCurves], out_dir: str | os.PathLike[str]
 ) -> dict[str, Path]:
-    """Write the three curves as separate PNGs and side by side (``figure1.png``); runs with a
-    CLIP guide add the CLIP score per step (``clip_score_vs_step.png``, a fourth panel)."""
+    """Write the three curves as separate PNGs and side by side (``figure1.png``); each extra
+    per-step statistic a run defines adds its figure and a panel (a CLIP guide's CLIP score:
+    ``clip_score_vs_step.png``, EluCD's Figure 7)."""
     out = Path(out_dir)
     written: dict[str, Path] = {}
     kinds = dict(FIGURE_FILES)
-    if any("clip_score" in r.curves for r in runs):
-        kinds["clip_score"] = CLIP_FIGURE
+    for run in runs:
+        for curve in run.definitions:
+            kinds.setdefault(curve, statistic_figure(curve))
     for kind, name in kinds.items():
         fig, (ax,) = new_figure(1)
         _trajectory_panel(ax, runs, kind)
@@ -306,34 +318,6 @@ def plot_demo(
         save_figure(fig, out / name)
         written.append(name)
     return written
-
-
-# -- image grids --------------------------------------------------------------------------------
-
-
-def image_grid(images: NDArray[np.uint8], columns: int = 8) -> NDArray[np.uint8]:
-    """uint8 [N, H, W, 3] images tiled row by row, min(columns, N) per row; the unused cells
-    of the last row are white."""
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
-    n, h, w, _ = images.shape
-    cols = max(1, min(columns, n))
-    rows = math.ceil(n / cols)
-    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, cols)
-        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[k]
-    return canvas
-
-
-def image_grid_png(images: NDArray[np.uint8], columns: int = 8) -> Callable[[IO[bytes]], None]:
-    """A writer of :func:`image_grid` as PNG, for :func:`fguide.io.files.atomic_write`."""
-    from PIL import Image
-
-    canvas = image_grid(images, columns)
-    return lambda f: Image.fromarray(canvas).save(f, format="PNG")
 
 
 # -- the digits world ---------------------------------------------------------------------

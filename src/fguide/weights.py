@@ -1,5 +1,5 @@
 """Where the weight files come from: one table of every file a named configuration
-(:mod:`fguide.paper_configs`) or ``fguide evaluate`` needs, and finding them in a folder.
+(:mod:`fguide.sampling.configs`) or ``fguide evaluate`` needs, and finding them in a folder.
 
 Each :class:`WeightEntry` is a file or a folder (a Hugging Face repository's files in the
 layout fguide loads: safetensors and configs, never pickled ``.bin``) under the name
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fguide.paper_configs import PAPER_CONFIGS, paper_config
+from fguide.sampling.configs import PAPER_CONFIGS, paper_config
 
 __all__ = [
     "EVALUATE",
@@ -275,13 +275,13 @@ def weights_dir_overrides(
     """
     if config is None:
         raise ValueError("--weights-dir needs --config NAME (it finds that configuration's files)")
-    cfg = paper_config(config)
+    named = paper_config(config)
     if not weights_dir.is_dir():
         raise FileNotFoundError(
             f"--weights-dir {weights_dir}: not a folder; fill it with: "
             + download_command([config], weights_dir)
         )
-    wanted = {"model": cfg.model_file, "guide": cfg.weights}
+    wanted = {"model": named.model_file, "guide": named.weights}
     entries = [REGISTRY[n] for n in wanted.values() if n is not None]
     roles = {
         "model": "model",

@@ -1,6 +1,6 @@
 """``fguide calibration``: calibration diagnostics, as PNG figures plus ``calibration.json``.
 
-Two modes (see :mod:`fguide.calibration_report` for the definitions and for what the
+Two modes (see :mod:`fguide.evaluation.calibration` for the definitions and for what the
 classifier sees at a noise level):
 
 - ``--trajectory RUN [RUN ...]``: a sampling run's ``trajectory.json`` (or its output folder)
@@ -25,7 +25,14 @@ import argparse
 from pathlib import Path
 
 from fguide import defaults as D
-from fguide.calibration_report import (
+from fguide.cli import (
+    CLASSIFIER_FORMS,
+    NONNEGATIVE_INT,
+    POSITIVE_INT,
+    add_hidden_alias,
+    softplus_beta_arg,
+)
+from fguide.evaluation.calibration import (
     ClassifierCalibration,
     classifier_calibration,
     load_trajectory_curves,
@@ -35,19 +42,12 @@ from fguide.calibration_report import (
     trajectory_json,
     write_reliability_diagrams,
 )
-from fguide.cli import (
-    CLASSIFIER_FORMS,
-    NONNEGATIVE_INT,
-    POSITIVE_INT,
-    add_hidden_alias,
-    softplus_beta_arg,
-)
+from fguide.guides import load_classifier
 from fguide.io.files import atomic_write_json, provenance, sha256_file
 from fguide.io.folders import claim_folder
 from fguide.io.images import open_images
-from fguide.models.classifiers import load_classifier
 from fguide.params import ParamError
-from fguide.plots import CLIP_FIGURE, FIGURE_FILES
+from fguide.plots import FIGURE_FILES, statistic_figure
 from fguide.runtime import resolve_device
 from fguide.schedules import make_process
 
@@ -56,7 +56,7 @@ FILES = (
     "calibration.json",
     "figure1.png",
     *FIGURE_FILES.values(),
-    CLIP_FIGURE,
+    statistic_figure("clip_score"),
     "reliability_*.png",
     "calibration_vs_t.png",
 )

@@ -28,7 +28,7 @@ from fguide.cli import CLASSIFIER_FORMS, POSITIVE_INT, add_hidden_alias, softplu
 if TYPE_CHECKING:
     from torch import nn
 
-    from fguide.finetune import X0Estimator
+    from fguide.finetune import FinetuneConfig, X0Estimator
 
 HELP = "fine-tune a classifier with CE + lambda * Smooth ECE for calibrated guidance"
 
@@ -52,12 +52,20 @@ def _holdout(text: str) -> float:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    from fguide import defaults
+    """The flags of ``fguide finetune``: the classifier and data, the training, the run."""
     from fguide.finetune import FinetuneConfig
-    from fguide.finetune_config import PARAM_RANGES as R
-    from fguide.metrics.calibration import CALIBRATION_LOSSES
 
-    d = FinetuneConfig()
+    d = FinetuneConfig()  # its defaults are the flags' defaults
+    _data_flags(p, d)
+    _training_flags(p, d)
+    _run_flags(p, d)
+
+
+def _data_flags(p: argparse.ArgumentParser, d: FinetuneConfig) -> None:
+    """The classifier, its weights and input, the data and the diffusion model."""
+    from fguide import defaults
+    from fguide.finetune.config import PARAM_RANGES as R
+
     D = " (default: %(default)s)"
     g = p.add_argument_group("classifier and data")
     g.add_argument(
@@ -119,6 +127,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--denoiser-weights", metavar="FILE", help="weights of --denoiser")
 
+
+def _training_flags(p: argparse.ArgumentParser, d: FinetuneConfig) -> None:
+    """The optimizer, the loss and the batches."""
+    from fguide.finetune.config import PARAM_RANGES as R
+    from fguide.metrics.calibration import CALIBRATION_LOSSES
+
+    D = " (default: %(default)s)"
     t = p.add_argument_group("training")
     t.add_argument(
         "--iterations",
@@ -209,6 +224,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="seed of the data order, crops, t and noise" + D,
     )
 
+
+def _run_flags(p: argparse.ArgumentParser, d: FinetuneConfig) -> None:
+    """Checkpoints, logs, evaluation, threads and the device."""
+    from fguide.finetune.config import PARAM_RANGES as R
+
+    D = " (default: %(default)s)"
     r = p.add_argument_group("run")
     r.add_argument(
         "--checkpoint-every",
@@ -269,8 +290,8 @@ def _denoiser(args: argparse.Namespace) -> tuple[nn.Module, X0Estimator, str]:
 
 def run(args: argparse.Namespace) -> int:
     from fguide.finetune import Classifier, FinetuneConfig, finetune, open_data
-    from fguide.finetune_data import default_image_size
-    from fguide.models.classifiers import is_adm_classifier, load_classifier
+    from fguide.finetune.data import default_image_size
+    from fguide.guides import find_guide_kind, load_classifier
     from fguide.runtime import resolve_device
 
     # Every configuration field that has a flag (``--bins`` is ``n_bins``).
@@ -283,7 +304,8 @@ def run(args: argparse.Namespace) -> int:
     # The loader probes the classifier on images of the training size; an ADM preset has its
     # own (the data are then cropped to it).
     size = args.image_size
-    if size is None and not is_adm_classifier(args.classifier):
+    kind = find_guide_kind(args.classifier)
+    if size is None and not (kind is not None and kind.fixes_image_size):
         size = default_image_size(data)
     loaded = load_classifier(
         args.classifier,

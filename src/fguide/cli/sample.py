@@ -18,12 +18,12 @@ from typing import Any
 from fguide import defaults as D
 from fguide.accel import PRECISIONS
 from fguide.cli import CLASSIFIER_FORMS, softplus_beta_arg
+from fguide.config import DEFAULT_SHARD_SIZE, PARAM_RANGES, SampleConfig
 from fguide.io import runs
 from fguide.objectives import METHODS
-from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.samplers import NonFiniteGuidanceError
 from fguide.sampling import DistributedRunError, run_sampling
-from fguide.sampling_config import DEFAULT_SHARD_SIZE, PARAM_RANGES, SampleConfig
+from fguide.sampling.configs import PAPER_CONFIGS, apply_paper_config
 from fguide.weights import weights_dir_overrides
 
 HELP = "Draw guided samples into resumable ADM-format shards (torchrun for several GPUs)."
@@ -46,6 +46,15 @@ def _default(name: str) -> Any:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    """The flags of ``fguide sample``, in four groups (the order ``--help`` lists them in)."""
+    _run_flags(p)
+    _model_flags(p)
+    _classifier_flags(p)
+    _guidance_flags(p)
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """The run: output folder, named configuration, sizes, seed, labels, precision, device."""
     io = p.add_argument_group("run")
     io.add_argument(
         "--out", type=Path, metavar="DIR", help="output folder (rerun into it to resume)"
@@ -138,6 +147,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """The diffusion model, its sampler and steps, and what applies to one family only."""
     m = p.add_argument_group("diffusion model")
     m.add_argument(
         "--model",
@@ -223,6 +235,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="do not clip x̂0 to [-1, 1] (default: clipped, as ADM)",
     )
 
+
+def _classifier_flags(p: argparse.ArgumentParser) -> None:
+    """The guide: its spec, weights, prompts and the settings of one kind only."""
     c = p.add_argument_group("classifier")
     c.add_argument(
         "--classifier",
@@ -270,6 +285,9 @@ def configure(p: argparse.ArgumentParser) -> None:
         f"{D.softplus_beta('heun'):g}; 'relu' keeps ReLU)",
     )
 
+
+def _guidance_flags(p: argparse.ArgumentParser) -> None:
+    """The objective and its parameters, the scale and the samplers' guidance options."""
     g = p.add_argument_group("guidance")
     g.add_argument(
         "--method",
@@ -354,10 +372,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def _print_configs() -> None:
-    for cfg in PAPER_CONFIGS.values():
-        settings = " ".join(f"{k}={v}" for k, v in cfg.settings.items())
-        print(f"{cfg.name}\n  {cfg.description}\n  reproduces: {cfg.reference}")
-        files = ", ".join(f for f in (cfg.model_file, cfg.weights) if f)
+    for named in PAPER_CONFIGS.values():
+        settings = " ".join(f"{k}={v}" for k, v in named.settings.items())
+        print(f"{named.name}\n  {named.description}\n  reproduces: {named.reference}")
+        files = ", ".join(f for f in (named.model_file, named.weights) if f)
         print(f"  files (fguide weights list): {files}\n  {settings}")
 
 
@@ -380,9 +398,9 @@ def run(args: argparse.Namespace) -> int:
     if args.list_configs:
         _print_configs()
         return 0
-    cfg = config_from_args(args)
+    config = config_from_args(args)
     try:
-        result = run_sampling(cfg)
+        result = run_sampling(config)
     except (NonFiniteGuidanceError, DistributedRunError) as err:
         print(f"fguide sample: error: {err}", file=sys.stderr)
         return 1

@@ -19,7 +19,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 
 def _current_umask() -> int:
@@ -109,6 +113,33 @@ def _jsonable(obj: Any) -> Any:
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG atomically."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+def image_grid(images: NDArray[np.uint8], columns: int = 8) -> NDArray[np.uint8]:
+    """uint8 [N, H, W, 3] images tiled row by row, min(columns, N) per row; the unused cells
+    of the last row are white."""
+    import numpy as np
+
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    n, h, w, _ = images.shape
+    cols = max(1, min(columns, n))
+    rows = math.ceil(n / cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, cols)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[k]
+    return canvas
+
+
+def image_grid_png(images: NDArray[np.uint8], columns: int = 8) -> Callable[[IO[bytes]], None]:
+    """A writer of :func:`image_grid` as PNG, for :func:`atomic_write` (a run's ``grid.png``)."""
+    from PIL import Image
+
+    canvas = image_grid(images, columns)
+    return lambda f: Image.fromarray(canvas).save(f, format="PNG")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

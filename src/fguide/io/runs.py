@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -33,8 +33,14 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fguide.diagnostics import TrajectoryRecorder
-from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.diagnostics import StepStatistic, TrajectoryRecorder, merge_statistic_states
+from fguide.io.files import (
+    atomic_write,
+    atomic_write_json,
+    image_grid_png,
+    provenance,
+    sha256_file,
+)
 from fguide.io.folders import (
     LOCK,
     FolderInUseError,
@@ -44,7 +50,6 @@ from fguide.io.folders import (
     check_folder,
     claim_folder,
 )
-from fguide.plots import image_grid_png
 
 __all__ = [
     "FORMAT",
@@ -111,20 +116,13 @@ def recorder_state(rec: TrajectoryRecorder | None) -> TrajState:
 def merge_states(states: Iterable[TrajState]) -> TrajState:
     """Merge per-step statistics in the given order (so equal inputs give equal floats).
 
-    A state may also carry a CLIP guide's per-step CLIP score (``clip_``-prefixed keys of
-    :class:`fguide.models.clip.CLIPScoreRecorder`); those merge alongside.
+    A state may also carry other per-step statistics (a guide's, e.g. the CLIP score:
+    :class:`fguide.diagnostics.StepStatistic`, under ``{name}_steps`` / ``{name}_sums``); those
+    merge alongside, whatever they are.
     """
-    from fguide.models.clip import CLIPScoreRecorder  # light: does not import transformers
-
+    states = list(states)
     merged: TrajectoryRecorder | None = None
-    clip: CLIPScoreRecorder | None = None
     for s in states:
-        if "clip_steps" in s:
-            c = CLIPScoreRecorder.from_state(s)
-            if clip is None:
-                clip = c
-            else:
-                clip.merge(c)
         if len(s["steps"]) == 0:
             continue
         rec = TrajectoryRecorder.from_state(s)
@@ -134,17 +132,18 @@ def merge_states(states: Iterable[TrajState]) -> TrajState:
             raise ValueError("trajectory statistics with different steps cannot be merged")
         else:
             merged.merge(rec)
-    out = recorder_state(merged)
-    return out if clip is None else {**out, **clip.state()}
+    return {**recorder_state(merged), **merge_statistic_states(states)}
 
 
-def trajectory_dict(state: TrajState) -> dict[str, Any]:
-    """``trajectory.json``'s content from a merged state (the CLIP-score curve included)."""
-    from fguide.models.clip import CLIPScoreRecorder
-
+def trajectory_dict(
+    state: TrajState, statistics: Sequence[type[StepStatistic]] = ()
+) -> dict[str, Any]:
+    """``trajectory.json``'s content from a merged state, with the curves of each of the
+    ``statistics`` the state holds (the run's guide says which: e.g. the CLIP score)."""
     traj = TrajectoryRecorder.from_state(state).to_dict()
-    if "clip_steps" in state:
-        CLIPScoreRecorder.from_state(state).add_to(traj)
+    for statistic in statistics:
+        if f"{statistic.name}_steps" in state:
+            statistic.from_state(state).add_to(traj)
     return traj
 
 
@@ -379,12 +378,14 @@ def merge_run(
     grid: int,
     manifest_extra: Mapping[str, Any],
     trajectory_run: Mapping[str, Any],
+    statistics: Sequence[type[StepStatistic]] = (),
 ) -> Path | None:
     """Merge the complete shards of ``plan`` into ``samples.npz``, grid, trajectory, manifest.
 
     Every shard's sidecar must carry this run's identity and its files their checksums (a
-    shard of another configuration is never merged). Returns the samples file, or None (and
-    the manifest says ``incomplete``) while shards are missing.
+    shard of another configuration is never merged). ``statistics``: the per-step statistics
+    besides the trajectory recorder's whose curves go into ``trajectory.json``. Returns the
+    samples file, or None (and the manifest says ``incomplete``) while shards are missing.
     """
     manifest_path = out / MANIFEST
     manifest = _read_json_object(manifest_path)
@@ -456,7 +457,7 @@ def merge_run(
     samples = atomic_write(out / SAMPLES, write)
     if first:
         atomic_write(out / GRID, image_grid_png(np.concatenate(first)))
-    traj = trajectory_dict(merge_states(states))
+    traj = trajectory_dict(merge_states(states), statistics)
     traj["run"] = {**trajectory_run, "num_samples": num_samples, "identity_sha256": identity_sha}
     trajectory_path = atomic_write_json(out / TRAJECTORY, traj)
     manifest.pop("missing_shards", None)

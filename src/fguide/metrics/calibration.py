@@ -28,6 +28,8 @@ import torch
 from numpy.typing import NDArray
 
 __all__ = [
+    "ClassifierCalibration",
+    "LevelCalibration",
     "ReliabilityStats",
     "TrajectoryCalibration",
     "confidence_and_correct",
@@ -401,4 +403,64 @@ class TrajectoryCalibration:
             "n_bins": self.n_bins,
             "steps": [self.step_stats(s) for s in self.steps],
             "integral_ece": self.integral_ece if self._steps else None,
+        }
+
+
+# -- a classifier's calibration per noise level (fguide calibration) -------------------------
+
+
+@dataclass
+class LevelCalibration:
+    """Calibration of the classifier at one noise level (t = None: clean images)."""
+
+    t: int | None
+    noise_std: float  # sqrt(1 − ᾱ_t); 0 for clean images
+    n: int
+    ece: float
+    smooth_ece: float
+    accuracy: float
+    mean_confidence: float
+    top25_confidence: float
+    mean_target_prob: float
+    reliability: ReliabilityStats
+
+    @property
+    def label(self) -> str:
+        return "clean" if self.t is None else f"t={self.t}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "label": self.label,
+            "noise_std": self.noise_std,
+            "n": self.n,
+            "ece": self.ece,
+            "smooth_ece": self.smooth_ece,
+            "accuracy": self.accuracy,
+            "mean_confidence": self.mean_confidence,
+            "top25_confidence": self.top25_confidence,
+            "mean_target_prob": self.mean_target_prob,
+            "reliability": self.reliability.to_dict(),
+        }
+
+
+@dataclass
+class ClassifierCalibration:
+    """Per-noise-level calibration of a classifier on labelled images."""
+
+    levels: list[LevelCalibration]
+    n_bins: int
+    beta: float
+    time_aware: bool
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": "classifier",
+            "n_bins": self.n_bins,
+            "smooth_ece_beta": self.beta,
+            "time_aware": self.time_aware,
+            "classifier_input": "x_t and t" if self.time_aware else "x_t (x0 when clean)",
+            "noise_seed": self.seed,
+            "levels": [lv.to_dict() for lv in self.levels],
         }

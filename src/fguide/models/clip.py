@@ -36,12 +36,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from fguide.diagnostics import StepStatistic
 from fguide.models.hf_files import Rule, check_clip_folder, check_fields, read_json_object
 from fguide.models.imagenet_classes import IMAGENET_CLASSNAMES
 
@@ -115,29 +115,29 @@ class CLIPPreprocess:
         file = Path(folder) / "preprocessor_config.json"
         if not file.is_file():
             return cls(size=image_size, crop_height=image_size, crop_width=image_size)
-        cfg = read_json_object(file, "a CLIP image processor config")
-        check_fields(cfg, _PREPROCESS_RULES, file)
+        settings = read_json_object(file, "a CLIP image processor config")
+        check_fields(settings, _PREPROCESS_RULES, file)
         for key in ("size", "crop_size"):
-            value = cfg.get(key)
+            value = settings.get(key)
             if isinstance(value, dict):
                 need = ("height", "width") if key == "crop_size" else ()
                 check_fields(value, _SIDES, f"{file} ({key})", need)
-        if cfg.get("do_rescale", True) is False or cfg.get("do_normalize", True) is False:
+        if settings.get("do_rescale", True) is False or settings.get("do_normalize", True) is False:
             raise ValueError(f"{file}: do_rescale/do_normalize false is not supported")
-        size = cfg.get("size", image_size)
+        size = settings.get("size", image_size)
         if isinstance(size, dict):
             if "shortest_edge" not in size:
                 raise ValueError(f"{file}: size must give 'shortest_edge'; got {size}")
             size = size["shortest_edge"]
-        crop = cfg.get("crop_size", size)
+        crop = settings.get("crop_size", size)
         ch, cw = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
-        resample = cfg.get("resample", 3)
+        resample = settings.get("resample", 3)
         if resample not in _RESAMPLE:
             raise ValueError(
                 f"{file}: resample {resample} is not supported (2 bilinear, 3 bicubic)"
             )
-        mean = tuple(float(v) for v in cfg.get("image_mean", _OPENAI_MEAN))
-        std = tuple(float(v) for v in cfg.get("image_std", _OPENAI_STD))
+        mean = tuple(float(v) for v in settings.get("image_mean", _OPENAI_MEAN))
+        std = tuple(float(v) for v in settings.get("image_std", _OPENAI_STD))
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"{file}: image_mean and image_std need 3 values (std > 0)")
         return cls(
@@ -147,8 +147,8 @@ class CLIPPreprocess:
             mean=(mean[0], mean[1], mean[2]),
             std=(std[0], std[1], std[2]),
             resample=_RESAMPLE[resample],  # type: ignore[arg-type]
-            do_resize=bool(cfg.get("do_resize", True)),
-            do_center_crop=bool(cfg.get("do_center_crop", True)),
+            do_resize=bool(settings.get("do_resize", True)),
+            do_center_crop=bool(settings.get("do_center_crop", True)),
         )
 
 
@@ -161,7 +161,7 @@ def resize_output_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 def clip_preprocess(
-    x: Tensor, cfg: CLIPPreprocess, mean: Tensor | None = None, std: Tensor | None = None
+    x: Tensor, pre: CLIPPreprocess, mean: Tensor | None = None, std: Tensor | None = None
 ) -> Tensor:
     """CLIP's ``pixel_values`` from x ∈ [−1, 1] (NCHW), differentiably.
 
@@ -171,28 +171,28 @@ def clip_preprocess(
     processor, all below one grey level: PIL resamples the uint8 image and rounds (and clamps
     bicubic overshoot to [0, 255]) before rescaling; here nothing is rounded or clamped, so the
     gradient exists everywhere. ``mean``/``std`` ([3, 1, 1], on x's device) save building
-    them from ``cfg`` on every call.
+    them from ``pre`` on every call.
     """
     v = (x + 1) / 2
-    if cfg.do_resize:
-        h, w = resize_output_size(v.shape[-2], v.shape[-1], cfg.size)
+    if pre.do_resize:
+        h, w = resize_output_size(v.shape[-2], v.shape[-1], pre.size)
         if (h, w) != tuple(v.shape[-2:]):
             v = F.interpolate(
-                v, size=(h, w), mode=cfg.resample, align_corners=False, antialias=True
+                v, size=(h, w), mode=pre.resample, align_corners=False, antialias=True
             )
-    if cfg.do_center_crop:
+    if pre.do_center_crop:
         h, w = v.shape[-2:]
-        if cfg.crop_height > h or cfg.crop_width > w:
+        if pre.crop_height > h or pre.crop_width > w:
             raise ValueError(
-                f"CLIP centre crop {cfg.crop_height}x{cfg.crop_width} is larger than the "
+                f"CLIP centre crop {pre.crop_height}x{pre.crop_width} is larger than the "
                 f"resized image {h}x{w}"
             )
-        top, left = (h - cfg.crop_height) // 2, (w - cfg.crop_width) // 2
-        v = v[..., top : top + cfg.crop_height, left : left + cfg.crop_width]
+        top, left = (h - pre.crop_height) // 2, (w - pre.crop_width) // 2
+        v = v[..., top : top + pre.crop_height, left : left + pre.crop_width]
     if mean is None:
-        mean = torch.tensor(cfg.mean, dtype=v.dtype, device=v.device)[:, None, None]
+        mean = torch.tensor(pre.mean, dtype=v.dtype, device=v.device)[:, None, None]
     if std is None:
-        std = torch.tensor(cfg.std, dtype=v.dtype, device=v.device)[:, None, None]
+        std = torch.tensor(pre.std, dtype=v.dtype, device=v.device)[:, None, None]
     return (v - mean) / std
 
 
@@ -435,15 +435,13 @@ def load_clip_head(
 
 # -- CLIP score along the trajectory ---------------------------------------------------------
 
-_CLIP_SUMS = ("n", "cos_sum", "score_sum")
-
 
 def clip_score(cos: Tensor) -> Tensor:
     """The CLIP score of a cosine similarity: 100 · max(cos, 0) (:data:`CLIP_SCORE_WEIGHT`)."""
     return CLIP_SCORE_WEIGHT * cos.clamp_min(0)
 
 
-class CLIPScoreRecorder:
+class CLIPScoreRecorder(StepStatistic):
     """Sampler callback: per step, the mean CLIP score of x̂0 against each sample's target prompt.
 
     clip_score = 100 · max(cos, 0) (:data:`CLIP_SCORE_WEIGHT`), clip_cosine = cos, both averaged
@@ -451,110 +449,45 @@ class CLIPScoreRecorder:
     (a step without either is skipped). By default the head runs on ``rec.x0`` (one extra
     forward without gradient, any guide or none); ``from_guidance=True`` instead reads the
     cosine off the guidance logits, f_y / s — valid only when this head is the guide and sees
-    x̂0 (DDPM/DDIM), and then free. Batches, shards and processes merge by summing.
+    x̂0 (DDPM/DDIM), and then free. Batches, shards and processes merge by summing
+    (:class:`~fguide.diagnostics.StepStatistic`).
     """
+
+    name = "clip"
+    columns = ("n", "cos_sum", "score_sum")
+    curve_columns = (("clip_score", "score_sum"), ("clip_cosine", "cos_sum"))
+    summary_of = ("final_clip_score", "clip_score")
+    definition = (
+        "clip_score",
+        "mean over samples of 100 * max(cos(CLIP image embedding of x0, target prompt), 0)",
+    )
 
     def __init__(
         self, head: CLIPHead, labels: Tensor | None = None, *, from_guidance: bool = False
     ):
+        super().__init__()
         self.head, self.labels, self.from_guidance = head, labels, from_guidance
-        self.sums: dict[int, dict[str, float]] = {}
-        self._pending: list[tuple[int, int, Tensor]] = []  # (step, n, [Σ cos, Σ score]) on device
 
-    def __call__(self, rec: StepRecord) -> None:
+    def step_sums(self, rec: StepRecord) -> tuple[int, Tensor] | None:
+        """(n, [Σ cos, Σ score]) of the step's samples, on the device."""
         res = rec.guidance
         labels = self.labels if self.labels is not None else (None if res is None else res.labels)
         if labels is None:
-            return
+            return None
         if self.from_guidance:
             if res is None:
-                return
+                return None
             f_y = res.logits.double().gather(-1, labels[:, None].to(res.logits.device))
             cos = f_y.squeeze(-1) / self.head.logit_scale
         else:
             with torch.no_grad():
                 cos = self.head.cosine(rec.x0).double()
             cos = cos.gather(-1, labels[:, None].to(cos.device)).squeeze(-1)
-        sums = torch.stack([cos.sum(), clip_score(cos).sum()])
-        self._pending.append((rec.step, len(cos), sums))
-
-    def finalize(self) -> None:
-        """Fold the pending steps' device sums into the host sums (one transfer), as
-        :meth:`TrajectoryRecorder.finalize` does."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        values = torch.stack([p[2] for p in pending]).cpu().tolist()  # the one read
-        for (step, n, _), (cos_sum, score_sum) in zip(pending, values, strict=True):
-            s = self.sums.setdefault(step, dict.fromkeys(_CLIP_SUMS, 0.0))
-            s["n"] += n
-            s["cos_sum"] += cos_sum
-            s["score_sum"] += score_sum
-
-    @property
-    def steps(self) -> list[int]:
-        self.finalize()
-        return sorted(self.sums)
-
-    def merge(self, other: CLIPScoreRecorder) -> None:
-        """Add another recorder's observations (another batch, shard or process)."""
-        self.finalize()
-        other.finalize()
-        for k, o in other.sums.items():
-            s = self.sums.setdefault(k, dict.fromkeys(_CLIP_SUMS, 0.0))
-            for key in _CLIP_SUMS:
-                s[key] += o[key]
-
-    def state(self) -> dict[str, NDArray[Any]]:
-        """Per-step sums as arrays under ``clip_``-prefixed keys, so that they can be stored in
-        the same dict (npz) as :meth:`TrajectoryRecorder.state` without a clash."""
-        steps = self.steps
-        return {
-            "clip_steps": np.asarray(steps, dtype=np.int64),
-            "clip_sums": np.asarray(
-                [[self.sums[k][n] for n in _CLIP_SUMS] for k in steps], dtype=np.float64
-            ).reshape(len(steps), len(_CLIP_SUMS)),
-        }
+        return len(cos), torch.stack([cos.sum(), clip_score(cos).sum()])
 
     @classmethod
     def from_state(cls, state: dict[str, NDArray[Any]], head: Any = None) -> CLIPScoreRecorder:
         """Inverse of :meth:`state` (other keys are ignored; no ``clip_steps``: empty)."""
         rec = cls(head)
-        if "clip_steps" not in state:
-            return rec
-        for j, k in enumerate(state["clip_steps"].tolist()):
-            rec.sums[k] = dict(
-                zip(_CLIP_SUMS, (float(v) for v in state["clip_sums"][j]), strict=True)
-            )
+        rec._restore(state)
         return rec
-
-    def curves(self) -> dict[str, list[float]]:
-        """``step``, ``clip_score`` and ``clip_cosine``, one value per recorded step."""
-        steps = self.steps
-        return {
-            "step": [float(k) for k in steps],
-            "clip_score": [self.sums[k]["score_sum"] / self.sums[k]["n"] for k in steps],
-            "clip_cosine": [self.sums[k]["cos_sum"] / self.sums[k]["n"] for k in steps],
-        }
-
-    def add_to(self, trajectory: dict[str, Any]) -> dict[str, Any]:
-        """Add the curves to a :meth:`TrajectoryRecorder.to_dict` result, in place.
-
-        ``curves["clip_score"]`` and ``curves["clip_cosine"]`` are aligned with
-        ``curves["step"]`` (None at a step without a CLIP value); ``summary["final_clip_score"]``
-        is the last step's mean; ``clip_score_definition`` names the convention.
-        """
-        curves = trajectory.setdefault("curves", {})
-        steps = curves.get("step") or self.steps
-        curves.setdefault("step", list(steps))
-        mine = self.curves()
-        at = {int(k): i for i, k in enumerate(mine["step"])}
-        for key in ("clip_score", "clip_cosine"):
-            curves[key] = [mine[key][at[int(k)]] if int(k) in at else None for k in steps]
-        trajectory.setdefault("summary", {})["final_clip_score"] = (
-            mine["clip_score"][-1] if self.sums else None
-        )
-        trajectory["clip_score_definition"] = (
-            "mean over samples of 100 * max(cos(CLIP image embedding of x0, target prompt), 0)"
-        )
-        return trajectory

@@ -22,14 +22,14 @@ Conventions (METHODS.md notation; z the latent state, ẑ0 its clean estimate):
 - **Latent guidance**: g = ∇_{ẑ0} S(C(Dec(ẑ0)), y): the classifier C sees the decoded image
   clipped to [−1, 1] (the gradient passes the clip unchanged, as EluCD's gradient with respect to
   the clipped x̂0 does), then one vector-Jacobian product through classifier and decoder.
-- **Algorithm 3** (EluCD's CFG + classifier guidance) and micro-batched guidance passes live in
-  :mod:`fguide.cfg_guidance` (re-exported here).
+- **Algorithm 3** (EluCD's CFG + classifier guidance), micro-batched guidance passes and the
+  sampler's parts of a pipeline (:func:`~fguide.models.latent_guidance.build_pipeline_sampling`)
+  live in :mod:`fguide.models.latent_guidance`, which imports this module.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,14 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fguide.accel import Precision, with_precision
-from fguide.cfg_guidance import (
-    CFGClassifierGuidance,
-    MicrobatchGuide,
-    evaluate_guidance_microbatched,
-    param_dtype,
-)
-from fguide.guidance import ClassifierFn, ClassifierGuide
+from fguide.accel import param_dtype
+from fguide.guidance import ClassifierFn
 from fguide.models.dit_network import check_dit_network, set_dit_network
 from fguide.models.hf_files import (
     SCHEDULER_RULES,
@@ -53,21 +47,15 @@ from fguide.models.hf_files import (
     check_fields,
     read_json_object,
 )
-from fguide.objectives import Objective
 from fguide.schedules import Process, VarianceType, betas_for, process_from_betas
 
 __all__ = [
     "ELUCD_DIT_XL2_256",
-    "CFGClassifierGuidance",
     "DecodedClassifier",
     "DiTEps",
     "LatentDecoder",
-    "MicrobatchGuide",
     "PipelineModel",
-    "PipelineSampling",
     "UNetEps",
-    "build_pipeline_sampling",
-    "evaluate_guidance_microbatched",
     "is_pipeline_dir",
     "load_pipeline_model",
     "pipeline_files",
@@ -445,9 +433,9 @@ def load_pipeline_model(
         if "vae" not in index:
             raise ValueError(f"{root}: a DiT pipeline needs a vae/ component")
         vae = _load_component(diffusers.AutoencoderKL, root, "vae", dev, dtype)
-        cfg = net.config
-        c, size = int(cfg.in_channels), int(cfg.sample_size)
-        out_c = int(cfg.out_channels or c)
+        net_config = net.config
+        c, size = int(net_config.in_channels), int(net_config.sample_size)
+        out_c = int(net_config.out_channels or c)
         if out_c not in (c, 2 * c):
             raise ValueError(f"{root}/transformer: out_channels {out_c} is neither {c} nor {2 * c}")
         if int(vae.config.latent_channels) != c:
@@ -455,9 +443,9 @@ def load_pipeline_model(
                 f"{root}: the VAE has {vae.config.latent_channels} latent channels, the "
                 f"transformer {c}"
             )
-        num_classes = int(cfg.num_embeds_ada_norm)
+        num_classes = int(net_config.num_embeds_ada_norm)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        configs.update(transformer=dict(cfg), vae=dict(vae.config))
+        configs.update(transformer=dict(net_config), vae=dict(vae.config))
         return PipelineModel(
             kind="dit",
             net=net,
@@ -475,18 +463,18 @@ def load_pipeline_model(
         )
     if "unet" in index:
         net = _load_component(diffusers.UNet2DModel, root, "unet", dev, dtype)
-        cfg = net.config
-        c = int(cfg.in_channels)
-        size = cfg.sample_size
+        net_config = net.config
+        c = int(net_config.in_channels)
+        size = net_config.sample_size
         if not isinstance(size, int):  # [h, w] (checked by check_diffusers_component)
             if len(set(size)) != 1:
                 raise ValueError(f"{root}/unet: non-square sample_size {size} is not supported")
             size = int(size[0])
-        out_c = int(cfg.out_channels)
+        out_c = int(net_config.out_channels)
         if out_c not in (c, 2 * c):
             raise ValueError(f"{root}/unet: out_channels {out_c} is neither {c} nor {2 * c}")
-        n_cls = getattr(cfg, "num_class_embeds", None)
-        configs.update(unet=dict(cfg))
+        n_cls = getattr(net_config, "num_class_embeds", None)
+        configs.update(unet=dict(net_config))
         return PipelineModel(
             kind="unet",
             net=net,
@@ -527,76 +515,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)
-
-
-# -- one call for the sampling command ----------------------------------------------------------
-
-
-@dataclass
-class PipelineSampling:
-    """What ``fguide.ddpm`` needs for a pipeline model (see :func:`build_pipeline_sampling`)."""
-
-    model: Callable[[Tensor, Tensor, Tensor | None], Tensor]
-    process: Process
-    guide: Any
-    clip_denoised: bool
-    state_shape: tuple[int, int, int]
-    to_image: Callable[[Tensor], Tensor]
-
-
-def build_pipeline_sampling(
-    pm: PipelineModel,
-    *,
-    respacing: str = "250",
-    cfg_scale: float = 1.0,
-    cfg_channels: int | None = None,
-    classifier: ClassifierFn | None = None,
-    objective: Objective | None = None,
-    scale: float = 1.0,
-    guidance: Literal["algorithm3", "mean"] = "algorithm3",
-    sine_factor: float = 0.3,
-    microbatch: int | None = None,
-    clip: ClipMode = "straight_through",
-    classifier_precision: Precision = "fp32",
-) -> PipelineSampling:
-    """Model, process and guide for ``fguide.ddpm(s.model, z, s.process, labels=y,
-    guide=s.guide, noise=..., clip_denoised=s.clip_denoised, sine_factor=...)``.
-
-    Without a classifier: CFG (DiT) or the plain UNet, no guide. With one: ``"algorithm3"``
-    (DiT only) is :class:`CFGClassifierGuidance` with G = ``scale``; ``"mean"`` is EluCD's DDPM
-    mean shift μ' = μ + (Σ + a_t) γ g with γ = ``scale`` and g the (decoded) classifier's
-    gradient at x̂0 of the CFG output, the sampler's ``sine_factor`` giving a_t. The final state
-    goes through ``s.to_image`` (the VAE decoder for latents). ``classifier_precision`` runs the
-    guidance's C∘Dec (decoder and classifier) under autocast (gradients included).
-    """
-    proc = pm.process(respacing)
-    eps = pm.eps_model(cfg_scale, cfg_channels)
-    guide: Any = None
-    model: Callable[[Tensor, Tensor, Tensor | None], Tensor] = eps
-    if classifier is not None:
-        if objective is None:
-            raise ValueError("objective is required with a classifier")
-        clf = with_precision(pm.guidance_classifier(classifier, clip), classifier_precision)
-        if guidance == "algorithm3":
-            if not isinstance(eps, DiTEps):
-                raise ValueError("guidance 'algorithm3' needs a DiT pipeline (CFG); use 'mean'")
-            alg = CFGClassifierGuidance(
-                eps, proc, clf, objective, scale, sine_factor, pm.clip_denoised, microbatch
-            )
-            model, guide = alg, alg.guide
-        elif guidance == "mean":
-            guide = (
-                ClassifierGuide(clf, objective, scale)
-                if microbatch is None
-                else MicrobatchGuide(clf, objective, scale, microbatch)
-            )
-        else:
-            raise ValueError(f"guidance must be 'algorithm3' or 'mean'; got {guidance!r}")
-    return PipelineSampling(
-        model=model,
-        process=proc,
-        guide=guide,
-        clip_denoised=pm.clip_denoised,
-        state_shape=pm.state_shape,
-        to_image=lambda x: pm.to_image(x, microbatch),
-    )

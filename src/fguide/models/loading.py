@@ -28,6 +28,7 @@ __all__ = [
     "STATE_DICT",
     "UnsafeCheckpointError",
     "check_state_dict",
+    "is_network_pickle",
     "load_model",
     "load_state_dict_file",
     "matching_presets",
@@ -89,6 +90,22 @@ def _not_torch(p: Path) -> str | None:
     )
 
 
+def is_network_pickle(path: str | PathLike[str]) -> bool:
+    """True when ``path`` is a raw pickle that references NVlabs' ``torch_utils.persistence``.
+
+    Reads at most the first 64 KiB: the persistence global precedes the first embedded source.
+    The model-family registry routes a ``--model`` file with it to
+    :func:`fguide.models.nvlabs.load_network_pickle` (torch's own files are
+    zip archives or legacy files without that reference).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" and b"torch_utils.persistence" in head
+
+
 def read_torch_file(path: str | PathLike[str], expected: str = STATE_DICT) -> object:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
 
@@ -107,8 +124,6 @@ def read_torch_file(path: str | PathLike[str], expected: str = STATE_DICT) -> ob
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # Only a file torch refuses is looked at again (NVlabs' persistent classes always are).
-        from fguide.models.nvlabs import is_network_pickle  # lazy: nvlabs imports this module
-
         if is_network_pickle(p):
             raise UnsafeCheckpointError(
                 f"{p} is an NVlabs network pickle (EDM): read it with "

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from fguide.models.edm import EDMDenoiser, EDMPrecond
+from fguide.models.loading import is_network_pickle
 from fguide.models.pickled_tensors import read_storage_blob, rebuild_tensor
 from fguide.models.safe_pickle import BoundedUnpickler, UnsafePickleError
 
@@ -453,21 +454,6 @@ def _describe(value: Any) -> str:
     if isinstance(value, PersistentRecord):
         return value.class_name
     return "None" if value is None else type(value).__name__
-
-
-def is_network_pickle(path: str | PathLike[str]) -> bool:
-    """True when ``path`` is a raw pickle that references NVlabs' ``torch_utils.persistence``.
-
-    Reads at most the first 64 KiB: the persistence global precedes the first embedded source.
-    Use it to route a ``--model`` file to :func:`load_network_pickle` (torch's own files are
-    zip archives or legacy files without that reference).
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-    except OSError:
-        return False
-    return head[:1] == b"\x80" and b"torch_utils.persistence" in head
 
 
 _EXPECTED = "expected an NVlabs network pickle such as edm-imagenet-64x64-cond-adm.pkl"

@@ -20,7 +20,7 @@ Conventions (METHODS.md notation; z the latent state, ẑ0 its clean estimate):
 - **Guidance** (:func:`build_sd_sampling`): g = ∇_{ẑ0} S(C(clip(Dec(ẑ0))), y) at ẑ0 of the
   CFG ε, by one vector-Jacobian product through guide and decoder
   (:class:`~fguide.models.hf_diffusers.DecodedClassifier`, micro-batched by
-  :class:`~fguide.cfg_guidance.MicrobatchGuide`); DDIM and DPM-Solver shift the score,
+  :class:`~fguide.models.latent_guidance.MicrobatchGuide`); DDIM and DPM-Solver shift the score,
   ε̃ = ε − √(1 − ᾱ_t) γ g; DDPM shifts the mean, μ' = μ + (Σ + a_t) γ g.
 """
 
@@ -36,10 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from fguide import defaults
-from fguide.accel import Precision, with_precision
-from fguide.cfg_guidance import MicrobatchGuide, param_dtype
+from fguide.accel import Precision, param_dtype, with_precision
 from fguide.guidance import ClassifierFn
 from fguide.models import hf_diffusers as hd
+from fguide.models.latent_guidance import MicrobatchGuide
 from fguide.models.sd_folder import (
     SD_LAYOUT,
     SDKind,

@@ -26,7 +26,6 @@ from torch import nn
 from fguide.cli.main import main
 from fguide.models.presets import create_model
 from fguide.models.resnet import resnet
-from fguide.paper_configs import PAPER_CONFIGS, apply_paper_config
 from fguide.sampling import (
     ConfigMismatchError,
     SampleConfig,
@@ -35,13 +34,14 @@ from fguide.sampling import (
     run_sampling,
     sample_labels,
 )
+from fguide.sampling.configs import PAPER_CONFIGS, apply_paper_config
 
 TESTS = Path(__file__).resolve().parent
 FLAGS = (
     "image_size=8 num_channels=32 num_res_blocks=1 channel_mult=1,2 attention_resolutions=4 "
     "num_head_channels=32 class_cond=True learn_sigma=True"
 )
-SPEC = "test_sampling:tiny_classifier"
+SPEC = "test_sampling_run:tiny_classifier"
 # The reference run most tests compare against: 7 samples in shards of 2, batch 2, JS guidance.
 REF = dict(num_samples=7, batch_size=2, shard_size=2)
 
@@ -387,7 +387,7 @@ def test_other_configuration_is_refused_and_more_samples_extend(
         (["--model-flags", FLAGS.replace("num_channels=32", "num_channels=64")], "does not fit"),
         (["--classifier", "resnet18"], "--classifier-weights"),
         (["--classifier-weights", "nope.pth"], "--classifier-weights: file not found"),
-        (["--classifier", "test_sampling:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
+        (["--classifier", "test_sampling_run:wrong_size_classifier"], "fails on a [1, 3, 8, 8]"),
         (["--method", "tilted", "--tilt-group", "3"], "multiple of --tilt-group"),
         (["--method", "base", "--alpha", "0.1"], "alpha is a divergence weight"),
         (["--steps", "ddim999"], "cannot create exactly 999 steps"),
@@ -415,7 +415,7 @@ def test_non_finite_guidance_names_step_and_samples(
     tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = cli_args(tmp_path / "run", ckpt, "--num-samples", "4", "--batch-size", "2")
-    args[args.index(SPEC)] = "test_sampling:fails_on_second_batch"
+    args[args.index(SPEC)] = "test_sampling_run:fails_on_second_batch"
     assert main([*args, "--shard-size", "4"]) == 1
     err = capsys.readouterr().err
     assert "sampling step 0" in err and "sample indices [2, 3]" in err
@@ -480,7 +480,7 @@ def test_identity_covers_the_weights_behind_an_import_spec(
     # An import spec names code, not weights: the run identity must hash the weights in use,
     # or a resumed run would silently mix samples of two classifiers (issue 10, item 2).
     out = tmp_path / "run"
-    cfg = config(out, ckpt, classifier="test_sampling:seeded_classifier", max_shards=1)
+    cfg = config(out, ckpt, classifier="test_sampling_run:seeded_classifier", max_shards=1)
     assert not run_sampling(cfg).complete
     monkeypatch.setitem(WEIGHT_SEED, "seed", 2)
     with pytest.raises(ConfigMismatchError, match="classifier_state_sha256"):
@@ -544,7 +544,7 @@ def test_first_sample_variance_tracking_puts_the_batch_size_in_the_identity(
 
 def test_pipeline_folder_identity_hashes_names_with_contents(tmp_path: Path) -> None:
     # Two weight files swapped (same names, same set of contents) are another model.
-    from fguide.sampling import _model_sha256
+    from fguide.sampling.run import _model_sha256
 
     folder = tmp_path / "pipeline"
     (folder / "unet").mkdir(parents=True)
@@ -568,9 +568,9 @@ def test_adm_classifier_guides_with_adm_plain_mean_condition(
 ) -> None:
     # ADM's noise-aware classifier: μ' = μ + Σ γ g (condition_mean), no EluCD sine boost;
     # an x̂0 classifier keeps EluCD's γ_sine = 0.3 (METHODS.md §5).
-    import fguide.sampling
+    import fguide.sampling.batch
+    from fguide.config import parse_flags
     from fguide.models.presets import create_classifier
-    from fguide.sampling_config import parse_flags
 
     assert resolve_config(config(tmp_path / "r", ckpt, classifier="resnet50")).sine_factor == 0.3
     adm = resolve_config(config(tmp_path / "a", ckpt, classifier="128x128_classifier"))
@@ -583,13 +583,13 @@ def test_adm_classifier_guides_with_adm_plain_mean_condition(
     weights = tmp_path / "adm_classifier.pt"
     torch.save(create_classifier(**parse_flags(flags)).state_dict(), weights)
     seen: list[float] = []
-    ddpm = fguide.sampling.ddpm
+    ddpm = fguide.sampling.batch.ddpm
 
     def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
         seen.append(kwargs["sine_factor"])
         return ddpm(*args, **kwargs)
 
-    monkeypatch.setattr(fguide.sampling, "ddpm", spy)
+    monkeypatch.setattr(fguide.sampling.batch, "ddpm", spy)
     cfg = config(
         tmp_path / "run", ckpt, classifier="adm", classifier_flags=flags,
         classifier_weights=weights, method="logsoftmax", num_samples=2,
@@ -689,9 +689,9 @@ def test_batch_size_changes_a_sample_by_rounding_only(ckpt: Path, tmp_path: Path
     # The guarantee stated in the README: identical bytes for the same batch size (any number
     # of processes, any interruption); across batch sizes equal up to float32 rounding, i.e. at
     # most one quantisation level on rare pixels. Checked over many seeds.
+    from fguide.families import build_components
     from fguide.io.images import to_uint8_nhwc
     from fguide.sampling import sample_batch
-    from fguide.sampling_models import build_components
 
     diffs, changed, total = [], 0, 0
     for seed in range(12):
@@ -724,7 +724,7 @@ def test_nvlabs_edm_network_samples_with_heun_by_default(
     out = tmp_path / "edm"
     argv = [
         "sample", "--out", str(out), "--model", str(EDM_PICKLE),
-        "--classifier", "test_sampling:tiny4_classifier", "--steps", "4", "--seed", "1",
+        "--classifier", "test_sampling_run:tiny4_classifier", "--steps", "4", "--seed", "1",
         "--num-samples", "3", "--batch-size", "2", "--device", "cpu", "--no-progress", *churn,
     ]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
@@ -826,10 +826,11 @@ def check_compile_and_channels_last(
     *flags)`` (the samples as ints) and the plain samples."""
     from functools import partial
 
-    import fguide.sampling_models as sm
     from fguide.accel import compile_model
+    from fguide.families import adm, nvlabs, pipelines
 
-    monkeypatch.setattr(sm, "compile_model", partial(compile_model, backend="eager"))
+    for family in (adm, nvlabs, pipelines):  # each family compiles its own network
+        monkeypatch.setattr(family, "compile_model", partial(compile_model, backend="eager"))
 
     def run(name: str, *extra: str) -> np.ndarray:
         assert main([*argv, "--out", str(out / name), *extra]) == 0
@@ -848,7 +849,7 @@ def test_edm_gpu_path_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = [
-        "sample", "--model", str(EDM_PICKLE), "--classifier", "test_sampling:tiny4_classifier",
+        "sample", "--model", str(EDM_PICKLE), "--classifier", "test_sampling_run:tiny4_classifier",
         "--steps", "4", "--seed", "1", "--num-samples", "2", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     check_compile_and_channels_last(argv, tmp_path, monkeypatch, capsys)

@@ -2,7 +2,7 @@
 
 The Inception gets fixture-init weights saved to a temporary file (the real weights are not
 needed: the evaluator's plumbing is under test; the network itself is tested against the
-fixtures in test_inception.py). Every Inception forward costs ~0.1-0.3 s per image on CPU, so
+fixtures in test_models_inception.py). Every Inception forward costs ~0.1-0.3 s per image on CPU, so
 the batches hold 4 images and the features of a run are shared by the tests that read them.
 """
 
@@ -27,7 +27,7 @@ from PIL import Image
 from tolerances import assert_close, network_depth
 
 import fguide.cli.evaluate
-import fguide.evaluation
+import fguide.evaluation.quality
 import fguide.io.features
 from fguide.cli.main import main
 from fguide.evaluation import (
@@ -397,7 +397,9 @@ def test_out_filling_up_after_the_features_keeps_the_metrics(
     monkeypatch.setattr(
         fguide.io.features, "extract_features", lambda src, *a, **k: feats[src.path]
     )
-    monkeypatch.setattr(fguide.evaluation, "load_fid_inception", lambda *a, **k: data["model"])
+    monkeypatch.setattr(
+        fguide.evaluation.quality, "load_fid_inception", lambda *a, **k: data["model"]
+    )
     out, cache = tmp_path / "out", tmp_path / "cache"
     _failing_out(monkeypatch, out, failure)
     code, stdout, stderr = _cli(

@@ -49,7 +49,7 @@ UNET = "adm_unet_forward.pt"
 CLS = "adm_classifier_forward.pt"
 KEYS = "official_state_dict_keys.json"
 ADM_KINDS = ("diffusion", "classifier")
-# The 512×512 presets are not in the fixtures: tests/test_presets.py checks them against
+# The 512×512 presets are not in the fixtures: tests/test_models_presets.py checks them against
 # guided-diffusion's own key lists (tests/reference/adm512_state_dict_keys.json).
 FIXTURE_PRESETS = sorted(n for n in PRESETS if not n.startswith("512x512"))
 

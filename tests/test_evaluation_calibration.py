@@ -1,5 +1,5 @@
-"""fguide.calibration_report: where a run's diagnostics are found (the figures and the
-numbers are tested end to end in test_calibration_cli.py)."""
+"""fguide.evaluation.calibration: where a run's diagnostics are found (the figures and the
+numbers are tested end to end in test_cli_calibration.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fguide.calibration_report import find_trajectory
+from fguide.evaluation.calibration import find_trajectory
 from fguide.io import runs
 
 

@@ -21,6 +21,7 @@ import fguide
 diffusers = pytest.importorskip("diffusers")
 
 from fguide.models import hf_diffusers as hd  # noqa: E402
+from fguide.models import latent_guidance as lg  # noqa: E402
 from fguide.schedules import betas_for, make_process  # noqa: E402
 
 T = 1000
@@ -136,7 +137,7 @@ def _patch_scheduler_noise(monkeypatch: pytest.MonkeyPatch, draws: list[Tensor])
 def test_dit_matches_dit_pipeline(
     dit_dir: Path, monkeypatch: pytest.MonkeyPatch, cfg_scale: float
 ) -> None:
-    # DiTPipeline runs diffusers' own network (not DiT's arithmetic: test_dit_reference.py)
+    # DiTPipeline runs diffusers' own network (not DiT's arithmetic: test_models_dit_network.py)
     dit = hd.load_pipeline_model(dit_dir, dtype=torch.float64, dit_network="diffusers")
     steps, b = 10, 2
     gen = torch.Generator().manual_seed(3)
@@ -395,14 +396,14 @@ def test_microbatched_guidance_equals_the_full_batch(
     full = fguide.evaluate_guidance(f, z0, y, obj, 0.2)
     depth = _guidance_depth(dit, f)
     for mb in (1, 2, 3):
-        part = hd.evaluate_guidance_microbatched(f, z0, y, obj, 0.2, microbatch=mb)
+        part = lg.evaluate_guidance_microbatched(f, z0, y, obj, 0.2, microbatch=mb)
         assert_close(part.grad, full.grad, F64, depth)
         assert_close(part.logits, full.logits, F64, depth)
         if obj.tilt is not None:
             assert part.weights is not None and full.weights is not None
             assert_close(part.weights, full.weights, F64, depth)
     with pytest.raises(ValueError, match="guidance_microbatch"):
-        hd.evaluate_guidance_microbatched(f, z0, y, obj, microbatch=0)
+        lg.evaluate_guidance_microbatched(f, z0, y, obj, microbatch=0)
 
 
 # -- EluCD Algorithm 3 -------------------------------------------------------------------------
@@ -444,7 +445,7 @@ def _alg3_reference(
 def test_algorithm3_output_is_its_formula(dit: hd.PipelineModel, s: float) -> None:
     proc = dit.process("10")
     clf, obj = _classifier(), fguide.objective("js", entropy=True)
-    alg = hd.CFGClassifierGuidance(dit.eps_model(s), proc, dit.guidance_classifier(clf), obj, 0.3)  # type: ignore[arg-type]
+    alg = lg.CFGClassifierGuidance(dit.eps_model(s), proc, dit.guidance_classifier(clf), obj, 0.3)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64)
     y = torch.tensor([2, 7, 7])
@@ -456,7 +457,7 @@ def test_algorithm3_output_is_its_formula(dit: hd.PipelineModel, s: float) -> No
         res = alg.guide(x, x, torch.full((3,), tm), y, 0.0)  # the replayed result
         assert res.grad.shape == x.shape and alg.guide.scale == 0.0
     # G = 0 is CFG alone
-    alg0 = hd.CFGClassifierGuidance(dit.eps_model(s), proc, dit.guidance_classifier(clf), obj, 0.0)  # type: ignore[arg-type]
+    alg0 = lg.CFGClassifierGuidance(dit.eps_model(s), proc, dit.guidance_classifier(clf), obj, 0.0)  # type: ignore[arg-type]
     t = torch.full((3,), 555)
     assert_close(alg0(x, t, y), dit.eps_model(s)(x, t, y), F64, network_depth(dit.net))
 
@@ -480,7 +481,7 @@ def test_dit_reference_cfg_guides_three_channels(dit: hd.PipelineModel) -> None:
 def _sample_alg3(
     dit: hd.PipelineModel, indices: list[int], labels: Tensor, obj: fguide.Objective
 ) -> tuple[Tensor, list[fguide.StepRecord]]:
-    s = hd.build_pipeline_sampling(
+    s = lg.build_pipeline_sampling(
         dit,
         respacing="6",
         cfg_scale=1.5,
@@ -526,7 +527,7 @@ def test_algorithm3_sampling_is_per_sample_and_recorded(dit: hd.PipelineModel) -
     for key in ("confidence_mean", "grad_norm", "ece"):
         assert len(curves[key]) == 6 and None not in curves[key]
     # guidance changes the samples
-    unguided = hd.build_pipeline_sampling(dit, respacing="6", cfg_scale=1.5)
+    unguided = lg.build_pipeline_sampling(dit, respacing="6", cfg_scale=1.5)
     noise = fguide.SampleNoise(11, [0, 1, 2])
     with torch.no_grad():
         x = fguide.ddpm(
@@ -541,7 +542,7 @@ def test_algorithm3_sampling_is_per_sample_and_recorded(dit: hd.PipelineModel) -
 
 
 def test_mean_form_latent_guidance_and_pixel_guidance_errors(dit: hd.PipelineModel) -> None:
-    s = hd.build_pipeline_sampling(
+    s = lg.build_pipeline_sampling(
         dit,
         respacing="4",
         cfg_scale=1.5,
@@ -550,7 +551,7 @@ def test_mean_form_latent_guidance_and_pixel_guidance_errors(dit: hd.PipelineMod
         guidance="mean",
         microbatch=1,
     )
-    assert isinstance(s.guide, hd.MicrobatchGuide)
+    assert isinstance(s.guide, lg.MicrobatchGuide)
     noise = fguide.SampleNoise(0, [0, 1])
     with torch.no_grad():
         x = fguide.ddpm(
@@ -564,8 +565,8 @@ def test_mean_form_latent_guidance_and_pixel_guidance_errors(dit: hd.PipelineMod
         )
     assert torch.isfinite(x).all()
     with pytest.raises(ValueError, match="objective is required"):
-        hd.build_pipeline_sampling(dit, classifier=_classifier())
-    alg = hd.CFGClassifierGuidance(
+        lg.build_pipeline_sampling(dit, classifier=_classifier())
+    alg = lg.CFGClassifierGuidance(
         dit.eps_model(1.5),  # type: ignore[arg-type]
         dit.process("4"),
         _classifier(),
@@ -578,7 +579,7 @@ def test_mean_form_latent_guidance_and_pixel_guidance_errors(dit: hd.PipelineMod
     with pytest.raises(RuntimeError, match="together with"):
         alg.guide(x1, x1, torch.tensor([999]), torch.tensor([1]), 0.0)
     with pytest.raises(ValueError, match="Algorithm 3 needs class labels"):
-        hd.CFGClassifierGuidance(
+        lg.CFGClassifierGuidance(
             dit.eps_model(1.5),  # type: ignore[arg-type]
             dit.process("4"),
             _classifier(),
@@ -606,7 +607,7 @@ def test_fguide_sample_with_a_dit_pipeline_folder(
     out = tmp_path / "dit-run"
     argv = [
         "sample", "--model", str(dit_dir), "--cfg-scale", "1.5", "--classifier",
-        "test_hf_diffusers:cli_classifier", "--scale", "0.5", "--steps", "3",
+        "test_models_hf_diffusers:cli_classifier", "--scale", "0.5", "--steps", "3",
         "--num-samples", "8", "--batch-size", "4", "--shard-size", "4", "--out", str(out),
         "--device", "cpu", "--no-progress",
     ]  # fmt: skip
@@ -665,9 +666,11 @@ def test_resume_over_swapped_pipeline_weights_is_refused(dit_dir: Path, tmp_path
 
 
 def test_algorithm3_needs_an_explicit_scale(dit_dir: Path, tmp_path: Path) -> None:
-    from fguide.sampling_config import SampleConfig, resolve_config
+    from fguide.sampling import SampleConfig, resolve_config
 
-    cfg = SampleConfig(out=tmp_path, model=dit_dir, classifier="test_hf_diffusers:cli_classifier")
+    cfg = SampleConfig(
+        out=tmp_path, model=dit_dir, classifier="test_models_hf_diffusers:cli_classifier"
+    )
     with pytest.raises(ValueError, match="scale: give scale"):
         resolve_config(cfg)
     with pytest.raises(ValueError, match="ddpm or ddim"):
@@ -681,7 +684,7 @@ def test_dit_configuration_runs_on_the_tiny_pipeline(dit_dir: Path, tmp_path: Pa
     out = tmp_path / "cfg"
     argv = [
         "sample", "--config", "elucd-dit-xl2-256", "--model", str(dit_dir), "--out", str(out),
-        "--classifier", "test_hf_diffusers:cli_classifier",
+        "--classifier", "test_models_hf_diffusers:cli_classifier",
         "--scale", "0.2", "--steps", "4", "--num-samples", "2", "--device", "cpu",
         "--no-progress",
     ]  # fmt: skip
@@ -702,11 +705,11 @@ def test_pipeline_gpu_path_options(
     # in bf16 and --classifier-precision bf16 the decoder and classifier of the guidance: close
     # to float32, not equal to it.
     import numpy as np
-    from test_sampling import check_compile_and_channels_last
+    from test_sampling_run import check_compile_and_channels_last
 
     argv = [
         "sample", "--model", str(dit_dir), "--cfg-scale", "1.5", "--classifier",
-        "test_hf_diffusers:cli_classifier", "--scale", "2", "--steps", "3",
+        "test_models_hf_diffusers:cli_classifier", "--scale", "2", "--steps", "3",
         "--num-samples", "4", "--batch-size", "4", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     run, fp32 = check_compile_and_channels_last(argv, tmp_path, monkeypatch, capsys)

@@ -33,13 +33,15 @@ step k repeats the uninterrupted run exactly; the checkpoint holds the model, op
 grad-scaler and step. The run's identity covers the settings, the classifier's initial weights
 (SHA-256 of its state dict) and the data's content (:meth:`ImageSource.fingerprint`).
 
-Layout: :mod:`fguide.finetune_config` (settings), :mod:`fguide.finetune_data` (split,
-augmentation, batches), :mod:`fguide.finetune_steps` (loss, gradient accumulation, held-out
-evaluation), this module (the classifier wrapper, checkpoints, the loop, the report).
+Layout: :mod:`fguide.finetune.config` (settings), :mod:`fguide.finetune.data` (split,
+augmentation, batches), :mod:`fguide.finetune.steps` (loss, gradient accumulation, held-out
+evaluation), :mod:`fguide.finetune.loop` (the training loop), :mod:`fguide.finetune.classifier`
+(the classifier wrapper), this module (the job: checkpoints, resume, the report).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,23 +56,23 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from fguide.finetune_config import (
+from fguide.finetune.classifier import Classifier, adm_x0_estimator, as_classifier, wrap_module
+from fguide.finetune.config import (
     FREE_KEYS,
-    INPUTS,
     ClassifierInput,
     FinetuneConfig,
     Precision,
     config_dict,
 )
-from fguide.finetune_data import (
+from fguide.finetune.data import (
     TrainLoader,
     check_labels,
     default_image_size,
     labels_of,
     split_holdout,
 )
-from fguide.finetune_loop import Interrupt, Trainer, rng_fork, train_loop, trim_log
-from fguide.finetune_steps import (
+from fguide.finetune.loop import Interrupt, Trainer, rng_fork, train_loop, trim_log
+from fguide.finetune.steps import (
     X0Estimator,
     accumulate_gradients,
     calibration_loss,
@@ -78,15 +80,14 @@ from fguide.finetune_steps import (
     evaluate_held_out,
     training_loss,
 )
-from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
-from fguide.io.folders import check_folder, claim_folder
-from fguide.io.images import ImageSource, from_arrays, open_images, random_crop_arr
-from fguide.models.classifiers import (
-    ClassifierKind,
+from fguide.guides import (
     LoadedClassifier,
     probe_num_classes,
     state_dict_sha256,
 )
+from fguide.io.files import atomic_write, atomic_write_json, provenance, sha256_file
+from fguide.io.folders import check_folder, claim_folder
+from fguide.io.images import ImageSource, from_arrays, open_images, random_crop_arr
 from fguide.plots import plot_reliability_dict
 from fguide.runtime import resolve_device
 from fguide.schedules import Process, make_process
@@ -145,101 +146,6 @@ def _labels_sha(labels: NDArray[np.int64]) -> str:
     return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
 
 
-# -- classifiers -------------------------------------------------------------------------------
-
-
-@dataclass
-class Classifier:
-    """A trainable classifier and how to call, size, noise and save it.
-
-    ``module`` is what is trained and called: ``module(x_t, t)`` for ``"noisy"`` input,
-    ``module(x)`` otherwise. ``export()`` returns the plain state dict written as the final
-    file (for a ResNet the bare network's, which :func:`fguide.models.resnet.load_resnet`
-    reads; for an ADM preset the ``EncoderUNetModel``'s, which ``load_model(preset, path)``
-    reads). Build one with :meth:`from_loaded` (what
-    :func:`fguide.models.classifiers.load_classifier` returns) or :func:`wrap_module`.
-    """
-
-    module: nn.Module
-    spec: str
-    kind: ClassifierKind | Literal["module"]  # "module": an nn.Module given in memory
-    default_input: ClassifierInput
-    image_size: int | None = None
-    noise_schedule: str | None = None
-    weights: str | None = None
-    export: Callable[[], Mapping[str, Tensor]] | None = None
-
-    @classmethod
-    def from_loaded(cls, loaded: LoadedClassifier) -> Classifier:
-        """The loader's classifier made trainable: gradients on (the loader turns them off).
-
-        Noise-aware classifiers (ADM's) default to ``"noisy"`` input with the schedule of the
-        diffusion model of their size; the others to ``"clean"``.
-        """
-        module = loaded.module.requires_grad_(True)
-        size = loaded.image_size
-        schedule = _adm_noise_schedule(size) if loaded.kind == "adm" and size else None
-        default: ClassifierInput = "noisy" if loaded.time_aware else "clean"
-        weights = loaded.description.get("weights")
-        return cls(
-            module,
-            loaded.spec,
-            loaded.kind,
-            default,
-            size,
-            schedule,
-            None if weights is None else str(weights),
-            loaded.export,
-        )
-
-    def state_dict_to_save(self) -> dict[str, Tensor]:
-        sd = self.export() if self.export is not None else self.module.state_dict()
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
-
-
-def wrap_module(
-    module: nn.Module, default_input: ClassifierInput = "clean", spec: str = "<module>"
-) -> Classifier:
-    """A :class:`Classifier` for any ``nn.Module`` (``module(x)`` or, noisy, ``module(x, t)``)."""
-    if default_input not in INPUTS:
-        raise ValueError(f"input must be one of {INPUTS}, got {default_input!r}")
-    return Classifier(module, spec, "module", default_input)
-
-
-def as_classifier(classifier: Classifier | LoadedClassifier | nn.Module) -> Classifier:
-    """A :class:`Classifier` from what :func:`finetune` accepts."""
-    if isinstance(classifier, Classifier):
-        return classifier
-    if isinstance(classifier, nn.Module):
-        return wrap_module(classifier)
-    return Classifier.from_loaded(classifier)
-
-
-def _adm_noise_schedule(image_size: int) -> str:
-    """The schedule of the diffusion model of the same size (ADM trained them together)."""
-    from fguide.models.presets import PRESETS
-
-    diffusion = PRESETS.get(f"{image_size}x{image_size}_diffusion")
-    if diffusion is not None and diffusion.diffusion_flags is not None:
-        return str(diffusion.diffusion_flags["noise_schedule"])
-    return "linear"
-
-
-def adm_x0_estimator(unet: nn.Module, process: Process, class_cond: bool) -> X0Estimator:
-    """x̂0 = clip(sqrt(1/ᾱ_t) x_t − sqrt(1/ᾱ_t − 1) ε_θ(x_t, t, y), −1, 1) from an ADM UNet.
-
-    ``process`` must be unrespaced (t are training steps). Variance channels, when the model
-    learns Σ, are ignored: x̂0 only needs ε.
-    """
-
-    def estimate(x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        out = unet(x_t, t, y) if class_cond else unet(x_t, t)
-        eps = out[:, : x_t.shape[1]].to(x_t.dtype)
-        return process.x0_from_eps(x_t, t, eps).clamp(-1, 1)
-
-    return estimate
-
-
 # -- the training loop -------------------------------------------------------------------------
 
 
@@ -295,7 +201,7 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``classifier`` with CE + λ·Smooth ECE on ``data``; resume from ``out_dir``.
 
-    ``classifier``: a :class:`Classifier`, what :func:`fguide.models.classifiers.load_classifier`
+    ``classifier``: a :class:`Classifier`, what :func:`fguide.guides.load_classifier`
     returns, or a plain ``nn.Module`` (clean input unless ``config.input`` says otherwise).
     ``data``: an :class:`~fguide.io.images.ImageSource` with labels, or its path
     (:func:`open_data`).
@@ -336,19 +242,79 @@ def finetune(
         if kind == "clean"
         else make_process(schedule, config.diffusion_steps, "", "fixed_small")
     )
-    eval_bs = config.eval_batch_size or config.microbatch or config.batch_size
 
     # The initial weights actually in use (whatever their source) and the data's content.
     weights_sha = state_dict_sha256(module)
-    identity = {
-        "config": {k: v for k, v in config_dict(config).items() if k not in FREE_KEYS},
-        "classifier": {"spec": classifier.spec, "weights_sha256": weights_sha},
-        "data": data.fingerprint(),
-        "resolved": {"input": kind, "noise_schedule": schedule, "image_size": size},
-    }
-    if config.anneal_lr:  # the learning rate then depends on the total step count
-        identity["config"]["iterations"] = config.iterations
+    resolved = {"input": kind, "noise_schedule": schedule, "image_size": size}
+    identity = _run_identity(config, classifier.spec, weights_sha, data, resolved)
 
+    trainer = _trainer(module, config, kind, process, denoiser, dev)
+
+    # One process per run folder (two would both train and overwrite each other's files); a
+    # folder holding files this job did not write is refused (fguide.io.folders).
+    with claim_folder(out, KIND, FILES, adopt=_adopt):
+        before, finished = _resume(out, trainer, identity, config)
+        if finished is not None:
+            return finished
+
+        loader = TrainLoader(
+            data, train_idx, size, config.seed, config.augment, config.batch_size, config.workers
+        )
+
+        held_out_eval = functools.partial(
+            evaluate_held_out,
+            module,
+            loader,
+            held_idx,
+            kind=kind,
+            process=process,
+            denoiser=denoiser,
+            device=dev,
+            **_eval_settings(config),
+        )
+
+        start_step = trainer.step
+        try:
+            outcome = _train(
+                trainer, loader, held_out_eval, before, out, identity, progress, on_step
+            )
+            if outcome is None:
+                return FinetuneResult("interrupted", trainer.step, out)
+            before, train_seconds = outcome
+            _write_state(out / MODEL, classifier.state_dict_to_save())
+            after = held_out_eval()
+        finally:
+            loader.close()
+
+        report = _write_report(
+            out,
+            before,
+            after,
+            {
+                "steps": trainer.step,
+                "steps_this_call": trainer.step - start_step,
+                "seconds_this_call": train_seconds,
+                "samples_seen": trainer.step * config.batch_size,
+            },
+            config,
+            identity["resolved"] | {"num_classes": num_classes, "device": str(dev)},
+            classifier,
+            weights_sha,
+            data,
+            (train_idx, held_idx),
+        )
+        return FinetuneResult("completed", trainer.step, out, report)
+
+
+def _trainer(
+    module: nn.Module,
+    config: FinetuneConfig,
+    kind: ClassifierInput,
+    process: Process | None,
+    denoiser: X0Estimator | None,
+    dev: torch.device,
+) -> Trainer:
+    """The training state: AdamW, the fp16 grad scaler, and how a step makes its inputs."""
     optimizer = torch.optim.AdamW(
         module.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -357,114 +323,145 @@ def finetune(
     def make_inputs(x0: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor | None]:
         return classifier_inputs(x0, y, kind, process, gen, denoiser)
 
-    trainer = Trainer(module, optimizer, scaler, config, make_inputs, dev)
+    return Trainer(module, optimizer, scaler, config, make_inputs, dev)
 
-    # One process per run folder (two would both train and overwrite each other's files); a
-    # folder holding files this job did not write is refused (fguide.io.folders).
-    with claim_folder(out, KIND, FILES, adopt=_adopt):
-        ckpt_path, log_path = out / CHECKPOINT, out / LOG
-        before: dict[str, Any] | None = None
-        if ckpt_path.exists():
-            state = _read_checkpoint(ckpt_path)
-            _check_identity(state["identity"], identity, ckpt_path)
-            if int(state["step"]) > config.iterations:
-                raise ValueError(
-                    f"iterations: {ckpt_path} is already at step {state['step']} > iterations "
-                    f"{config.iterations}; raise iterations or use a new output folder"
-                )
-            trainer.load_state(state)
-            before = json.loads(state["before"])
-            report_path = out / REPORT
-            done = report_path.exists() and (out / MODEL).exists()
-            if trainer.step == config.iterations and done:
-                report = json.loads(report_path.read_text())
-                if report.get("training", {}).get("steps") == trainer.step:
-                    return FinetuneResult("already_complete", trainer.step, out, report)
-            trim_log(log_path, trainer.step)
-        elif log_path.exists():
-            log_path.unlink()  # a log without its checkpoint belongs to no run we can resume
 
-        loader = TrainLoader(
-            data, train_idx, size, config.seed, config.augment, config.batch_size, config.workers
+def _eval_settings(config: FinetuneConfig) -> dict[str, Any]:
+    """The held-out evaluation's settings (:func:`evaluate_held_out`) of a configuration."""
+    return {
+        "precision": config.precision,
+        "batch_size": config.eval_batch_size or config.microbatch or config.batch_size,
+        "seed": config.seed,
+        "n_bins": config.n_bins,
+        "beta": config.beta,
+        "calibration_loss": config.calibration_loss,
+    }
+
+
+def _train(
+    trainer: Trainer,
+    loader: TrainLoader,
+    held_out_eval: Callable[[], dict[str, Any]],
+    before: dict[str, Any] | None,
+    out: Path,
+    identity: dict[str, Any],
+    progress: bool,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> tuple[dict[str, Any], float] | None:
+    """The held-out evaluation before training (unless resumed with one), then the steps up to
+    ``iterations`` with checkpoints; (before, seconds of training), or None when interrupted."""
+    if before is None:
+        before = held_out_eval()
+        atomic_write_json(out / BEFORE, before)
+    t_start = time.perf_counter()
+    extra = {"format": _FORMAT, "identity": identity, "before": json.dumps(before)}
+
+    def save() -> None:
+        _write_state(out / CHECKPOINT, {**extra, **trainer.state()})
+
+    status: Literal["completed", "interrupted"] = "completed"
+    if trainer.step < trainer.config.iterations:
+        with Interrupt() as interrupt, rng_fork(trainer.device):
+            status = train_loop(trainer, loader, save, interrupt, out / LOG, progress, on_step)
+    if status == "interrupted":
+        return None
+    return before, time.perf_counter() - t_start
+
+
+def _run_identity(
+    config: FinetuneConfig,
+    spec: str,
+    weights_sha: str,
+    data: ImageSource,
+    resolved: dict[str, Any],
+) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint: the settings that shape the
+    trajectory, the classifier's initial weights, the data's content, the resolved input."""
+    identity = {
+        "config": {k: v for k, v in config_dict(config).items() if k not in FREE_KEYS},
+        "classifier": {"spec": spec, "weights_sha256": weights_sha},
+        "data": data.fingerprint(),
+        "resolved": resolved,
+    }
+    if config.anneal_lr:  # the learning rate then depends on the total step count
+        identity["config"]["iterations"] = config.iterations
+    return identity
+
+
+def _resume(
+    out: Path, trainer: Trainer, identity: dict[str, Any], config: FinetuneConfig
+) -> tuple[dict[str, Any] | None, FinetuneResult | None]:
+    """Load ``out``'s checkpoint into ``trainer`` (its identity checked): the held-out
+    evaluation before training (None for a new run), and the result when the run is already
+    complete. A log without its checkpoint belongs to no run that can resume: removed."""
+    ckpt_path, log_path = out / CHECKPOINT, out / LOG
+    if not ckpt_path.exists():
+        if log_path.exists():
+            log_path.unlink()
+        return None, None
+    state = _read_checkpoint(ckpt_path)
+    _check_identity(state["identity"], identity, ckpt_path)
+    if int(state["step"]) > config.iterations:
+        raise ValueError(
+            f"iterations: {ckpt_path} is already at step {state['step']} > iterations "
+            f"{config.iterations}; raise iterations or use a new output folder"
         )
+    trainer.load_state(state)
+    before = json.loads(state["before"])
+    report_path = out / REPORT
+    done = report_path.exists() and (out / MODEL).exists()
+    if trainer.step == config.iterations and done:
+        report = json.loads(report_path.read_text())
+        if report.get("training", {}).get("steps") == trainer.step:
+            return before, FinetuneResult("already_complete", trainer.step, out, report)
+    trim_log(log_path, trainer.step)
+    return before, None
 
-        def held_out_eval() -> dict[str, Any]:
-            result = evaluate_held_out(
-                module,
-                loader,
-                held_idx,
-                kind=kind,
-                process=process,
-                denoiser=denoiser,
-                device=dev,
-                precision=config.precision,
-                batch_size=eval_bs,
-                seed=config.seed,
-                n_bins=config.n_bins,
-                beta=config.beta,
-                calibration_loss=config.calibration_loss,
-            )
-            return result
 
-        status: Literal["completed", "interrupted"] = "completed"
-        start_step = trainer.step
-        try:
-            if before is None:
-                before = held_out_eval()
-                atomic_write_json(out / BEFORE, before)
-            t_start = time.perf_counter()
-            extra = {"format": _FORMAT, "identity": identity, "before": json.dumps(before)}
-
-            def save() -> None:
-                _write_state(ckpt_path, {**extra, **trainer.state()})
-
-            if trainer.step < config.iterations:
-                with Interrupt() as interrupt, rng_fork(dev):
-                    status = train_loop(
-                        trainer, loader, save, interrupt, log_path, progress, on_step
-                    )
-            if status == "interrupted":
-                return FinetuneResult("interrupted", trainer.step, out)
-            train_seconds = time.perf_counter() - t_start
-            _write_state(out / MODEL, classifier.state_dict_to_save())
-            after = held_out_eval()
-        finally:
-            loader.close()
-
-        for name, res in (("before", before), ("after", after)):
-            title = f"{name}: ECE {res['ece']:.4f}"
-            plot_reliability_dict(res["reliability"], out / f"reliability_{name}.png", title=title)
-        report = {
-            "before": before,
-            "after": after,
-            "delta": {k: after[k] - before[k] for k in ("ece", "accuracy", "nll", "smooth_ece")},
-            "training": {
-                "steps": trainer.step,
-                "steps_this_call": trainer.step - start_step,
-                "seconds_this_call": train_seconds,
-                "samples_seen": trainer.step * config.batch_size,
-            },
-            "config": config_dict(config),
-            "resolved": identity["resolved"] | {"num_classes": num_classes, "device": str(dev)},
-            "classifier": {
-                "spec": classifier.spec,
-                "kind": classifier.kind,
-                "weights": classifier.weights,
-                "weights_sha256": sha256_file(classifier.weights) if classifier.weights else None,
-                "state_dict_sha256": weights_sha,
-            },
-            "data": {
-                "source": data.description,
-                **data.fingerprint(),
-                "n_train": len(train_idx),
-                "n_holdout": len(held_idx),
-                "holdout_sha256": _labels_sha(held_idx),
-            },
-            "files": {"model": MODEL, "model_sha256": sha256_file(out / MODEL)},
-            "provenance": provenance(),
-        }
-        atomic_write_json(out / REPORT, report)
-        return FinetuneResult("completed", trainer.step, out, report)
+def _write_report(
+    out: Path,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    training: dict[str, Any],
+    config: FinetuneConfig,
+    resolved: dict[str, Any],
+    classifier: Classifier,
+    weights_sha: str,
+    data: ImageSource,
+    split: tuple[NDArray[np.int64], NDArray[np.int64]],
+) -> dict[str, Any]:
+    """The reliability diagrams before and after, then ``report.json`` (held-out numbers,
+    training, settings, classifier, data, the final file's checksum, provenance)."""
+    for name, res in (("before", before), ("after", after)):
+        title = f"{name}: ECE {res['ece']:.4f}"
+        plot_reliability_dict(res["reliability"], out / f"reliability_{name}.png", title=title)
+    train_idx, held_idx = split
+    report = {
+        "before": before,
+        "after": after,
+        "delta": {k: after[k] - before[k] for k in ("ece", "accuracy", "nll", "smooth_ece")},
+        "training": training,
+        "config": config_dict(config),
+        "resolved": resolved,
+        "classifier": {
+            "spec": classifier.spec,
+            "kind": classifier.kind,
+            "weights": classifier.weights,
+            "weights_sha256": sha256_file(classifier.weights) if classifier.weights else None,
+            "state_dict_sha256": weights_sha,
+        },
+        "data": {
+            "source": data.description,
+            **data.fingerprint(),
+            "n_train": len(train_idx),
+            "n_holdout": len(held_idx),
+            "holdout_sha256": _labels_sha(held_idx),
+        },
+        "files": {"model": MODEL, "model_sha256": sha256_file(out / MODEL)},
+        "provenance": provenance(),
+    }
+    atomic_write_json(out / REPORT, report)
+    return report
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from fguide.finetune import (
     finetune,
     wrap_module,
 )
-from fguide.models.classifiers import LoadedClassifier, load_classifier
+from fguide.guides import LoadedClassifier, load_classifier
 from fguide.models.loading import load_model
 from fguide.models.presets import create_model
 from fguide.models.resnet import load_resnet, resnet

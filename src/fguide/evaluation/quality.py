@@ -227,9 +227,11 @@ def evaluate(
     """
     notes: list[str] = []
 
-    def warn(msg: str, category: type[Warning] = EvaluationWarning) -> None:
+    def warn(msg: str, category: type[Warning] = EvaluationWarning, depth: int = 0) -> None:
+        """Record and issue a warning, attributed to evaluate's caller (``depth``: the number
+        of helper frames between evaluate and this call)."""
         notes.append(msg)
-        warnings.warn(msg, category, stacklevel=3)
+        warnings.warn(msg, category, stacklevel=3 + depth)
 
     dev = resolve_device(device)
     bs = batch_size or (256 if dev.type == "cuda" else 64)
@@ -241,38 +243,7 @@ def evaluate(
     ref_src = open_images(reference, image_size, warn=warn)
     sam_src = open_images(samples, image_size, warn=warn)
     file_stats = read_reference_statistics(ref_src.path) if ref_src.kind == "npz" else {}
-    for src, what in ((ref_src, "reference"), (sam_src, "sample")):
-        if src.count < 2:
-            raise ValueError(
-                f"{src.path}: {src.count} {what} image(s); FID's covariance needs at least 2"
-            )
-    if ref_src.size != sam_src.size:
-        warn(
-            f"reference images are {ref_src.size[0]}x{ref_src.size[1]} but samples are "
-            f"{sam_src.size[0]}x{sam_src.size[1]}: the resize to 299x299 then differs between "
-            "them and enters the metrics (ADM compares batches of one resolution)"
-        )
-    if sam_src.count != STANDARD_SAMPLE_COUNT:
-        warn(
-            f"{sam_src.path} holds {sam_src.count} samples, not the standard "
-            f"{STANDARD_SAMPLE_COUNT}: FID is biased in N, so compare these numbers only with "
-            f"FIDs computed on {sam_src.count} samples",
-            FIDComparabilityWarning,
-        )
-    if ref_src.count != STANDARD_REF_COUNT:
-        warn(
-            f"{ref_src.path} holds {ref_src.count} reference images, not ADM's "
-            f"{STANDARD_REF_COUNT}: precision/recall (and FID from the images) depend on it"
-        )
-    if comparison is not None:
-        n_other = comparison["samples"]["num_images"]
-        if n_other != sam_src.count:
-            warn(
-                f"{compare_path} was computed on {n_other} samples, this run on {sam_src.count}: "
-                "FIDs computed on different sample counts are not comparable (FID is biased "
-                "in N)",
-                FIDComparabilityWarning,
-            )
+    _check_inputs(ref_src, sam_src, comparison, compare_path, warn)
 
     # The model first: a missing or wrong weight file fails before any long checksum.
     model = load_fid_inception(weights_path, dev, torch.float32, require_logits=False)
@@ -281,70 +252,15 @@ def evaluate(
     ref_sha = ref_src.sha256 if ref_src.kind == "npz" else None
     sam_sha = sam_src.sha256 if sam_src.kind == "npz" else None
     extract: dict[str, Any] = {"batch_size": bs, "workers": workers, "progress": progress}
-    if ref_sha is not None:
-        ref_feats, cache_status, cache_path = features.cached_features(
-            ref_src,
-            model,
-            file_sha256=ref_sha,
-            weights_sha256=weights_sha,
-            cache_dir=cache_dir,
-            warn=lambda m: warn(m, RuntimeWarning),
-            desc="reference",
-            **extract,
-        )
-    else:  # a folder has no single checksum to key a cache with
-        ref_feats, cache_status, cache_path = (
-            features.extract_features(ref_src, model, desc="reference", **extract),
-            "disabled",
-            None,
-        )
+    ref_feats, cache_status, cache_path = _reference_features(
+        ref_src, model, ref_sha, weights_sha, cache_dir, extract, warn
+    )
     sam_feats = features.extract_features(sam_src, model, desc="samples", **extract)
 
-    # FID and sFID: the reference file's statistics when present (ADM), else its images'.
-    metrics: dict[str, float | None] = {}
-    sources: dict[str, dict[str, str]] = {}
-    file_vs_images: dict[str, float] = {}
-    for metric, r_stats, s_stats in (
-        ("fid", ref_feats.pool_stats, sam_feats.pool_stats),
-        ("sfid", ref_feats.spatial_stats, sam_feats.spatial_stats),
-    ):
-        d = STAT_DIMS[metric]
-        if metric in file_stats:
-            mu_r, sigma_r = file_stats[metric]
-            keys = STAT_KEYS[metric]
-            sources[metric] = {"reference": f"file ({keys[0]}, {keys[1]})", "samples": "computed"}
-            # Information: how far the file's statistics are from those of its own arr_0.
-            file_vs_images[metric] = frechet_distance(r_stats.mean, r_stats.cov, mu_r, sigma_r)
-        else:
-            mu_r, sigma_r = r_stats.mean, r_stats.cov
-            sources[metric] = {
-                "reference": f"computed from {ref_src.count} images",
-                "samples": "computed",
-            }
-            if ref_src.count <= d:
-                warn(_rank_msg(ref_src, metric, d))
-        if sam_src.count <= d:
-            warn(_rank_msg(sam_src, metric, d))
-        metrics[metric] = frechet_distance(s_stats.mean, s_stats.cov, mu_r, sigma_r)
-
-    # Inception Score on the samples' 1008-way logits, splits of 5000 (ADM).
-    split_scores: list[float] = []
-    if np.isfinite(sam_feats.logits).all():
-        score = inception_score_splits(sam_feats.logits, IS_SPLIT_SIZE)
-        metrics["inception_score"] = score.score
-        split_scores = score.split_scores
-    else:
-        metrics["inception_score"] = None
-        warn(f"{weights_path} has no fc layer (pytorch-fid's wrapper file): no Inception Score")
-
-    # Precision/recall (k = 3) of the sample pool features against the reference images'.
-    if min(ref_feats.count, sam_feats.count) > PR_K:
-        pr = precision_recall(ref_feats.pool, sam_feats.pool, k=PR_K, mode=pr_mode, device=dev)
-        metrics["precision"], metrics["recall"] = pr.precision, pr.recall
-    else:
-        metrics["precision"] = metrics["recall"] = None
-        warn(f"precision/recall with k = {PR_K} need at least {PR_K + 1} images per set: skipped")
-
+    metrics, sources, file_vs_images = _frechet_metrics(
+        ref_feats, sam_feats, file_stats, ref_src, sam_src, warn
+    )
+    split_scores = _score_metrics(metrics, ref_feats, sam_feats, weights_path, pr_mode, dev, warn)
     reference_info = _source_info(ref_src, ref_sha)
     reference_info.update(
         statistics={m: s["reference"] for m, s in sources.items()},
@@ -379,6 +295,154 @@ def evaluate(
         warnings=notes,
         comparison=comp,
     )
+
+
+def _reference_features(
+    ref_src: ImageSource,
+    model: Any,
+    ref_sha: str | None,
+    weights_sha: str,
+    cache_dir: str | os.PathLike[str] | None,
+    extract: dict[str, Any],
+    warn: Callable[..., None],
+) -> tuple[BatchFeatures, str, Path | None]:
+    """The reference's features, from the cache when an npz file's checksum keys it; with the
+    cache's status and path."""
+    if ref_sha is None:  # a folder has no single checksum to key a cache with
+        return (
+            features.extract_features(ref_src, model, desc="reference", **extract),
+            "disabled",
+            None,
+        )
+    return features.cached_features(
+        ref_src,
+        model,
+        file_sha256=ref_sha,
+        weights_sha256=weights_sha,
+        cache_dir=cache_dir,
+        warn=lambda m: warn(m, RuntimeWarning),
+        desc="reference",
+        **extract,
+    )
+
+
+def _check_inputs(
+    ref_src: ImageSource,
+    sam_src: ImageSource,
+    comparison: dict[str, Any] | None,
+    compare_path: Path | None,
+    warn: Callable[..., None],
+) -> None:
+    """Refuse fewer than 2 images; warn where the numbers will not compare with others: image
+    sizes that differ, non-standard counts, a comparison on another sample count."""
+    for src, what in ((ref_src, "reference"), (sam_src, "sample")):
+        if src.count < 2:
+            raise ValueError(
+                f"{src.path}: {src.count} {what} image(s); FID's covariance needs at least 2"
+            )
+    if ref_src.size != sam_src.size:
+        warn(
+            f"reference images are {ref_src.size[0]}x{ref_src.size[1]} but samples are "
+            f"{sam_src.size[0]}x{sam_src.size[1]}: the resize to 299x299 then differs between "
+            "them and enters the metrics (ADM compares batches of one resolution)",
+            depth=1,
+        )
+    if sam_src.count != STANDARD_SAMPLE_COUNT:
+        warn(
+            f"{sam_src.path} holds {sam_src.count} samples, not the standard "
+            f"{STANDARD_SAMPLE_COUNT}: FID is biased in N, so compare these numbers only with "
+            f"FIDs computed on {sam_src.count} samples",
+            FIDComparabilityWarning,
+            depth=1,
+        )
+    if ref_src.count != STANDARD_REF_COUNT:
+        warn(
+            f"{ref_src.path} holds {ref_src.count} reference images, not ADM's "
+            f"{STANDARD_REF_COUNT}: precision/recall (and FID from the images) depend on it",
+            depth=1,
+        )
+    if comparison is not None:
+        n_other = comparison["samples"]["num_images"]
+        if n_other != sam_src.count:
+            warn(
+                f"{compare_path} was computed on {n_other} samples, this run on {sam_src.count}: "
+                "FIDs computed on different sample counts are not comparable (FID is biased "
+                "in N)",
+                FIDComparabilityWarning,
+                depth=1,
+            )
+
+
+def _frechet_metrics(
+    ref_feats: BatchFeatures,
+    sam_feats: BatchFeatures,
+    file_stats: dict[str, Any],
+    ref_src: ImageSource,
+    sam_src: ImageSource,
+    warn: Callable[..., None],
+) -> tuple[dict[str, float | None], dict[str, dict[str, str]], dict[str, float]]:
+    """FID and sFID: the reference file's statistics when present (ADM), else its images'.
+    Returns the metrics, where each side's statistics came from, and (information) how far
+    the file's statistics are from those of its own images."""
+    metrics: dict[str, float | None] = {}
+    sources: dict[str, dict[str, str]] = {}
+    file_vs_images: dict[str, float] = {}
+    for metric, r_stats, s_stats in (
+        ("fid", ref_feats.pool_stats, sam_feats.pool_stats),
+        ("sfid", ref_feats.spatial_stats, sam_feats.spatial_stats),
+    ):
+        d = STAT_DIMS[metric]
+        if metric in file_stats:
+            mu_r, sigma_r = file_stats[metric]
+            keys = STAT_KEYS[metric]
+            sources[metric] = {"reference": f"file ({keys[0]}, {keys[1]})", "samples": "computed"}
+            file_vs_images[metric] = frechet_distance(r_stats.mean, r_stats.cov, mu_r, sigma_r)
+        else:
+            mu_r, sigma_r = r_stats.mean, r_stats.cov
+            sources[metric] = {
+                "reference": f"computed from {ref_src.count} images",
+                "samples": "computed",
+            }
+            if ref_src.count <= d:
+                warn(_rank_msg(ref_src, metric, d), depth=1)
+        if sam_src.count <= d:
+            warn(_rank_msg(sam_src, metric, d), depth=1)
+        metrics[metric] = frechet_distance(s_stats.mean, s_stats.cov, mu_r, sigma_r)
+    return metrics, sources, file_vs_images
+
+
+def _score_metrics(
+    metrics: dict[str, float | None],
+    ref_feats: BatchFeatures,
+    sam_feats: BatchFeatures,
+    weights_path: Path,
+    pr_mode: DistanceMode,
+    dev: torch.device,
+    warn: Callable[..., None],
+) -> list[float]:
+    """Inception Score (the samples' 1008-way logits, splits of 5000, ADM) and precision/recall
+    (k = 3, pool features against the reference's) into ``metrics``; the IS split scores."""
+    split_scores: list[float] = []
+    if np.isfinite(sam_feats.logits).all():
+        score = inception_score_splits(sam_feats.logits, IS_SPLIT_SIZE)
+        metrics["inception_score"] = score.score
+        split_scores = score.split_scores
+    else:
+        metrics["inception_score"] = None
+        warn(
+            f"{weights_path} has no fc layer (pytorch-fid's wrapper file): no Inception Score",
+            depth=1,
+        )
+    if min(ref_feats.count, sam_feats.count) > PR_K:
+        pr = precision_recall(ref_feats.pool, sam_feats.pool, k=PR_K, mode=pr_mode, device=dev)
+        metrics["precision"], metrics["recall"] = pr.precision, pr.recall
+    else:
+        metrics["precision"] = metrics["recall"] = None
+        warn(
+            f"precision/recall with k = {PR_K} need at least {PR_K + 1} images per set: skipped",
+            depth=1,
+        )
+    return split_scores
 
 
 def _rank_msg(src: ImageSource, metric: str, d: int) -> str:

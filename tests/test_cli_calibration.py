@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from tolerances import assert_close, tol
 
-from fguide.calibration_report import parse_noise_levels
 from fguide.cli.main import main
 from fguide.diagnostics import TrajectoryRecorder
+from fguide.evaluation.calibration import parse_noise_levels
 from fguide.guidance import ClassifierGuide
 from fguide.io.images import from_uint8_nhwc
 from fguide.metrics import confidence_and_correct, ece, reliability_diagram, smooth_ece_loss

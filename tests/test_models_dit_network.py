@@ -238,7 +238,7 @@ def test_set_dit_network_refuses_bad_values_and_layouts(dit_dir: Path) -> None:
 
 
 def test_dit_network_resolves_per_pipeline_kind(dit_dir: Path, tmp_path: Path) -> None:
-    from fguide.sampling_config import SampleConfig, resolve_config
+    from fguide.sampling import SampleConfig, resolve_config
 
     def resolved(model: Path, **kw: Any) -> Any:
         return resolve_config(SampleConfig(out=tmp_path, model=model, method="none", **kw))

@@ -1,0 +1,219 @@
+"""The configuration of a sampling run: its fields, their numeric ranges, and its parsing.
+
+:class:`SampleConfig` holds everything a run needs. It is data only, below the model families
+and guide kinds that read it: :func:`fguide.sampling.resolve_config` validates it and fills the
+defaults that depend on other fields, asking the registries (:mod:`fguide.families`,
+:mod:`fguide.guides`) for the parts that depend on the model and the guide.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fguide import defaults
+from fguide.accel import PRECISIONS
+from fguide.models.presets import parse_flag_string
+from fguide.objectives import Objective, objective
+from fguide.params import Range
+
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "PARAM_RANGES",
+    "PRECISIONS",
+    "SampleConfig",
+    "build_objective",
+    "parse_flags",
+]
+
+DEFAULT_SHARD_SIZE = 256
+"""Samples per shard: at most this much work is lost to a kill (per process)."""
+
+PARAM_RANGES: dict[str, Range] = {
+    "num_samples": Range(int, 1),
+    "batch_size": Range(int, 1),
+    "seed": Range(int, 0),
+    "shard_size": Range(int, 1),
+    "grid": Range(int, 0),
+    "max_shards": Range(int, 1),
+    "image_size": Range(int, 1),
+    "classifier_resize": Range(int, 1),
+    "cfg_scale": Range(float, 0),
+    "cfg_channels": Range(int, 1),
+    "guidance_microbatch": Range(int, 1),
+    "eta": Range(float, 0, 1),
+    "s_churn": Range(float, 0),
+    "s_tmin": Range(float, 0),
+    "s_tmax": Range(float, 0, allow_inf=True),
+    "s_noise": Range(float, 0),
+    "scale": Range(float),
+    "tau1": Range(float, 0, low_open=True),
+    "tau2": Range(float, 0),
+    "alpha": Range(float, 0),
+    "eps": Range(float, 0, 1),
+    "lam_max": Range(float, 0),
+    "lam_min": Range(float, 0),
+    "t_tilt": Range(float),
+    "tilt_group": Range(int, 1),
+    "sine_factor": Range(float, 0),
+}
+"""The domain of every numeric field (None: the default applies); ``fguide sample`` parses its
+flags with the same ranges."""
+
+
+@dataclass
+class SampleConfig:
+    """Everything a run needs. ``None`` fields take defaults that depend on the others.
+
+    Resolved defaults (:func:`fguide.sampling.resolve_config`): τ1 1; τ2 0.5 τ1 (``logsoftmax``:
+    τ1; Heun: 0); α per method (``rkl`` 0.1, others 0.09), ε 0.1; λ 0.2 → 0.05 linear; t_tilt
+    −0.2 for ``tilted``; γ 1 for x̂0 classifiers on DDPM/DDIM, the preset's README scale for ADM's
+    classifier, EluCD's G for Heun (0.004 up to 18 steps, 0.0018 up to 36, else 0.001);
+    γ_sine 0.3 (0 for ADM's classifier: ``condition_mean``); Softplus β 3 (Heun: 5).
+    """
+
+    out: Path
+    model: Path
+    """The diffusion checkpoint (a plain state dict)."""
+    model_preset: str | None = None
+    """An ADM preset (``128x128_diffusion``...); inferred from the checkpoint when omitted."""
+    model_flags: Mapping[str, Any] = field(default_factory=dict)
+    """``create_model`` / diffusion flags overriding the preset's (or the defaults)."""
+    classifier: str | None = None
+    """``resnet18``..``resnet152``, an ADM classifier preset, ``adm``, or ``module:function``."""
+    classifier_weights: Path | None = None
+    classifier_flags: Mapping[str, Any] = field(default_factory=dict)
+    classifier_input_mode: str = "elucd"
+    classifier_resize: int | None = None
+    softplus_beta: float | None = None
+    """Softplus β for the ResNet's ReLUs; 0 keeps ReLU."""
+    prompts: Sequence[str] | None = None
+    """CLIP guides (``clip:FOLDER``): the prompts that are the classes (one: text guidance)."""
+    prompt_file: Path | None = None
+    """CLIP guides: a file of prompts, one per line (instead of ``prompts``)."""
+    target: str | None = None
+    """CLIP guides: the prompt (its index or its text) every sample is guided toward."""
+    method: str = "base"
+    """``none`` (unguided) or an :func:`fguide.objective` name."""
+    tau1: float | None = None
+    tau2: float | None = None
+    alpha: float | None = None
+    eps: float | None = None
+    lam_max: float | None = None
+    lam_min: float | None = None
+    lam_schedule: str | None = None
+    entropy: bool = False
+    """Add the entropy term to any method."""
+    t_tilt: float | None = None
+    tilt_group: int | None = None
+    scale: float | None = None
+    sine_factor: float | None = None
+    variance_tracking: str | None = None
+    guidance_input: str | None = None
+    cfg_scale: float | None = None
+    """diffusers DiT pipelines: the classifier-free guidance scale s (1: conditional only)."""
+    cfg_channels: int | None = None
+    """DiT: guide only the first N latent channels with CFG (DiT's own code: 3; None: all)."""
+    dit_network: str | None = None
+    """DiT pipelines: ``dit`` (default: the network computes as DiT's own code: its timestep
+    features and LayerNorm eps) or ``diffusers`` (``DiTTransformer2DModel`` as it is)."""
+    guidance_form: str | None = None
+    """diffusers pipelines: ``algorithm3`` (EluCD's CFG + classifier, DiT) or ``mean``
+    (EluCD's DDPM mean shift; unconditional pixel models)."""
+    guidance_microbatch: int | None = None
+    """Micro-batch of the classifier pass (bounds the VAE decoder's backward memory)."""
+    s_churn: float | None = None
+    """Heun only: EDM's stochastic churn S_churn (0, the default: deterministic Heun)."""
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    """Heun only: the σ window [S_tmin, S_tmax] of the churn (default [0, ∞))."""
+    s_noise: float | None = None
+    """Heun only: EDM's S_noise (default 1)."""
+    """Heun only: ``x`` (EluCD) or ``denoised``."""
+    sampler: str | None = None
+    """``ddpm``, ``ddim`` or ``heun``; default ``heun`` for EDM networks, else ``ddpm``."""
+    steps: str = defaults.STEPS
+    """Respacing (``250``, ``10,10,5``, ``ddim25``) for DDPM/DDIM; the number of steps for Heun."""
+    eta: float | None = None
+    clip_denoised: bool = True
+    num_samples: int = 50000
+    batch_size: int | None = None
+    """Samples per forward pass; None: chosen from free GPU memory on CUDA, 64 on CPU."""
+    seed: int = 0
+    labels: str = "uniform"
+    """``uniform`` (i.i.d. per sample), ``balanced`` (seeded permutations of the classes), or
+    one class id."""
+    precision: str = "fp32"
+    """The diffusion network's precision (``fp32``, ``fp16``, ``bf16``): an ADM UNet's torso
+    dtype as ADM converts it, an EDM network's fp16 body (CUDA, as EDM; no bf16), a diffusers
+    pipeline network's weight dtype."""
+    classifier_precision: str = "fp32"
+    """The classifier's forward and backward under autocast (``fp32``: none; ``bf16``, ``fp16``);
+    for a latent pipeline, the VAE decoder of the guidance too."""
+    compile: bool = False
+    """``torch.compile`` the diffusion network: ADM UNet, EDM denoiser or pipeline network (the
+    compile time is reported)."""
+    channels_last: bool = False
+    """Run the diffusion network in channels_last (NHWC) memory format (GPUs, half precision)."""
+    device: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    image_size: int | None = None
+    grid: int = 64
+    max_shards: int | None = None
+    """Stop after this many shards in this process (rerun to continue)."""
+    progress: bool = True
+    config_name: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            k: (
+                str(v)
+                if isinstance(v, Path)
+                else dict(v)
+                if isinstance(v, Mapping)
+                else list(v)
+                if isinstance(v, tuple)
+                else v
+            )
+            for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def parse_flags(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``"image_size=16 num_channels=32"`` or ``"--image_size 16 --num_channels 32"`` → dict."""
+    if text is None:
+        return {}
+    if isinstance(text, Mapping):
+        return dict(text)
+    if text.strip().startswith("--"):
+        return dict(parse_flag_string(text))
+    out: dict[str, Any] = {}
+    for tok in shlex.split(text):
+        key, eq, value = tok.partition("=")
+        if not eq or not key:
+            raise ValueError(f"flags: expected name=value items, got {tok!r} in {text!r}")
+        out[key] = value
+    return out
+
+
+def build_objective(c: SampleConfig) -> Objective:
+    """The :class:`~fguide.objectives.Objective` of a resolved, guided configuration."""
+    assert c.tau1 is not None
+    return objective(
+        c.method,
+        tau1=c.tau1,
+        tau2=c.tau2,
+        alpha=c.alpha,
+        eps=defaults.EPS if c.eps is None else c.eps,
+        lam_max=defaults.LAM_MAX if c.lam_max is None else c.lam_max,
+        lam_min=defaults.LAM_MIN if c.lam_min is None else c.lam_min,
+        lam_schedule=c.lam_schedule or defaults.LAM_SCHEDULE,  # type: ignore[arg-type]
+        entropy=c.entropy,
+        t_tilt=c.t_tilt,
+        group_size=c.tilt_group,
+        sampler=c.sampler or "ddpm",
+    )
