@@ -496,6 +496,49 @@ def test_resume_over_changed_image_content_is_refused(tmp_path: Path) -> None:
     assert again.status == "completed" and again.step == 2
 
 
+IMPORTED_GUIDE = """
+import torch
+from torch import nn
+
+SHIFT = {shift}
+
+
+class Guide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(192, 3)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)) + SHIFT  # a module constant read at every call
+
+
+def make():
+    return Guide()
+"""
+
+
+def test_resume_over_a_changed_import_spec_source_is_refused(tmp_path: Path) -> None:
+    # Same initial weights, other code: the spec's module file is hashed into the identity
+    # (as a sampling run's is), so the checkpoint is not continued with another forward.
+    module = tmp_path / "ft_guide_module.py"
+    source = _small_images(2, 12, 3)
+    cfg = FinetuneConfig(iterations=1, batch_size=4, holdout=3, workers=0)
+    out = tmp_path / "run"
+    more = dataclasses.replace(cfg, iterations=2)
+
+    def run(shift: float, config: FinetuneConfig) -> object:
+        module.write_text(IMPORTED_GUIDE.format(shift=shift))
+        clf = load_classifier(f"{module}:make", image_size=8)
+        return finetune(clf, source, out, config, progress=False)
+
+    run(0.0, cfg)
+    with pytest.raises(ValueError, match="source_sha256"):
+        run(1.0, more)
+    res = run(0.0, more)
+    assert res.status == "completed" and res.step == 2  # type: ignore[attr-defined]
+
+
 def test_resume_with_another_iteration_count_is_refused_when_the_lr_anneals(
     tmp_path: Path,
 ) -> None:

@@ -38,6 +38,9 @@ class Classifier:
     noise_schedule: str | None = None
     weights: str | None = None
     export: Callable[[], Mapping[str, Tensor]] | None = None
+    source_sha256: str | None = None
+    """The SHA-256 of an import spec's module file (``module:function``): its code, which the
+    weights' hash cannot see."""
 
     @classmethod
     def from_loaded(cls, loaded: LoadedClassifier) -> Classifier:
@@ -61,6 +64,7 @@ class Classifier:
             schedule,
             None if weights is None else str(weights),
             loaded.export,
+            loaded.description.get("source_sha256"),
         )
 
     def state_dict_to_save(self) -> dict[str, Tensor]:

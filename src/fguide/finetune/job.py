@@ -247,6 +247,8 @@ def finetune(
     weights_sha = state_dict_sha256(module)
     resolved = {"input": kind, "noise_schedule": schedule, "image_size": size}
     identity = _run_identity(config, classifier.spec, weights_sha, data, resolved)
+    if classifier.source_sha256 is not None:  # an import spec's code, beside its weights
+        identity["classifier"]["source_sha256"] = classifier.source_sha256
 
     trainer = _trainer(module, config, kind, process, denoiser, dev)
 
