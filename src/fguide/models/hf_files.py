@@ -34,6 +34,7 @@ __all__ = [
     "MAX_INT",
     "SCHEDULER_RULES",
     "check_clip_folder",
+    "check_clip_text_folder",
     "check_diffusers_component",
     "check_fields",
     "check_weights",
@@ -277,6 +278,13 @@ _COMPONENT_RULES: dict[str, dict[str, Rule]] = {
         "layers_per_block": ("int", 1, 64),
         "norm_num_groups": ("int", 1, 1024),
         "num_class_embeds": ("int|none", 1, 100_000),
+        # UNet2DConditionModel's (Stable Diffusion): cross-attention and SDXL's added embeddings
+        "cross_attention_dim": ("int|ints|none", 1, 16384),
+        "attention_head_dim": ("int|ints|none", 1, 4096),
+        "num_attention_heads": ("int|ints|none", 1, 1024),
+        "transformer_layers_per_block": ("int|ints", 1, 256),
+        "addition_time_embed_dim": ("int|none", 1, 16384),
+        "projection_class_embeddings_input_dim": ("int|none", 1, MAX_INT),
     },
 }
 """Fields of a component's ``config.json`` fguide reads, or whose size sets what is allocated."""
@@ -370,3 +378,19 @@ def check_clip_folder(folder: Path) -> Any:
     files = _weight_files(folder, "model")
     check_weights(net, files, cfg_file, ignore=lambda k: k.endswith("position_ids"))
     return net
+
+
+def check_clip_text_folder(cls: Any, folder: Path) -> None:
+    """Check a transformers CLIP text encoder folder (``text_encoder``, ``text_encoder_2`` of a
+    Stable Diffusion pipeline: a ``CLIPTextModel`` or ``CLIPTextModelWithProjection``) as
+    :func:`check_clip_folder` checks a whole CLIP folder, before transformers reads it."""
+    cfg_file = folder / "config.json"
+    config = read_json_object(cfg_file, f"the config.json of a transformers {cls.__name__}")
+    rules: dict[str, Rule] = {
+        **_CLIP_RULES["text_config"],
+        "projection_dim": ("int", 1, 16384),
+    }
+    check_fields(config, rules, cfg_file)
+    net = meta_build(lambda: cls(cls.config_class.from_dict(config)), cfg_file)
+    files = _weight_files(folder, "model")
+    check_weights(net, files, cfg_file, ignore=lambda k: k.endswith("position_ids"))

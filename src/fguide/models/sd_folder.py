@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fguide.models import hf_diffusers as hd
+from fguide.models.hf_files import check_clip_text_folder
 
 __all__ = [
     "SD_LAYOUT",
@@ -107,6 +108,7 @@ def load_text_encoder(cls: Any, root: Path, sub: str, dev: torch.device, dtype: 
             f"{folder}: no .safetensors weights (fguide never loads pickled .bin files; convert "
             "them with safetensors first)"
         )
+    check_clip_text_folder(cls, folder)
     net = cls.from_pretrained(
         root, subfolder=sub, local_files_only=True, use_safetensors=True, dtype=dtype
     )
