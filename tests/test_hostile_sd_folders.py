@@ -4,16 +4,13 @@ UNet2DModel and CLIP folders of test_hostile_folders.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 from sd_folders import build_sd_folder, build_sdxl_folder, one_thread
+from test_hostile_folders import JUNK, _json, _weights, _write
 
 from fguide.models.stable_diffusion import load_sd_pipeline
 
@@ -26,39 +23,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path
     yield {"sd": build_sd_folder(root / "sd"), "sdxl": build_sdxl_folder(root / "sdxl")}
 
 
-def _json(name: str, **changes: object) -> Callable[[Path], str]:
-    def edit(d: Path) -> str:
-        data = json.loads((d / name).read_text())
-        data.update(changes)
-        (d / name).write_text(json.dumps(data))
-        return name
-
-    return edit
-
-
-def _write(name: str, data: bytes) -> Callable[[Path], str]:
-    def edit(d: Path) -> str:
-        (d / name).write_bytes(data)
-        return name
-
-    return edit
-
-
-def _weights(name: str, drop: int = 0, add: bool = False) -> Callable[[Path], str]:
-    def edit(d: Path) -> str:
-        sd = load_file(d / name)
-        for k in sorted(sd)[:drop]:
-            del sd[k]
-        if add:
-            sd["extra.weight"] = torch.zeros(3)
-        save_file(sd, d / name)
-        return name
-
-    return edit
-
-
 TE, TE2, W = "text_encoder/", "text_encoder_2/", "model.safetensors"
-JUNK = os.urandom(3000)
 # case: (folder, edit returning the broken file, what the message must say)
 CASES: dict[str, tuple[str, Callable[[Path], str], str]] = {
     "te_weights_junk": ("sd", _write(TE + W, JUNK), "not a safetensors file"),
