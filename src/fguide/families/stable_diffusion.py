@@ -24,6 +24,7 @@ from fguide import defaults
 from fguide.accel import compile_model, precision_dtype, with_precision
 from fguide.config import SampleConfig, build_objective
 from fguide.families.base import Components, ModelFamily, attach_guide
+from fguide.guides import find_guide_kind
 from fguide.io.files import sha256_file
 from fguide.models.clip import read_prompt_file
 from fguide.models.sd_folder import sd_pipeline_files, sd_pipeline_kind
@@ -79,6 +80,11 @@ class StableDiffusionFamily(ModelFamily):
                              "prompts", "prompt_file")  # fmt: skip
         c.prompts = prompts
         c.guide_prompts = _prompt_list(c, "guide_prompts", "guide_prompt_file")
+        kind = find_guide_kind(c.classifier)
+        if c.guide_prompts is not None and (kind is None or not kind.prompt_classes):
+            raise ParamError(
+                "{0} applies to prompt guides ({1} clip:FOLDER)", "guide_prompts", "classifier"
+            )
         if not (str(c.steps).strip().isdigit() and int(c.steps) >= 1):  # type: ignore[arg-type]
             raise ParamError(
                 "{0}: Stable Diffusion takes a number of inference steps >= 1 (its scheduler "
@@ -87,12 +93,18 @@ class StableDiffusionFamily(ModelFamily):
                 steps=c.steps,
             )
         c.steps = str(int(c.steps))  # type: ignore[arg-type]
-        kind = sd_pipeline_kind(c.model) or "sd"
-        c.cfg_scale = defaults.SD_CFG_SCALE[kind] if c.cfg_scale is None else float(c.cfg_scale)
+        pipeline = sd_pipeline_kind(c.model) or "sd"
+        c.cfg_scale = defaults.SD_CFG_SCALE[pipeline] if c.cfg_scale is None else float(c.cfg_scale)
         c.clip_denoised = True  # unused: the scheduler config's clip_sample decides (resolved)
         if c.variance_tracking == "first_sample":
             raise ParamError(
                 "{0}: Stable Diffusion's DDPM tracks σ² per sample", "variance_tracking"
+            )
+        if c.method != "none" and c.classifier is not None and c.scale is None:
+            raise ParamError(
+                "{0}: give {0}, the guidance scale γ (no value is published for Stable "
+                "Diffusion: choose it by a sweep on validation seeds)",
+                "scale",
             )
         if c.method == "none" and c.guidance_microbatch is not None:
             raise ParamError("{0} needs a guided {1}", "guidance_microbatch", "method")
@@ -155,13 +167,8 @@ def _attach_sd_guide(config: SampleConfig, comp: Components) -> None:
     """The guide's classifier on the decoded image: a prompt-class guide (CLIP) gets the guide
     prompts, else the generation prompts, and labels i mod n (its prompt index) unless a target
     fixes them; other kinds get no prompts."""
-    from fguide.guides import find_guide_kind
-
     kind = find_guide_kind(config.classifier)
     if kind is None or not kind.prompt_classes:
-        if config.guide_prompts is not None:
-            raise ParamError("{0} apply to prompt guides ({1} clip:FOLDER)", "guide_prompts",
-                             "classifier")  # fmt: skip
         attach_guide(dataclasses.replace(config, prompts=None), comp, make_guide=False)
         return
     prompts = config.guide_prompts or config.prompts
