@@ -130,6 +130,24 @@ def test_clip_guide_scores_the_generation_prompts(inputs: dict[str, Path], tmp_p
     assert all(g > 0 for g in curves["grad_norm"])
 
 
+def test_statistics_from_the_guidance_equal_those_of_the_decoded_x0(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A CLIP guide of scale 0 records its statistics from its own logits (free); an unguided
+    run with the same head decodes x̂0 at every step instead: the same samples, so the same
+    per-step CLIP cosine and confidence, up to float32 rounding of one decoder + CLIP pass."""
+    clip = ["--guide", f"clip:{inputs['clip']}", "--sampler", "ddim"]
+    assert main(_argv(inputs["sd"], tmp_path / "free", *clip, "--scale", "0", n=2)) == 0
+    assert main(_argv(inputs["sd"], tmp_path / "decoded", *clip, "--method", "none", n=2)) == 0
+    free, decoded = (
+        json.loads((tmp_path / run / "trajectory.json").read_text())["curves"]
+        for run in ("free", "decoded")
+    )
+    for curve in ("clip_cosine", "confidence_mean"):
+        assert len(free[curve]) == len(decoded[curve]) == 3
+        np.testing.assert_allclose(free[curve], decoded[curve], rtol=0, atol=1e-6)
+
+
 def test_guide_prompts_replace_the_generation_prompts(
     inputs: dict[str, Path], tmp_path: Path
 ) -> None:

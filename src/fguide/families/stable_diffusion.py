@@ -151,7 +151,8 @@ class StableDiffusionFamily(ModelFamily):
             sd.unet = comp.compiled  # type: ignore[assignment]  # called like the module it wraps
         comp.state_shape, comp.clip_denoised = sd.state_shape, schedule.clip_denoised
         comp.to_image = lambda z: sd.to_image(z, config.guidance_microbatch)
-        comp.x0_image = lambda z: sd.to_image(z, config.guidance_microbatch)
+        # statistics see what the guide sees: the decoded x̂0 clipped to [−1, 1]
+        comp.x0_image = lambda z: sd.to_image(z, config.guidance_microbatch).clamp(-1, 1)
         comp.sample_state = _batch_sampler(config, comp, sd, schedule)
         return comp
 
