@@ -244,7 +244,8 @@ def _bad(inputs: dict[str, Path], tmp: Path, prompts: Any) -> list[tuple[list[st
     empty = tmp / "empty.txt"
     empty.write_text("# nothing\n\n")
     sd = str(inputs["sd"])
-    common = ["--out", str(tmp / "bad"), "--device", "cpu", "--no-progress"]
+    # a check that fails to refuse must not start a long run
+    common = ["--out", str(tmp / "bad"), "--device", "cpu", "--no-progress", "--num-samples", "1"]
     none = ["--method", "none"]
     return [
         (["sample", "--model", sd, *none, *common], "--prompt"),
