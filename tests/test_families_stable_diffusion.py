@@ -184,6 +184,9 @@ def test_reward_guide_records_the_reward(
     identity = json.loads((tmp_path / "run" / "manifest.json").read_text())["identity"]
     assert identity["resolved"]["classifier"]["head_sha256"] == sha256_file(inputs["head"])
     np.testing.assert_array_equal(_samples(tmp_path / "run")["arr_1"], [0, 0])
+    report = ["calibration", "--trajectory", str(tmp_path / "run"), "--out", str(tmp_path / "c")]
+    assert main(report) == 0
+    assert (tmp_path / "c" / "reward_vs_step.png").is_file()  # drawn from its definition
     js = _argv(inputs["sd"], tmp_path / "js", "--guide", spec, "--scale", "5", "--method", "js")
     line = _one_line_error(capsys, js)
     assert "--method" in line and "'js' does not apply to a scalar reward guide" in line
