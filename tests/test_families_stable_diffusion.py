@@ -130,6 +130,17 @@ def test_clip_guide_scores_the_generation_prompts(inputs: dict[str, Path], tmp_p
     assert all(g > 0 for g in curves["grad_norm"])
 
 
+def test_image_size_sets_the_generated_size(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--image-size is what SD generates (the tiny VAE's factor is 4: 24 px from 6×6 latents,
+    SDXL's time ids follow); a size the VAE cannot make is refused."""
+    assert main(_argv(inputs["sdxl"], tmp_path / "run", "--image-size", "24", n=1)) == 0
+    assert _samples(tmp_path / "run")["arr_0"].shape == (1, 24, 24, 3)
+    line = _one_line_error(capsys, _argv(inputs["sd"], tmp_path / "bad", "--image-size", "30"))
+    assert "--image-size must be a positive multiple of 4" in line
+
+
 def test_statistics_from_the_guidance_equal_those_of_the_decoded_x0(
     inputs: dict[str, Path], tmp_path: Path
 ) -> None:
