@@ -176,7 +176,7 @@ def test_guide_prompts_replace_the_generation_prompts(
 def test_classifier_guide_sees_the_decoded_image(inputs: dict[str, Path], tmp_path: Path) -> None:
     spec = "test_families_stable_diffusion:decoded_classifier"
     argv = _argv(inputs["sdxl"], tmp_path / "run", "--guide", spec, "--scale", "30",
-                 "--labels", "2", "--sampler", "ddpm", n=2)  # fmt: skip
+                 "--target", "2", "--sampler", "ddpm", n=2)  # fmt: skip
     assert main(argv) == 0
     assert main(_argv(inputs["sdxl"], tmp_path / "plain", "--sampler", "ddpm", n=2)) == 0
     got = _samples(tmp_path / "run")
@@ -270,6 +270,8 @@ def _bad(inputs: dict[str, Path], tmp: Path, prompts: Any) -> list[tuple[list[st
          "--guide-prompt"),
         (["sample", "--model", sd, *prompts, "--guide", f"clip:{inputs['clip']}", *common],
          "--scale"),
+        (["sample", "--model", sd, *prompts, "--guide", "test_families_stable_diffusion:"
+          "decoded_classifier", "--scale", "1", "--target", "cat", *common], "--target"),
         (["sample", "--model", sd, *prompts, "--cfg-channels", "3", *none, *common],
          "--cfg-channels"),
     ]  # fmt: skip

@@ -295,7 +295,8 @@ def _classifier_flags(p: argparse.ArgumentParser) -> None:
         "--target",
         metavar="PROMPT",
         help="CLIP: the prompt (index or text) every sample is guided toward (default: "
-        "labels drawn over the prompts; Stable Diffusion: sample i's prompt i mod n)",
+        "labels drawn over the prompts; Stable Diffusion: sample i's prompt i mod n); "
+        "Stable Diffusion with a classifier guide: its class id",
     )
     c.add_argument("--classifier-weights", type=Path, metavar="FILE", help="classifier weight file")
     c.add_argument(

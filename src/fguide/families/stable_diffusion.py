@@ -85,6 +85,8 @@ class StableDiffusionFamily(ModelFamily):
             raise ParamError(
                 "{0} applies to prompt guides ({1} clip:FOLDER)", "guide_prompts", "classifier"
             )
+        if c.target is not None and kind is not None and not kind.prompt_classes:
+            _target_as_class(c)
         if not (str(c.steps).strip().isdigit() and int(c.steps) >= 1):  # type: ignore[arg-type]
             raise ParamError(
                 "{0}: Stable Diffusion takes a number of inference steps >= 1 (its scheduler "
@@ -162,6 +164,21 @@ class StableDiffusionFamily(ModelFamily):
         for f in sd_pipeline_files(model):
             h.update(f"{f.relative_to(model).as_posix()}:{sha256_file(f)}\n".encode())
         return h.hexdigest()
+
+
+def _target_as_class(c: SampleConfig) -> None:
+    """A classifier guide's ``--target``: the class id every sample is guided toward (as
+    ``--labels N``)."""
+    target = str(c.target).strip()
+    if not target.isdigit():
+        raise ParamError(
+            "{0}: a classifier guide's target is a class id; got {t!r}", "target", t=c.target
+        )
+    if c.labels != "uniform":
+        raise ParamError(
+            "{0} fixes every sample's label: do not give {1} as well", "target", "labels"
+        )
+    c.labels, c.target = target, None
 
 
 def _attach_sd_guide(config: SampleConfig, comp: Components) -> None:
