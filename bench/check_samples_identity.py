@@ -12,7 +12,12 @@ compared against). The cases cover every model family and guide kind:
 - ``nvlabs-heun-churn``: the NVlabs EDM pickle of tests/reference, stochastic Heun;
 - ``dit-algorithm3``: a tiny DiT pipeline folder (CFG 1.5 + classifier, Algorithm 3);
 - ``unet-pipeline-mean``: a tiny UNet2DModel pipeline folder, the DDPM mean shift;
-- ``adm-clip-target``: a tiny transformers CLIP folder as the guide (two prompts, a target).
+- ``adm-clip-target``: a tiny transformers CLIP folder as the guide (two prompts, a target);
+- ``sd-clip-dpmpp``: a tiny Stable Diffusion folder (tests/sd_folders.py), two prompts, CFG 7.5,
+  DPM-Solver++(2M), the CLIP guide on the generation prompts;
+- ``sdxl-reward-ddim``: a tiny SDXL folder, a negative prompt, DDIM η 0.5, a reward head.
+
+A case the baseline file does not have is reported as new, not as changed.
 
 Every input is built in ``--work`` from fixed seeds, so paths (part of a run's identity) and
 contents are the same on every call. Usage::
@@ -197,6 +202,22 @@ def _clip_folder(folder: Path) -> Path:
     return folder
 
 
+def _sd_folder(path: Path, sdxl: bool = False) -> Path:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from sd_folders import build_sd_folder, build_sdxl_folder
+
+    if not (path / "model_index.json").exists():
+        (build_sdxl_folder if sdxl else build_sd_folder)(path)
+    return path
+
+
+def _reward_head(path: Path) -> Path:
+    if not path.exists():
+        torch.manual_seed(6)
+        torch.save({"weight": torch.randn(1, 16), "bias": torch.zeros(1)}, path)
+    return path
+
+
 def cases(work: Path) -> dict[str, dict[str, Any]]:
     """The fixed configurations (``SampleConfig`` keyword arguments without ``out``)."""
     guides = work / "identity_guides.py"
@@ -281,6 +302,25 @@ def cases(work: Path) -> dict[str, dict[str, Any]]:
             steps="3",
             **common,
         ),
+        "sd-clip-dpmpp": dict(
+            model=_sd_folder(work / "sd"),
+            prompts=("a red fox", "hot dog at sea"),
+            classifier=f"clip:{_clip_folder(work / 'tiny-clip')}",
+            scale=50.0,
+            steps="3",
+            **common,
+        ),
+        "sdxl-reward-ddim": dict(
+            model=_sd_folder(work / "sdxl", sdxl=True),
+            prompts=("a red fox",),
+            negative_prompt="blurry",
+            classifier=f"reward:{_clip_folder(work / 'tiny-clip')}:{_reward_head(work / 'r.pt')}",
+            sampler="ddim",
+            eta=0.5,
+            scale=5.0,
+            steps="3",
+            **common,
+        ),
     }
 
 
@@ -324,10 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
     if args.compare is not None:
         before = json.loads(args.compare.read_text())
+        new = [name for name in hashes if name not in before]
         changed = [
-            f"{name}: {key}" for name, h in hashes.items() for key in h
-            if before.get(name, {}).get(key) != h[key]
+            f"{name}: {key}" for name, h in hashes.items() if name in before for key in h
+            if before[name].get(key) != h[key]
         ]  # fmt: skip
+        if new:
+            print("new (not in the baseline): " + ", ".join(new))
         print("identical" if not changed else "CHANGED: " + "; ".join(changed))
         return 1 if changed else 0
     return 0

@@ -158,6 +158,7 @@ LOAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "resnet": [{"softplus_beta": 3.0}, {"input_mode": "imagenet"}, {"resize": 8}],
     "adm": [{"flags": {"image_size": 8}}],
     "clip": [{"prompts": ["a cat"]}, {"prompt_file": "prompts.txt"}],
+    "reward": [],
     "import": [],
 }
 
@@ -182,11 +183,21 @@ def _clip(folder: Path) -> tuple[str, Path | None, dict[str, Any]]:
     return f"clip:{_build_clip_folder(folder / 'clip')}", None, {"prompts": ["a cat", "a dog"]}
 
 
+def _reward(folder: Path) -> tuple[str, Path | None, dict[str, Any]]:
+    pytest.importorskip("transformers")
+    from sd_folders import build_clip_folder
+
+    clip = build_clip_folder(folder / "clip", projection=16)
+    torch.manual_seed(0)
+    torch.save({"weight": torch.randn(1, 16), "bias": torch.zeros(1)}, folder / "head.pth")
+    return f"reward:{clip}:{folder / 'head.pth'}", None, {}
+
+
 def _import(folder: Path) -> tuple[str, Path | None, dict[str, Any]]:
     return "test_sampling_run:tiny_classifier", None, {}
 
 
-TINY = {"resnet": _resnet, "adm": _adm, "clip": _clip, "import": _import}
+TINY = {"resnet": _resnet, "adm": _adm, "clip": _clip, "reward": _reward, "import": _import}
 
 
 @pytest.fixture(scope="module")

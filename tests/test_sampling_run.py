@@ -437,7 +437,7 @@ def test_paper_configs(capsys: pytest.CaptureFixture[str]) -> None:
     others = {  # checked end to end by their own tests
         "elucd-edm-r101-10", "elucd-edm-r101-18", "elucd-edm-r101-36",
         "elucd-edm-r101-stoch-250", "edm-imagenet64-stoch", "elucd-clip-256",
-        "elucd-dit-xl2-256",
+        "elucd-dit-xl2-256", "sd15", "sd15-ddim", "sdxl",
     }  # fmt: skip
     assert set(PAPER_CONFIGS) == set(expected) | others
     for name, (clf, method, alpha) in expected.items():

@@ -6,7 +6,8 @@ The public API a user with their own sampler needs::
     obj = fguide.objective("js", alpha=0.09, eps=0.1)
     g = fguide.guidance_gradient(classifier, x0, labels, obj)   # ∇_{x0} S, one backward pass
 
-and the samplers (``fguide.ddpm``, ``fguide.ddim``, ``fguide.heun``) with their schedules.
+and the samplers (``fguide.ddpm``, ``fguide.ddim``, ``fguide.heun``, ``fguide.dpmpp_2m``) with
+their schedules.
 """
 
 from fguide._version import __version__
@@ -21,6 +22,7 @@ from fguide.objectives import (
 )
 from fguide.rng import SampleNoise
 from fguide.samplers import NonFiniteGuidanceError, StepRecord, ddim, ddpm, heun
+from fguide.samplers_dpm import dpmpp_2m
 from fguide.schedules import Process, betas_for, karras_sigmas, make_process, space_timesteps
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "betas_for",
     "ddim",
     "ddpm",
+    "dpmpp_2m",
     "evaluate_guidance",
     "guidance_gradient",
     "heun",

@@ -92,9 +92,11 @@ class SampleConfig:
     softplus_beta: float | None = None
     """Softplus β for the ResNet's ReLUs; 0 keeps ReLU."""
     prompts: Sequence[str] | None = None
-    """CLIP guides (``clip:FOLDER``): the prompts that are the classes (one: text guidance)."""
+    """Text-to-image families (Stable Diffusion): the generation prompts, sample i takes prompt
+    i mod n. Other families: a CLIP guide's (``clip:FOLDER``) prompts, its classes (one: text
+    guidance)."""
     prompt_file: Path | None = None
-    """CLIP guides: a file of prompts, one per line (instead of ``prompts``)."""
+    """A file of ``prompts``, one per line (instead of ``prompts``)."""
     target: str | None = None
     """CLIP guides: the prompt (its index or its text) every sample is guided toward."""
     method: str = "base"
@@ -136,8 +138,9 @@ class SampleConfig:
     """Heun only: ``x`` (EluCD) or ``denoised``."""
     sampler: str | None = None
     """``ddpm``, ``ddim`` or ``heun``; default ``heun`` for EDM networks, else ``ddpm``."""
-    steps: str = defaults.STEPS
-    """Respacing (``250``, ``10,10,5``, ``ddim25``) for DDPM/DDIM; the number of steps for Heun."""
+    steps: str | None = None
+    """Respacing (``250``, ``10,10,5``, ``ddim25``) for DDPM/DDIM; the number of steps for Heun
+    and Stable Diffusion; None: the family's default (:attr:`ModelFamily.default_steps`)."""
     eta: float | None = None
     clip_denoised: bool = True
     num_samples: int = 50000
@@ -167,6 +170,14 @@ class SampleConfig:
     """Stop after this many shards in this process (rerun to continue)."""
     progress: bool = True
     config_name: str | None = None
+    # -- text-to-image families (Stable Diffusion; issue 20) ---------------------------------
+    negative_prompt: str | None = None
+    """Text-to-image: the unconditional prompt of classifier-free guidance (None: "", or
+    SDXL's zero embeddings; "" differs from None there)."""
+    guide_prompts: Sequence[str] | None = None
+    """Text-to-image: the ``clip:`` guide's prompts (default: the generation ``prompts``)."""
+    guide_prompt_file: Path | None = None
+    """Text-to-image: a file of the ``clip:`` guide's prompts, one per line."""
 
     def to_json(self) -> dict[str, Any]:
         return {

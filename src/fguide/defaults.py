@@ -34,7 +34,7 @@ TILT_GROUP: Final = 16
 
 # -- samplers (METHODS.md §1, §5) --------------------------------------------------------------
 
-SAMPLERS: Final = ("ddpm", "ddim", "heun")
+SAMPLERS: Final = ("ddpm", "ddim", "heun", "dpmpp-2m")
 STEPS: Final = "250"
 """Default respacing (DDPM, DDIM: ADM's ``"250"``) or number of steps (Heun)."""
 SINE_FACTOR: Final = 0.3
@@ -43,10 +43,21 @@ ETA: Final = 0.0
 """DDIM's η."""
 SCALE: Final = 1.0
 """Classifier scale γ for x̂0 classifiers on DDPM/DDIM (EluCD's ResNets at 128×128)."""
-SOFTPLUS_BETA: Final[dict[str, float]] = {"ddpm": 3.0, "ddim": 3.0, "heun": 5.0}
-"""EluCD's Softplus β for ResNet guides: 3 for DDPM (and DDIM), 5 for EDM/Heun. 0 = ReLU."""
+SOFTPLUS_BETA: Final[dict[str, float]] = {"ddpm": 3.0, "ddim": 3.0, "heun": 5.0, "dpmpp-2m": 3.0}
+"""EluCD's Softplus β for ResNet guides: 3 for DDPM (and DDIM, DPM-Solver++), 5 for EDM/Heun.
+0 = ReLU."""
 RELU: Final = 0.0
 """The Softplus β that keeps ReLU (``--softplus-beta relu``)."""
+
+# -- Stable Diffusion (issue 20; diffusers' pipeline defaults) --------------------------------
+
+SD_SAMPLER: Final = "dpmpp-2m"
+"""Stable Diffusion's default sampler: DPM-Solver++(2M), diffusers' recommended fast solver."""
+SD_STEPS: Final = "50"
+"""Stable Diffusion's default number of inference steps (the pipelines' ``num_inference_steps``)."""
+SD_CFG_SCALE: Final[dict[str, float]] = {"sd": 7.5, "sdxl": 5.0}
+"""Classifier-free guidance scale per pipeline kind (StableDiffusionPipeline's 7.5,
+StableDiffusionXLPipeline's 5.0)."""
 
 # -- training-free guidance family (fguide.training_free; issue 21) ----------------------------
 # Sources: TFG = YWolfeee/Training-Free-Guidance @ f8d17f3 (Ye et al., NeurIPS 2024):

@@ -16,7 +16,9 @@ from fguide.params import Range
 CLASSIFIER_FORMS = (
     "resnet18..resnet152 (a torchvision weight file), an ADM classifier preset (e.g. "
     "128x128_classifier: noise-aware, sees x_t and t), clip:FOLDER (a transformers CLIP folder "
-    "as a zero-shot head), or module:function / file.py:function returning an nn.Module that "
+    "as a zero-shot head), reward:CLIP_FOLDER:HEAD_FILE (a scalar reward head on CLIP image "
+    "embeddings, e.g. an aesthetic score), or module:function / file.py:function returning an "
+    "nn.Module that "
     "takes images in [-1, 1]"
 )
 """The ``--classifier`` forms every command accepts (all go through ``load_classifier``)."""

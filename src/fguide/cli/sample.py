@@ -156,8 +156,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="diffusion model: an ADM checkpoint (plain state dict), an NVlabs EDM network "
-        "pickle (read without running its code) or a diffusers pipeline folder (DiT, "
-        "UNet2DModel; safetensors, offline)",
+        "pickle (read without running its code) or a diffusers pipeline folder (Stable "
+        "Diffusion 1.x/2.x and SDXL, DiT, UNet2DModel; safetensors, offline)",
     )
     m.add_argument(
         "--model-preset",
@@ -173,20 +173,28 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "--image-size",
         type=R["image_size"],
         metavar="N",
-        help="expected image size, checked against the model (default: the model's)",
+        help="expected image size, checked against the model (default: the model's); Stable "
+        "Diffusion: the size generated (a multiple of 8; default the UNet's sample size × 8)",
     )
-    m.add_argument("--sampler", choices=D.SAMPLERS, help="default ddpm; heun for EDM networks")
+    m.add_argument(
+        "--sampler",
+        choices=D.SAMPLERS,
+        help=f"default ddpm; heun for EDM networks; Stable Diffusion: ddim, ddpm or dpmpp-2m "
+        f"(DPM-Solver++(2M), its default {D.SD_SAMPLER})",
+    )
     m.add_argument(
         "--steps",
         metavar="STEPS",
-        help=f"DDPM/DDIM respacing ('250', '10,10,5', 'ddim25'); Heun: steps (default {D.STEPS})",
+        help=f"DDPM/DDIM respacing ('250', '10,10,5', 'ddim25'); Heun: steps (default {D.STEPS}); "
+        f"Stable Diffusion: inference steps (default {D.SD_STEPS})",
     )
     m.add_argument("--eta", type=R["eta"], metavar="X", help=f"DDIM η (default {D.ETA:g})")
     m.add_argument(
         "--cfg-scale",
         type=R["cfg_scale"],
         metavar="X",
-        help="diffusers DiT pipelines: classifier-free guidance scale (default 1: none)",
+        help="classifier-free guidance scale: DiT pipelines (default 1: none), Stable Diffusion "
+        f"(default {D.SD_CFG_SCALE['sd']:g}; SDXL {D.SD_CFG_SCALE['sdxl']:g})",
     )
     m.add_argument(
         "--cfg-channels",
@@ -209,8 +217,15 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "--guidance-microbatch",
         type=R["guidance_microbatch"],
         metavar="N",
-        help="diffusers pipelines: micro-batch of the classifier pass through the VAE decoder "
+        help="DiT and Stable Diffusion pipelines: micro-batch of the guide pass through the VAE "
+        "decoder "
         "(bounds its backward memory; same result; default: the whole batch)",
+    )
+    m.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="Stable Diffusion: the unconditional prompt of classifier-free guidance (default: "
+        "'', or SDXL's zero embeddings when its index says force_zeros_for_empty_prompt)",
     )
     m.add_argument(
         "--s-churn",
@@ -252,15 +267,36 @@ def _classifier_flags(p: argparse.ArgumentParser) -> None:
         dest="prompts",
         action="append",
         metavar="TEXT",
-        help="CLIP guides: a prompt (repeat for several: a zero-shot classifier over them; "
-        "one: guidance on the cosine similarity)",
+        help="Stable Diffusion: a prompt to generate (repeat for several: sample i takes "
+        "prompt i mod n; a clip: guide scores it by default). Other models: a CLIP guide's "
+        "prompt (repeat for several: a zero-shot classifier over them; one: cosine guidance)",
     )
-    c.add_argument("--prompt-file", type=Path, metavar="FILE", help="CLIP: prompts, one a line")
+    c.add_argument(
+        "--prompt-file",
+        type=Path,
+        metavar="FILE",
+        help="--prompt's prompts from a file, one a line ('#' comments)",
+    )
+    c.add_argument(
+        "--guide-prompt",
+        dest="guide_prompts",
+        action="append",
+        metavar="TEXT",
+        help="Stable Diffusion with a clip: guide: the guide's prompt(s), when they differ "
+        "from the generated ones (default: the --prompt prompts)",
+    )
+    c.add_argument(
+        "--guide-prompt-file",
+        type=Path,
+        metavar="FILE",
+        help="--guide-prompt's prompts from a file, one a line",
+    )
     c.add_argument(
         "--target",
         metavar="PROMPT",
         help="CLIP: the prompt (index or text) every sample is guided toward (default: "
-        "labels drawn over the prompts)",
+        "labels drawn over the prompts; Stable Diffusion: sample i's prompt i mod n); "
+        "Stable Diffusion with a classifier guide: its class id",
     )
     c.add_argument("--classifier-weights", type=Path, metavar="FILE", help="classifier weight file")
     c.add_argument(

@@ -18,6 +18,7 @@ from fguide.families.adm import ADMFamily
 from fguide.families.base import Components, ModelFamily, attach_guide
 from fguide.families.nvlabs import NVlabsFamily
 from fguide.families.pipelines import PipelineFamily
+from fguide.families.stable_diffusion import StableDiffusionFamily
 
 __all__ = [
     "FAMILIES",
@@ -29,7 +30,12 @@ __all__ = [
     "model_family",
 ]
 
-FAMILIES: tuple[ModelFamily, ...] = (PipelineFamily(), NVlabsFamily(), ADMFamily())
+FAMILIES: tuple[ModelFamily, ...] = (
+    StableDiffusionFamily(),  # before PipelineFamily, which claims every model_index.json
+    PipelineFamily(),
+    NVlabsFamily(),
+    ADMFamily(),
+)
 """Every model family, in the order their claims are tried: the first claim wins; ADM, which
 claims any model, is last."""
 
@@ -41,8 +47,8 @@ def find_family(model: str | Path) -> ModelFamily:
 
 
 def model_family(path: str | Path) -> str:
-    """The name of ``path``'s family: ``diffusers`` (a pipeline folder), ``nvlabs`` (an EDM
-    network pickle) or ``adm``."""
+    """The name of ``path``'s family: ``stable-diffusion`` (an SD/SDXL pipeline folder),
+    ``diffusers`` (another pipeline folder), ``nvlabs`` (an EDM network pickle) or ``adm``."""
     return find_family(path).name
 
 

@@ -67,7 +67,7 @@ class ADMFamily(ModelFamily):
         process = make_process(
             dflags["noise_schedule"],
             dflags["diffusion_steps"],
-            config.steps if config.sampler != "heun" else "",
+            str(config.steps) if config.sampler != "heun" else "",
             variance,  # type: ignore[arg-type]
             dflags["rescale_timesteps"],
         )

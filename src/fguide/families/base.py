@@ -10,7 +10,7 @@ builds the networks and the schedule, and how its files are hashed into a run's 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fguide import defaults
 from fguide.accel import CompiledModel, with_precision
 from fguide.config import SampleConfig, build_objective
 from fguide.denoisers import Denoiser, EpsModel
@@ -27,7 +28,7 @@ from fguide.io.files import sha256_file
 from fguide.params import OwnedFields, ParamError
 from fguide.schedules import Process, karras_sigmas
 
-__all__ = ["Components", "ModelFamily", "attach_guide", "karras_grid"]
+__all__ = ["BatchSampler", "Components", "ModelFamily", "attach_guide", "karras_grid"]
 
 
 @dataclass
@@ -61,6 +62,20 @@ class Components:
     """The ``torch.compile``d network (``--compile``): its ``compile_seconds`` after a call."""
     guide_kind: GuideKind | None = None
     """The kind of the guide (:mod:`fguide.guides`): the extra statistics a run records."""
+    sample_state: BatchSampler | None = None
+    """The family's own sampler call for one batch (a model conditioned per sample, such as a
+    text-to-image pipeline's prompt i mod n); None: the configuration's sampler on
+    :attr:`model` / :attr:`denoiser`."""
+    x0_image: Callable[[Tensor], Tensor] | None = None
+    """How a statistic's classifier sees the sampler's x̂0 (a latent model's decoder, one
+    forward per step: recorded only where a classifier is asked for); None: x̂0 itself."""
+
+
+BatchSampler = Callable[
+    [Tensor, Sequence[int], Callable[[Tensor], Tensor], Tensor | None, Callable[..., None] | None],
+    Tensor,
+]
+"""(initial state z, sample ids, the batch's noise, labels, step callback) → the final state."""
 
 
 class ModelFamily:
@@ -73,6 +88,13 @@ class ModelFamily:
     """The :class:`~fguide.config.SampleConfig` fields only this family uses."""
     default_sampler: str = "ddpm"
     """The sampler when the configuration names none."""
+    samplers: tuple[str, ...] = ("ddpm", "ddim", "heun")
+    """The samplers the family takes (another is refused by name)."""
+    default_steps: str = defaults.STEPS
+    """The steps (respacing) when the configuration gives none."""
+    reads: tuple[str, ...] = ()
+    """Fields a guide kind owns that this family reads too (a text-to-image family's prompts):
+    not refused when that kind is not the guide."""
 
     def claims(self, model: Path) -> bool:
         """Whether ``model`` (``--model``) is this family's: a cheap look at the path (a file's
@@ -134,9 +156,10 @@ def attach_guide(config: SampleConfig, comp: Components, make_guide: bool = True
     _check_label(config.labels, num_classes)
     if config.method != "none" and make_guide:
         assert classifier is not None and config.scale is not None
+        assert kind is not None
         comp.guide = ClassifierGuide(
             with_precision(classifier.module, config.classifier_precision),  # type: ignore[arg-type]
-            build_objective(config),
+            kind.objective(build_objective(config)),
             config.scale,
             input="xt" if classifier.time_aware else "x0",
             time_aware=classifier.time_aware,
@@ -168,4 +191,4 @@ def karras_grid(
 ) -> tuple[Tensor, list[float]]:
     """EDM's σ grid of ``config.steps`` steps within the network's range and EDM's [0.002, 80]."""
     lo, hi = max(0.002, sigma_min), min(80.0, sigma_max)
-    return karras_sigmas(int(config.steps), lo, hi), [lo, hi]
+    return karras_sigmas(int(str(config.steps)), lo, hi), [lo, hi]

@@ -41,7 +41,14 @@ class PipelineFamily(ModelFamily):
     )
 
     def claims(self, model: Path) -> bool:
-        return model.is_dir() and (model / "model_index.json").is_file()
+        """A folder with a ``model_index.json`` that is not a Stable Diffusion pipeline's."""
+        from fguide.models.sd_folder import sd_pipeline_kind
+
+        return (
+            model.is_dir()
+            and (model / "model_index.json").is_file()
+            and sd_pipeline_kind(model) is None
+        )
 
     def resolve(self, config: SampleConfig) -> None:
         """DDPM/DDIM only; CFG scale 1; DiT's own network; Algorithm 3 with an explicit G."""
@@ -106,7 +113,7 @@ class PipelineFamily(ModelFamily):
         assert comp.classifier is not None or not guided
         s = build_pipeline_sampling(
             pm,
-            respacing=config.steps,
+            respacing=str(config.steps),
             cfg_scale=config.cfg_scale if config.cfg_scale is not None else 1.0,
             cfg_channels=config.cfg_channels,
             classifier=comp.classifier.module if guided else None,  # type: ignore[union-attr]

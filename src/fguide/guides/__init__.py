@@ -9,6 +9,8 @@
   with ``flags``: ADM's noise-aware classifier, called as ``f(x_t, t)``;
 - :mod:`~fguide.guides.clip`: ``clip:FOLDER``, a transformers CLIP folder as a zero-shot head
   over ``prompts`` (or a ``prompt_file``; neither: the 1000 ImageNet classes);
+- :mod:`~fguide.guides.reward`: ``reward:CLIP_FOLDER:HEAD_FILE``, a scalar reward head on CLIP
+  image embeddings (S = r);
 - :mod:`~fguide.guides.imported`: ``module:function`` or ``file.py:function`` returning an
   ``nn.Module``.
 
@@ -41,6 +43,7 @@ from fguide.guides.base import (
 from fguide.guides.clip import CLIP_PREFIX, CLIPKind
 from fguide.guides.imported import ImportKind
 from fguide.guides.resnet import ResNetKind
+from fguide.guides.reward import RewardKind
 
 __all__ = [
     "CLIP_PREFIX",
@@ -57,7 +60,13 @@ __all__ = [
     "unknown_guide",
 ]
 
-GUIDE_KINDS: tuple[GuideKind, ...] = (ResNetKind(), ADMKind(), CLIPKind(), ImportKind())
+GUIDE_KINDS: tuple[GuideKind, ...] = (
+    ResNetKind(),
+    ADMKind(),
+    CLIPKind(),
+    RewardKind(),  # before ImportKind, which claims every spec with a colon
+    ImportKind(),
+)
 """Every kind of guide, in the order their claims are tried (and listed in messages)."""
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fguide.config import SampleConfig
 from fguide.diagnostics import StepStatistic
+from fguide.objectives import Objective
 from fguide.params import OwnedFields
 
 __all__ = [
@@ -171,6 +172,9 @@ class GuideKind:
     """The spec fixes the classifier's input size (an ADM preset's flags)."""
     statistics: tuple[type[StepStatistic], ...] = ()
     """The extra per-step statistics a run guided by this kind records (:meth:`recorders`)."""
+    prompt_classes: bool = False
+    """Its classes are prompts (a CLIP head): a text-to-image family passes it its generation
+    prompts when no guide prompts are given."""
 
     def claims(self, spec: str) -> bool:
         """Whether ``spec`` is a classifier of this kind."""
@@ -200,6 +204,20 @@ class GuideKind:
         """The classifier ``spec`` with the weights at ``path`` (checked to exist), probed."""
         raise NotImplementedError
 
-    def recorders(self, loaded: LoadedClassifier, labels: Tensor) -> list[StepStatistic]:
-        """Fresh recorders of :attr:`statistics` for one batch with target ``labels``."""
+    def objective(self, objective: Objective) -> Objective:
+        """The objective a guide of this kind runs with (a ValueError names a method that does
+        not apply to it); by default ``objective`` itself."""
+        return objective
+
+    def recorders(
+        self,
+        loaded: LoadedClassifier,
+        labels: Tensor,
+        *,
+        guided: bool = False,
+        view: Callable[[Tensor], Tensor] | None = None,
+    ) -> list[StepStatistic]:
+        """Fresh recorders of :attr:`statistics` for one batch with target ``labels``;
+        ``guided``: this classifier is the guide on x̂0 (its guidance logits may be read);
+        ``view``: how the classifier sees x̂0 (a latent model's decoder; None: as it is)."""
         return []

@@ -5,6 +5,7 @@ score per step (:class:`~fguide.models.clip.CLIPScoreRecorder`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from torch import Tensor
@@ -31,6 +32,7 @@ class CLIPKind(GuideKind):
         name_all=True,
     )
     statistics = (CLIPScoreRecorder,)
+    prompt_classes = True
 
     def claims(self, spec: str) -> bool:
         return spec.startswith(CLIP_PREFIX)
@@ -70,5 +72,17 @@ class CLIPKind(GuideKind):
         desc = {"spec": spec, **head.describe()}
         return finish_loading(head, spec, self.name, False, path, options, desc)
 
-    def recorders(self, loaded: LoadedClassifier, labels: Tensor) -> list[StepStatistic]:
-        return [CLIPScoreRecorder(loaded.module, labels)]  # type: ignore[arg-type]
+    def recorders(
+        self,
+        loaded: LoadedClassifier,
+        labels: Tensor,
+        *,
+        guided: bool = False,
+        view: Callable[[Tensor], Tensor] | None = None,
+    ) -> list[StepStatistic]:
+        """The CLIP score per step: on a latent model (``view``), read off the guidance logits
+        when this head guides (free), else on the decoded x̂0 (a decoder forward per step)."""
+        head = loaded.module
+        if view is not None and guided:
+            return [CLIPScoreRecorder(head, labels, from_guidance=True)]  # type: ignore[arg-type]
+        return [CLIPScoreRecorder(head, labels, view=view)]  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -447,7 +447,8 @@ class CLIPScoreRecorder(StepStatistic):
     clip_score = 100 · max(cos, 0) (:data:`CLIP_SCORE_WEIGHT`), clip_cosine = cos, both averaged
     over the samples seen at that step. Labels: ``labels`` if given, else the guidance's labels
     (a step without either is skipped). By default the head runs on ``rec.x0`` (one extra
-    forward without gradient, any guide or none); ``from_guidance=True`` instead reads the
+    forward without gradient, any guide or none; ``view`` maps it to the head's image first: a
+    latent model's decoder); ``from_guidance=True`` instead reads the
     cosine off the guidance logits, f_y / s — valid only when this head is the guide and sees
     x̂0 (DDPM/DDIM), and then free. Batches, shards and processes merge by summing
     (:class:`~fguide.diagnostics.StepStatistic`).
@@ -463,10 +464,16 @@ class CLIPScoreRecorder(StepStatistic):
     )
 
     def __init__(
-        self, head: CLIPHead, labels: Tensor | None = None, *, from_guidance: bool = False
+        self,
+        head: CLIPHead,
+        labels: Tensor | None = None,
+        *,
+        from_guidance: bool = False,
+        view: Callable[[Tensor], Tensor] | None = None,
     ):
         super().__init__()
         self.head, self.labels, self.from_guidance = head, labels, from_guidance
+        self.view = view
 
     def step_sums(self, rec: StepRecord) -> tuple[int, Tensor] | None:
         """(n, [Σ cos, Σ score]) of the step's samples, on the device."""
@@ -481,7 +488,8 @@ class CLIPScoreRecorder(StepStatistic):
             cos = f_y.squeeze(-1) / self.head.logit_scale
         else:
             with torch.no_grad():
-                cos = self.head.cosine(rec.x0).double()
+                x0 = rec.x0 if self.view is None else self.view(rec.x0)
+                cos = self.head.cosine(x0).double()
             cos = cos.gather(-1, labels[:, None].to(cos.device)).squeeze(-1)
         return len(cos), torch.stack([cos.sum(), clip_score(cos).sum()])
 

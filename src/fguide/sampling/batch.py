@@ -75,10 +75,13 @@ def sample_labels(
     ``uniform``: i.i.d. uniform, from a generator seeded by (seed, i, label stream);
     ``balanced``: block b = i // N of N consecutive indices holds a seeded permutation of the
     N classes (class counts differ by at most one for any prefix of whole blocks);
+    ``cyclic``: i mod N (a text-to-image run's prompt index, when its prompts are the classes);
     a class id: every sample. ``None`` when there are no classes (unconditional, unguided).
     """
     if num_classes is None:
         return None
+    if mode == "cyclic":
+        return np.asarray([i % num_classes for i in indices], dtype=np.int64).reshape(-1)
     if mode == "uniform":
         out = [rng.numpy_rng(seed, i, rng.LABELS).integers(num_classes) for i in indices]
         return np.asarray(out, dtype=np.int64).reshape(-1)
@@ -108,7 +111,12 @@ def sample_batch(
     noise = SampleNoise(config.seed, indices)
     shape = comp.state_shape or (3, comp.image_size, comp.image_size)
     z = noise.initial(shape, device=comp.device)
-    x = _sample_state(comp, config, z, noise, labels, callback)
+    if comp.sample_state is not None:  # the family's own call (per-sample conditioning)
+        y = None if labels is None else torch.as_tensor(labels, device=comp.device)
+        with torch.no_grad():  # guidance enables grad for its own classifier pass
+            x = comp.sample_state(z, list(indices), noise, y, callback)
+    else:
+        x = _sample_state(comp, config, z, noise, labels, callback)
     if comp.to_image is None:
         return x
     with torch.no_grad():
@@ -226,14 +234,19 @@ def _recorders(
     if not record or labels is None:
         return None, []
     y_keep = torch.as_tensor(labels[:keep], device=comp.device)
+    view = comp.x0_image
     if comp.guide is not None:
         rec = TrajectoryRecorder()
     else:
         assert comp.classifier is not None
-        rec = TrajectoryRecorder(labels=y_keep, classifier=comp.classifier.module)
+        clf = comp.classifier.module
+        seen = clf if view is None else (lambda x0: clf(view(x0)))
+        rec = TrajectoryRecorder(labels=y_keep, classifier=seen)
     extras = []
     if comp.guide_kind is not None and comp.classifier is not None:
-        extras = comp.guide_kind.recorders(comp.classifier, y_keep)
+        extras = comp.guide_kind.recorders(
+            comp.classifier, y_keep, guided=comp.guide is not None, view=view
+        )
     return rec, extras
 
 

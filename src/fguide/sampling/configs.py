@@ -75,6 +75,21 @@ _R50_FILE = "resnet50-11ad3fa6.pth"
 _R101_FILE = "resnet101-cd907fc2.pth"
 _EDM_FILE = "edm-imagenet-64x64-cond-adm.pkl"
 
+# Stable Diffusion: unguided by default; a guide is the user's (γ has no published value).
+_SD15: dict[str, Any] = {
+    "steps": defaults.SD_STEPS,
+    "cfg_scale": defaults.SD_CFG_SCALE["sd"],
+    "image_size": 512,
+    "method": "none",
+    "tau2": 0.0,
+}
+_SD_GUIDED = (
+    "Unguided as named; CLIP-guided with --guide clip:FOLDER (ViT-L/14; it scores the "
+    "generation prompts) --method base --scale γ (τ2 = 0: cosine guidance). No γ is published "
+    "for these models: choose it by a sweep on validation seeds"
+)
+_SD_REFERENCE = "no published guided number: a starting point, not a reproduction"
+
 # Methods that carry their own parameters: a config's values for them are dropped when the
 # user picks another method (they would not apply, and objective() refuses e.g. alpha on base).
 _METHOD_PARAMS = ("alpha", "eps", "lam_max", "lam_min", "lam_schedule", "t_tilt", "tilt_group")
@@ -290,6 +305,41 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             scale=defaults.SCALE,
             sine_factor=defaults.SINE_FACTOR,
             num_samples=1000,
+        ),
+        # Stable Diffusion (issue 20): the pipelines' usual settings; give --model SD_DIR and
+        # --prompt. Guided variant: --guide clip:FOLDER (CLIP ViT-L/14; the generation prompts)
+        # --method base --scale γ; tau2 0 makes S = τ1·s·cos (cosine guidance).
+        _cfg(
+            "sd15",
+            "Stable Diffusion 1.5's usual text-to-image setting: DPM-Solver++(2M), 50 steps, CFG "
+            f"7.5, 512 px (diffusers' recommended fast solver). {_SD_GUIDED}",
+            _SD_REFERENCE,
+            None,
+            **_SD15,
+            sampler="dpmpp-2m",
+        ),
+        _cfg(
+            "sd15-ddim",
+            "Stable Diffusion 1.5 with DDIM (η 0), 50 steps, CFG 7.5, 512 px: the setting most "
+            f"SD papers report, closest to the original LDM sampler. {_SD_GUIDED}",
+            _SD_REFERENCE,
+            None,
+            **_SD15,
+            sampler="ddim",
+            eta=0.0,
+        ),
+        _cfg(
+            "sdxl",
+            "SDXL base 1.0's usual setting: DPM-Solver++(2M), 50 steps, CFG 5.0 (diffusers' "
+            f"SDXL default), 1024 px. {_SD_GUIDED}",
+            _SD_REFERENCE,
+            None,
+            sampler="dpmpp-2m",
+            steps=defaults.SD_STEPS,
+            cfg_scale=defaults.SD_CFG_SCALE["sdxl"],
+            image_size=1024,
+            method="none",
+            tau2=0.0,
         ),
     )
 }

@@ -38,7 +38,8 @@ def resolve_config(config: SampleConfig) -> SampleConfig:
     """
     c = _checked_fields(config)
     family, kind = find_family(c.model), find_guide_kind(c.classifier)
-    allowed = _owned(family) | _owned(kind)  # a field both own (none yet) is not refused
+    # a field both own (none yet), or a kind's field the family reads too, is not refused
+    allowed = _owned(family) | set(family.reads) | _owned(kind)
     _resolve_family(c, family, allowed)
     _resolve_steps_and_labels(c)
     _resolve_guide(c, kind, allowed)
@@ -51,7 +52,12 @@ def resolve_config(config: SampleConfig) -> SampleConfig:
         return c
     _resolve_objective(c)
     _resolve_guidance_strength(c, kind)
-    build_objective(c)  # validates what is left with the objective's own messages
+    objective = build_objective(c)  # validates what is left with the objective's own messages
+    if kind is not None:
+        try:
+            kind.objective(objective)
+        except ValueError as err:
+            raise ParamError("{0}: {why}", "method", why=str(err)) from None
     return c
 
 
@@ -91,6 +97,16 @@ def _resolve_family(c: SampleConfig, family: ModelFamily, allowed: set[str]) -> 
     if c.sampler is None:
         c.sampler = family.default_sampler
     check_choice("sampler", c.sampler, defaults.SAMPLERS)
+    if c.sampler not in family.samplers:
+        raise ParamError(
+            "{0}: {s!r} does not apply to {family} models (their samplers: {ok})",
+            "sampler",
+            s=c.sampler,
+            family=family.name,
+            ok=", ".join(family.samplers),
+        )
+    if c.steps is None:
+        c.steps = family.default_steps
     for other in FAMILIES:
         if other is not family and other.fields is not None:
             other.fields.refuse(c, allowed)
@@ -238,10 +254,10 @@ def _resolve_guidance_strength(c: SampleConfig, kind: GuideKind | None) -> None:
     kind_defaults = {} if kind is None else kind.guidance_defaults(c)
     if c.scale is None:
         if c.sampler == "heun":
-            c.scale = defaults.heun_scale(int(c.steps))
+            c.scale = defaults.heun_scale(int(str(c.steps)))
         else:
             c.scale = kind_defaults.get("scale", defaults.SCALE)
-    if c.sampler == "ddim":
+    if c.sampler in ("ddim", "dpmpp-2m"):  # score-shift samplers: no sine boost
         c.sine_factor = None
     elif c.sine_factor is None:
         c.sine_factor = kind_defaults.get("sine_factor", defaults.SINE_FACTOR)

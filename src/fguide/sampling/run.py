@@ -87,6 +87,10 @@ class SampleResult:
     manifest: Path
 
 
+_NEWER_FIELDS = ("negative_prompt", "guide_prompts", "guide_prompt_file")
+"""Fields added after run folders existed: in a run's identity only when set."""
+
+
 def _identity(config: SampleConfig, comp: Components, hashes: Mapping[str, str | None]) -> dict:
     """What determines the samples: compared on every rerun into the same folder."""
     run_only = {
@@ -95,6 +99,9 @@ def _identity(config: SampleConfig, comp: Components, hashes: Mapping[str, str |
         "channels_last",
     }  # fmt: skip
     settings = {k: v for k, v in config.to_json().items() if k not in run_only}
+    for name in _NEWER_FIELDS:  # absent while unset: older run folders keep their identity
+        if settings.get(name) is None:
+            settings.pop(name, None)
     if config.variance_tracking == "first_sample":
         settings["batch_size"] = config.batch_size  # EluCD's σ²_max couples a batch
     source = None if comp.classifier is None else comp.classifier.description.get("source_sha256")
