@@ -156,12 +156,12 @@ def test_run_prompts_score_equals_the_metric(
     out = tmp_path / "ev"
     code, stdout, stderr = _cli(
         ["evaluate", str(world["run"]), "--clip", str(world["clip"]), "--out", str(out),
-         "--batch-size", "3", "--no-progress"]
+         "--batch-size", "2", "--no-progress"]
     )  # fmt: skip
     assert code == 0, stderr
     data = json.loads((out / "metrics.json").read_text())
     _assert_scores(world, data["clip"], world["prompts"])
-    assert seen == [3, 3, 1]  # streamed in batches of --batch-size
+    assert seen == [2, 2, 2, 1]  # streamed in batches of --batch-size
     assert data["metrics"] == {"clip_score": data["clip"]["clip_score"]}  # no reference: no FID
     assert data["reference"] is None and data["samples"]["num_images"] == N
     assert data["clip"]["prompts_source"] == "the run's manifest"
