@@ -237,6 +237,17 @@ def test_with_a_reference_both_sets_of_metrics_are_kept(
     assert data["reference"]["num_images"] == 5
     names = [line.split("  ")[0] for line in stdout.splitlines()]
     assert {"FID", "Precision", "CLIP score"} <= {n.strip() for n in names}
+    # compared with itself: the CLIP row shows the compared score and a zero difference
+    code, stdout, stderr = _cli(
+        ["evaluate", str(ref), str(world["run"]), "--clip", str(world["clip"]), "--out",
+         str(tmp_path / "again"), "--inception-weights", str(weights), "--no-cache",
+         "--no-progress", "--compare", str(out / "metrics.json")]
+    )  # fmt: skip
+    assert code == 0, stderr
+    row = next(line for line in stdout.splitlines() if line.startswith("CLIP score "))
+    value, compared, difference = (float(v) for v in row.split()[-3:])
+    assert value == compared == pytest.approx(data["clip"]["clip_score"], abs=5e-5)
+    assert difference == 0
 
 
 # -- the run's prompts and bad input ----------------------------------------------------------

@@ -144,7 +144,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help="a previous metrics.json: shown side by side, with a warning if not comparable",
+        help="a previous metrics.json: shown side by side, with a warning if not comparable "
+        "(needs REF)",
     )
     p.add_argument(
         "--pr-mode",
