@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from tolerances import assert_close, network_depth  # noqa: E402
 
 import fguide.evaluation.clip_score as job  # noqa: E402
 import fguide.evaluation.quality  # noqa: E402
+import fguide.families  # noqa: E402
 import fguide.io.features  # noqa: E402
 from fguide.cli.main import main  # noqa: E402
 from fguide.evaluation import evaluate  # noqa: E402
 from fguide.evaluation.clip_score import run_prompts  # noqa: E402
+from fguide.families import ModelFamily  # noqa: E402
 from fguide.io import runs  # noqa: E402
 from fguide.io.features import LOGITS_DIM, POOL_DIM, SPATIAL_DIM, BatchFeatures  # noqa: E402
 from fguide.metrics import FeatureStats  # noqa: E402
@@ -38,6 +41,7 @@ from fguide.metrics.clip_score import clip_score  # noqa: E402
 from fguide.models.clip_reward import load_clip_score_model  # noqa: E402
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+T2I = "text-to-image-stub"  # a registered family that reads the prompts (Stable Diffusion's role)
 N = 7  # samples: three prompts take 3, 2 and 2 of them (i mod 3)
 CANDIDATES = ["a photo of a cat", "hot dog", "the sea at night", "red", "no dog", "photo", "hot"]
 
@@ -57,9 +61,27 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _write_run(out: Path, images: np.ndarray, identity_extra: dict[str, Any]) -> Path:
-    """A complete run folder through io/runs.py's writers (shards of 3, then the merge)."""
-    identity = {"format": runs.FORMAT, "seed": 0, **identity_extra}
+class _TextToImage(ModelFamily):
+    name = T2I
+    reads = ("prompts", "prompt_file")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _t2i_family() -> Iterator[None]:
+    """The registry with a text-to-image family (main has none until Stable Diffusion's lands:
+    then runs of that family are the real case)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fguide.families, "FAMILIES", (*fguide.families.FAMILIES, _TextToImage()))
+        yield
+
+
+def _write_run(
+    out: Path, images: np.ndarray, identity_extra: dict[str, Any], family: str | None = T2I
+) -> Path:
+    """A complete run folder through io/runs.py's writers (shards of 3, then the merge); its
+    model of ``family`` (None: no family recorded, as ADM runs)."""
+    model = {} if family is None else {"family": family}
+    identity = {"format": runs.FORMAT, "seed": 0, "resolved": {"model": model}, **identity_extra}
     plan = runs.plan_shards(len(images), 3)
     sha = runs.identity_sha256(identity)
     runs.prepare_folder(out, identity, plan, {"seed": 0, **identity_extra})
@@ -259,6 +281,14 @@ def test_run_prompts_reads_the_manifest(world: dict[str, Any], tmp_path: Path) -
     assert run_prompts(world["root"] / "plain.npz") is None
     bare = _write_run(tmp_path / "bare", world["images"][:2], {})
     assert run_prompts(bare) is None
+    # a clip: guide's prompts on a class model (no family recorded: ADM) or on a family that
+    # does not read prompts (a diffusers pipeline): its classes, not generation prompts
+    for family in (None, "diffusers"):
+        guided = _write_run(
+            tmp_path / f"guided-{family}", world["images"][:2],
+            {"classifier": "clip:/models/clip", "prompts": ["a cat", "a dog"]}, family,
+        )  # fmt: skip
+        assert run_prompts(guided) is None
     broken = _write_run(tmp_path / "broken", world["images"][:2], {"prompts": ["a", ""]})
     with pytest.raises(ValueError, match=r"manifest\.json: identity\.prompts must be a list"):
         run_prompts(broken)
@@ -284,7 +314,7 @@ def test_no_prompts_is_refused_before_the_clip_folder_is_read(
         ["evaluate", str(world["root"] / "plain.npz"), "--clip", str(tmp_path / "nowhere"),
          "--out", str(out), "--no-progress"]
     )  # fmt: skip
-    assert "no prompts recorded" in line and "--clip-prompt TEXT" in line, line
+    assert "no generation prompts recorded" in line and "--clip-prompt TEXT" in line, line
     assert "plain.npz" in line and not out.exists()
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "clip_folder_sha256",
     "clip_section",
     "load_scorer",
+    "prompts_condition_samples",
     "resolve_prompts",
     "run_prompts",
     "score_source",
@@ -63,14 +64,18 @@ PROMPT_RULE = "image i takes prompt i mod n (n prompts; i in the samples' order)
 
 def run_prompts(path: str | os.PathLike[str]) -> list[str] | None:
     """The generation prompts an ``fguide sample`` run recorded: ``prompts`` in its manifest's
-    identity, else in its config (the SampleConfig settings); None when ``path`` is no run
-    folder (or its ``samples.npz``) or the run recorded none. A malformed entry is an error
-    naming the manifest."""
+    identity, else in its config (the SampleConfig settings), when its model family is a
+    text-to-image one (:func:`prompts_condition_samples`); None when ``path`` is no run folder
+    (or its ``samples.npz``), the run recorded no prompts, or its prompts are a CLIP guide's
+    classes. A malformed entry is an error naming the manifest."""
     p = Path(path)
     folder = p if p.is_dir() else p.parent if p.name == runs.SAMPLES else None
     if folder is None or not runs.is_run_folder(folder):
         return None
     manifest = runs.read_run(folder).manifest
+    identity = manifest.get("identity")
+    if not isinstance(identity, dict) or not prompts_condition_samples(identity):
+        return None
     for section in ("identity", "config"):
         block = manifest.get(section)
         value = block.get(PROMPTS_KEY) if isinstance(block, dict) else None
@@ -88,6 +93,21 @@ def run_prompts(path: str | os.PathLike[str]) -> list[str] | None:
             )
         return list(texts)
     return None
+
+
+def prompts_condition_samples(identity: dict[str, Any]) -> bool:
+    """Whether a run's ``prompts`` are what its samples were generated from: its model family
+    (``resolved.model.family``) is registered and reads the prompts (a text-to-image family,
+    :attr:`fguide.families.base.ModelFamily.reads`). Otherwise (an ADM, EDM or DiT run) the
+    prompts are a ``clip:`` guide's classes, and sample i was guided toward its label's prompt,
+    not toward prompt i mod n."""
+    from fguide import families
+
+    resolved = identity.get("resolved")
+    model = resolved.get("model") if isinstance(resolved, dict) else None
+    name = model.get("family") if isinstance(model, dict) else None
+    family = next((f for f in families.FAMILIES if name is not None and f.name == name), None)
+    return family is not None and PROMPTS_KEY in getattr(family, "reads", ())
 
 
 @dataclass(frozen=True)
@@ -121,8 +141,9 @@ def resolve_prompts(
     recorded = run_prompts(samples)
     if recorded is None:
         raise ParamError(
-            "{path}: no prompts recorded (not a text-to-image run): give the prompts to score "
-            "against with {0} TEXT (repeatable) or {1} FILE",
+            "{path}: no generation prompts recorded (not a text-to-image run; a clip: guide's "
+            "prompts are its classes): give the prompts to score against with {0} TEXT "
+            "(repeatable) or {1} FILE",
             "clip_prompts",
             "clip_prompt_file",
             path=str(samples),
