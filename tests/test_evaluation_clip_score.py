@@ -30,6 +30,7 @@ import fguide.evaluation.clip_score as job  # noqa: E402
 import fguide.evaluation.quality  # noqa: E402
 import fguide.families  # noqa: E402
 import fguide.io.features  # noqa: E402
+import fguide.io.images  # noqa: E402
 from fguide.cli.main import main  # noqa: E402
 from fguide.evaluation import evaluate  # noqa: E402
 from fguide.evaluation.clip_score import run_prompts  # noqa: E402
@@ -242,12 +243,21 @@ def test_with_a_reference_both_sets_of_metrics_are_kept(
     feats = {ref: _fake_features(5, 1), world["run"] / runs.SAMPLES: _fake_features(N, 2)}
     monkeypatch.setattr(fguide.io.features, "extract_features", lambda s, *a, **k: feats[s.path])
     monkeypatch.setattr(fguide.evaluation.quality, "load_fid_inception", lambda *a, **k: None)
+    hashed: list[Path] = []  # the run's samples.npz is hashed (checked) once for both metrics
+    sha256_file = fguide.io.images.sha256_file
+
+    def counting_sha(path: Path, *a: Any) -> str:
+        hashed.append(Path(path))
+        return sha256_file(path, *a)
+
+    monkeypatch.setattr(fguide.io.images, "sha256_file", counting_sha)
     out = tmp_path / "ev"
     code, stdout, stderr = _cli(
         ["evaluate", str(ref), str(world["run"]), "--clip", str(world["clip"]), "--out",
          str(out), "--inception-weights", str(weights), "--no-cache", "--no-progress"]
     )  # fmt: skip
     assert code == 0, stderr
+    assert hashed.count(world["run"] / runs.SAMPLES) == 1
     data = json.loads((out / "metrics.json").read_text())
     with warnings.catch_warnings():  # the small counts' warnings (also in data["warnings"])
         warnings.simplefilter("ignore")

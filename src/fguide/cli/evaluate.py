@@ -45,7 +45,7 @@ from fguide.evaluation.clip_score import (
 from fguide.io.features import CACHE_MAX_ENV, DEFAULT_CACHE_MAX_GB
 from fguide.io.files import atomic_write_json, provenance
 from fguide.io.folders import claim_folder
-from fguide.io.images import open_images
+from fguide.io.images import ImageSource, open_images
 from fguide.models.inception import INCEPTION_WEIGHTS_ENV
 from fguide.params import ParamError
 from fguide.runtime import resolve_device
@@ -318,13 +318,19 @@ def _check_request(args: argparse.Namespace) -> PromptSet | None:
     return resolve_prompts(args.samples, args.clip_prompts, args.clip_prompt_file)
 
 
-def _clip_score(args: argparse.Namespace, scorer: CLIPScorer, prompts: PromptSet) -> dict[str, Any]:
-    """The ``clip`` section of metrics.json: SAMPLES streamed through CLIP."""
+def _open_samples(args: argparse.Namespace) -> ImageSource:
+    """SAMPLES, opened once for FID and the CLIP score (a run's samples.npz is hashed once)."""
 
     def warn(msg: str) -> None:
         warnings.warn(msg, EvaluationWarning, stacklevel=2)
 
-    source = open_images(args.samples, args.image_size, warn=warn)
+    return open_images(args.samples, args.image_size, warn=warn)
+
+
+def _clip_score(
+    args: argparse.Namespace, scorer: CLIPScorer, prompts: PromptSet, source: ImageSource
+) -> dict[str, Any]:
+    """The ``clip`` section of metrics.json: SAMPLES streamed through CLIP."""
     dev = next(scorer.model.parameters()).device
     bs = args.batch_size or (256 if dev.type == "cuda" else 64)
     result = score_source(
@@ -338,12 +344,14 @@ def _clip_score(args: argparse.Namespace, scorer: CLIPScorer, prompts: PromptSet
     return clip_section(result, scorer, prompts, source, bs)
 
 
-def _quality(args: argparse.Namespace, cache_dir: Path | None) -> tuple[dict[str, Any], list[str]]:
+def _quality(
+    args: argparse.Namespace, cache_dir: Path | None, samples: Path | ImageSource
+) -> tuple[dict[str, Any], list[str]]:
     """FID, sFID, IS and precision/recall (:func:`fguide.evaluation.evaluate`) as metrics.json's
     sections, with the warnings of the numerics."""
     result = evaluate(
         args.ref,
-        args.samples,
+        samples,
         weights=resolve_inception(args.inception_weights, args.weights_dir),
         batch_size=args.batch_size,
         device=args.device,
@@ -369,13 +377,14 @@ def run(args: argparse.Namespace) -> int:
     with claim_folder(args.out, KIND, (METRICS,)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            source = None if scorer is None else _open_samples(args)
             if args.ref is not None:
-                data, notes = _quality(args, cache_dir)
+                data, notes = _quality(args, cache_dir, args.samples if source is None else source)
             else:
                 data = {"evaluator": EVALUATOR_VERSION, "metrics": {}, "reference": None}
                 notes = []
-            if scorer is not None and prompts is not None:
-                clip = _clip_score(args, scorer, prompts)
+            if scorer is not None and prompts is not None and source is not None:
+                clip = _clip_score(args, scorer, prompts, source)
                 data["metrics"][CLIP_ROW[0]] = clip["clip_score"]
                 data.setdefault("samples", clip["samples"])
                 data["clip"] = clip
