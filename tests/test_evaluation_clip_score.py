@@ -209,7 +209,7 @@ def test_given_prompts_take_precedence_and_score_an_npz(
     assert code == 0, stderr
     clip = json.loads((tmp_path / "a" / "metrics.json").read_text())["clip"]
     _assert_scores(world, clip, given)
-    assert clip["prompts_source"] == "given"
+    assert clip["prompts_source"] == "given (instead of the run's 3 prompt(s))"
     # a prompt file, for an npz that records no prompts
     file = tmp_path / "prompts.txt"
     file.write_text(f"# scored against\n{world['prompts'][2]}\n\n{world['prompts'][0]}\n")
@@ -221,6 +221,19 @@ def test_given_prompts_take_precedence_and_score_an_npz(
     clip = json.loads((tmp_path / "b" / "metrics.json").read_text())["clip"]
     _assert_scores(world, clip, [world["prompts"][2], world["prompts"][0]])
     assert clip["prompts_source"] == f"file {file}"
+    # more prompts than samples: the last has no image, no score, and a warning says so
+    eight = [a for k in range(N + 1) for a in ("--clip-prompt", f"p{k}")]
+    code, stdout, stderr = _cli(
+        ["evaluate", str(world["root"] / "plain.npz"), "--clip", str(world["clip"]), "--out",
+         str(tmp_path / "c"), "--no-progress", *eight]
+    )  # fmt: skip
+    assert code == 0, stderr
+    data = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert [e["images"] for e in data["clip"]["per_prompt"]] == [1] * N + [0]
+    assert data["clip"]["per_prompt"][N]["clip_score"] is None
+    assert any("1 prompt(s) have no image" in w for w in data["warnings"])
+    assert "1 prompt(s) have no image" in stderr
+    assert stdout.splitlines()[-2].split() == ["0", "—", f"p{N}"]  # then "wrote ..."
 
 
 def _fake_features(n: int, seed: int) -> BatchFeatures:

@@ -341,6 +341,14 @@ def _clip_score(
         workers=args.workers,
         progress=not args.no_progress,
     )
+    empty = sum(entry["images"] == 0 for entry in result.per_prompt)
+    if empty:
+        warnings.warn(
+            f"{source.count} samples for {len(prompts.prompts)} prompts: {empty} prompt(s) have "
+            "no image (image i takes prompt i mod n), so no score of their own",
+            EvaluationWarning,
+            stacklevel=2,
+        )
     return clip_section(result, scorer, prompts, source, bs)
 
 

@@ -116,7 +116,8 @@ class PromptSet:
 
     prompts: list[str]
     source: str
-    """``given``, ``file PATH`` or ``the run's manifest``."""
+    """``the run's manifest``, ``given`` or ``file PATH`` (then, for a run that records prompts
+    too: ``(instead of the run's N prompt(s))``)."""
 
 
 def resolve_prompts(
@@ -135,9 +136,10 @@ def resolve_prompts(
         texts = [str(t) for t in clip_prompts]
         if not all(t.strip() for t in texts):
             raise ParamError("{0}: an empty prompt", "clip_prompts")
-        return PromptSet(texts, "given")
+        return PromptSet(texts, "given" + _instead(samples))
     if clip_prompt_file is not None:
-        return PromptSet(read_prompt_file(clip_prompt_file), f"file {clip_prompt_file}")
+        texts = read_prompt_file(clip_prompt_file)
+        return PromptSet(texts, f"file {clip_prompt_file}{_instead(samples)}")
     recorded = run_prompts(samples)
     if recorded is None:
         raise ParamError(
@@ -149,6 +151,15 @@ def resolve_prompts(
             path=str(samples),
         )
     return PromptSet(recorded, "the run's manifest")
+
+
+def _instead(samples: str | os.PathLike[str]) -> str:
+    """Which of the run's own prompts given prompts replace (for the record), if any."""
+    try:
+        recorded = run_prompts(samples)
+    except ValueError:  # a malformed record: not used either way
+        return ""
+    return "" if recorded is None else f" (instead of the run's {len(recorded)} prompt(s))"
 
 
 # -- the model --------------------------------------------------------------------------------
