@@ -197,6 +197,17 @@ def test_run_prompts_score_equals_the_metric(
         assert int(line.split()[0]) == entry["images"]
 
 
+def test_the_model_hash_covers_the_files_read(world: dict[str, Any], tmp_path: Path) -> None:
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for f in world["clip"].iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "flax_model.msgpack").write_bytes(b"another copy of the weights, never read")
+    assert job.clip_folder_sha256(folder)[0] == _folder_sha(world["clip"])
+    (folder / "merges.txt").write_text((folder / "merges.txt").read_text() + "\n")
+    assert job.clip_folder_sha256(folder)[0] != _folder_sha(world["clip"])
+
+
 def test_given_prompts_take_precedence_and_score_an_npz(
     world: dict[str, Any], tmp_path: Path
 ) -> None:

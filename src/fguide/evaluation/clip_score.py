@@ -41,6 +41,7 @@ from fguide.params import ParamError
 from fguide.runtime import resolve_device
 
 __all__ = [
+    "CLIP_FILES",
     "PROMPT_RULE",
     "PROMPTS_KEY",
     "CLIPScorer",
@@ -165,14 +166,32 @@ def _instead(samples: str | os.PathLike[str]) -> str:
 # -- the model --------------------------------------------------------------------------------
 
 
+#: The files of a CLIP folder that transformers reads for the score (weights: *.safetensors).
+CLIP_FILES = frozenset(
+    {
+        "config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "model.safetensors.index.json",
+    }
+)
+
+
 def clip_folder_sha256(folder: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
-    """SHA-256 over a CLIP folder's files (each one's name and contents, sorted by name; hidden
-    files and subfolders left out), and each file's own SHA-256."""
+    """SHA-256 over the CLIP folder's files the score reads (:data:`CLIP_FILES` and the
+    safetensors weights; each one's name and contents, sorted by name), and each file's own.
+    Other files (a Hugging Face snapshot's pickled, Flax or TF copies of the weights) are not
+    read, so they neither cost a hash nor change it."""
     root = Path(folder)
     files = {
         f.name: sha256_file(f)
         for f in sorted(root.iterdir())
-        if f.is_file() and not f.name.startswith(".")
+        if f.is_file() and (f.name in CLIP_FILES or f.suffix == ".safetensors")
     }
     h = hashlib.sha256()
     for name, digest in files.items():
