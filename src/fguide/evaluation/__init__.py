@@ -1,5 +1,6 @@
 """The jobs that measure: ``fguide evaluate`` (sample quality: FID, IS, precision/recall with
-ADM's evaluator definitions, :mod:`~fguide.evaluation.quality`) and ``fguide calibration``
+ADM's evaluator definitions, :mod:`~fguide.evaluation.quality`; the CLIP score against the
+prompts, :mod:`~fguide.evaluation.clip_score`) and ``fguide calibration``
 (a run's calibration along its trajectory, a classifier's on noised images,
 :mod:`~fguide.evaluation.calibration`)."""
 

@@ -196,7 +196,7 @@ def _load_comparison(path: Path) -> dict[str, Any]:
 
 def evaluate(
     reference: str | os.PathLike[str],
-    samples: str | os.PathLike[str],
+    samples: str | os.PathLike[str] | ImageSource,
     *,
     weights: str | os.PathLike[str] | None = None,
     batch_size: int | None = None,
@@ -212,7 +212,8 @@ def evaluate(
 
     ``reference``/``samples``: ADM ``.npz`` batches, image folders (centre-cropped to
     ``image_size`` × ``image_size`` as ADM prepares ImageNet, when given) or ``fguide sample``
-    run folders (warned when the run is not complete). ``weights``: the FID
+    run folders (warned when the run is not complete); ``samples`` may also be an
+    :class:`ImageSource` already opened (:func:`open_images`). ``weights``: the FID
     Inception weight file (default ``$FGUIDE_INCEPTION_WEIGHTS``). ``batch_size`` defaults to
     64 on the CPU (ADM's) and 256 on a GPU; it changes the numbers only by float32 round-off.
     ``cache_dir`` enables the reference-feature cache. ``compare``: a previous
@@ -241,7 +242,10 @@ def evaluate(
     compare_path = Path(compare) if compare is not None else None
     comparison = _load_comparison(compare_path) if compare_path is not None else None
     ref_src = open_images(reference, image_size, warn=warn)
-    sam_src = open_images(samples, image_size, warn=warn)
+    # an opened source is used as it is (its checksum, computed once, shared with its caller)
+    sam_src = (
+        samples if isinstance(samples, ImageSource) else open_images(samples, image_size, warn=warn)
+    )
     file_stats = read_reference_statistics(ref_src.path) if ref_src.kind == "npz" else {}
     _check_inputs(ref_src, sam_src, comparison, compare_path, warn)
 

@@ -27,7 +27,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CLIP_SCORE_SCALE", "CLIPScoreResult", "clip_score", "image_features", "text_features"]
+__all__ = [
+    "CLIP_SCORE_SCALE",
+    "CLIPScoreResult",
+    "clip_score",
+    "image_features",
+    "paired_cosines",
+    "score_cosines",
+    "text_features",
+]
 
 CLIP_SCORE_SCALE = 100.0
 
@@ -123,13 +131,27 @@ def clip_score(
         )
     text = text_features(model, tokenizer, prompts)
     img = image_features(model, processor, images, batch_size)
-    cos = (img.double() * text[torch.as_tensor(index)].double().to(img.device)).sum(-1)
-    cos_np = cos.cpu().numpy()
+    return score_cosines(paired_cosines(img, text, index), index, prompts)
+
+
+def paired_cosines(image: Tensor, text: Tensor, index: Sequence[int] | np.ndarray) -> np.ndarray:
+    """cos_i = ⟨image_i, text_{index_i}⟩ of unit-norm embeddings, in float64 [N]."""
+    pick = text[torch.as_tensor(np.asarray(index), device=text.device)].to(image.device)
+    return (image.double() * pick.double()).sum(-1).cpu().numpy()
+
+
+def score_cosines(
+    cosine: np.ndarray, index: Sequence[int] | np.ndarray, prompts: Sequence[str]
+) -> CLIPScoreResult:
+    """The CLIP score of per-image cosines ``cosine`` [N], image i's prompt being
+    ``prompts[index[i]]``: overall and per prompt (module docstring)."""
+    cos_np = np.asarray(cosine, dtype=np.float64)
+    idx = np.asarray(index)
     per_prompt = [
         {
             "prompt": p,
-            "images": int((index == k).sum()),
-            "clip_score": _score(cos_np[index == k]) if (index == k).any() else None,
+            "images": int((idx == k).sum()),
+            "clip_score": _score(cos_np[idx == k]) if (idx == k).any() else None,
         }
         for k, p in enumerate(prompts)
     ]
