@@ -317,3 +317,28 @@ def test_named_configurations(
         )  # fmt: skip
     )
     assert (g.tau1, g.tau2, g.scale) == (1.0, 0.0, 2.0)  # cosine guidance, γ the user's
+
+
+def test_evaluate_clip_scores_a_run_against_its_generation_prompts(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """``fguide evaluate RUN --clip`` on a real SD run reads the run's prompts from its manifest
+    (sample i against prompt i mod n) and equals the metric on the run's images, per prompt."""
+    from fguide.metrics.clip_score import clip_score
+    from fguide.models.clip_reward import load_clip_score_model
+
+    run = tmp_path / "run"
+    assert main(_argv(inputs["sd"], run)) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--clip", str(inputs["clip"]), "--out", str(out)]) == 0
+    clip = json.loads((out / "metrics.json").read_text())["clip"]
+    assert clip["prompts_source"] == "the run's manifest"
+    images = _samples(run)["arr_0"]
+    model = load_clip_score_model(inputs["clip"])
+    assert [e["prompt"] for e in clip["per_prompt"]] == PROMPTS
+    for k, entry in enumerate(clip["per_prompt"]):
+        group = images[np.arange(len(images)) % len(PROMPTS) == k]
+        assert entry["images"] == len(group)
+        want = clip_score(*model, group, [PROMPTS[k]]).score
+        # float32 towers on batches of other sizes; 100 · a mean of cosines of unit vectors
+        assert abs(entry["clip_score"] - want) <= 100 * 64 * float(torch.finfo(torch.float32).eps)
