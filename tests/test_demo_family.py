@@ -211,3 +211,28 @@ def test_every_family_row_is_a_demo_method() -> None:
 
     assert set(demo_family.FAMILY) <= set(METHOD_NAMES)
     assert METHOD_NAMES[-1] == "exact" and METHOD_NAMES[0] == "none"
+
+
+def test_the_results_do_not_depend_on_the_workers() -> None:
+    """The jobs (per world: EluCD's sweep with its rows; each family row with its sweep) give
+    the same results inline and on worker processes, merged in ``--methods`` order."""
+    from fguide.worlds.demo import run_demo
+
+    c = DemoConfig.quick(
+        dims=(2, 3),
+        steps=6,
+        samples_per_class=3,
+        sweep_samples_per_class=3,
+        family_sweep_samples_per_class=3,
+        methods=("tfg", "none", "mpgd", "elucd"),
+    )
+    inline, pooled = run_demo(c, workers=1), run_demo(c, workers=2)
+    for a, b in zip(inline.worlds, pooled.worlds, strict=True):
+        assert a["dim"] == b["dim"] and list(b["methods"]) == list(c.methods)
+        assert a["family_sweeps"] == b["family_sweeps"] and a["scale_sweep"] == b["scale_sweep"]
+        for name in c.methods:
+            ra, rb = a["methods"][name], b["methods"][name]
+            assert ra["per_seed"] == rb["per_seed"] and ra["curves"] == rb["curves"], name
+            assert torch.equal(
+                inline.samples[a["dim"]][name]["x"], pooled.samples[b["dim"]][name]["x"]
+            )
