@@ -4,12 +4,14 @@ and the evaluation counts and the ``--methods`` selection are what they claim.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+import tolerances
 import torch
 
 import fguide
@@ -49,12 +51,13 @@ def test_each_family_row_at_strength_zero_is_the_none_row_bit_for_bit(dim: int) 
     out = world.evaluate(names, 0.1, {name: 0.0 for name in SINGLE})
     none = out["none"][0]
     for name in SINGLE:
-        assert torch.equal(out[name][1], out["none"][1]), name
-        assert out[name][0].per_seed == none.per_seed, name  # every seed, not only the first
+        for x, x_none in zip(out[name][1], out["none"][1], strict=True):  # every seed
+            assert torch.equal(x, x_none), name
+        assert out[name][0].per_seed == none.per_seed, name
     # and at a strength that guides, the rows are not ``none``
     moved = world.evaluate(["none", *SINGLE], 0.1, {name: 1e-3 for name in SINGLE})
     for name in SINGLE:
-        assert not torch.equal(moved[name][1], moved["none"][1]), name
+        assert not torch.equal(moved[name][1][0], moved["none"][1][0]), name
 
 
 def _direct(name: str, strength: float, world: World, repeat: int) -> tuple[torch.Tensor, Any]:
@@ -96,14 +99,13 @@ def _direct(name: str, strength: float, world: World, repeat: int) -> tuple[torc
 def test_a_family_row_is_the_method_run_directly_through_the_sampler(name: str) -> None:
     world = _world(16, eval_seeds=2)
     strength = 0.01
-    (res, x), *_ = world.evaluate([name], 0.5, {name: strength}).values()
-    direct, _ = _direct(name, strength, world, 0)
-    # the same operations on the same inputs in the same order: the same bits
-    assert torch.equal(x, direct)
+    (res, xs), *_ = world.evaluate([name], 0.5, {name: strength}).values()
     assert res.strength == strength
-    # the second evaluation seed's samples are that seed's direct run: its FD per class
-    x1, y1 = _direct(name, strength, world, 1)
-    assert res.per_seed["frechet_mean"][1] == float(np.mean(world.frechet(x1, y1)))
+    for r in (0, 1):  # every evaluation seed is that seed's direct run, and measured on it
+        direct, y = _direct(name, strength, world, r)
+        # the same operations on the same inputs in the same order: the same bits
+        assert torch.equal(xs[r], direct)
+        assert res.per_seed["frechet_mean"][r] == float(np.mean(world.frechet(direct, y)))
     assert res.per_seed["frechet_mean"][0] != res.per_seed["frechet_mean"][1]
 
 
@@ -236,3 +238,60 @@ def test_the_results_do_not_depend_on_the_workers() -> None:
             assert torch.equal(
                 inline.samples[a["dim"]][name]["x"], pooled.samples[b["dim"]][name]["x"]
             )
+
+
+@pytest.mark.parametrize("dim", [2, 16])
+def test_frechet_between_is_the_gaussian_fits_distance(dim: int) -> None:
+    """Against scipy's matrix square root of C_a C_b (the textbook form), and 0 for a set
+    against itself."""
+    import scipy.linalg
+
+    from fguide.worlds.gmm import frechet_between
+
+    g = torch.Generator().manual_seed(dim)
+    a = torch.randn(300, dim, generator=g, dtype=torch.float64)
+    b = (
+        0.7
+        * torch.randn(200, dim, generator=g, dtype=torch.float64)
+        @ torch.randn(dim, dim, generator=g, dtype=torch.float64)
+        + 0.3
+    )
+    ca, cb = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    cross = np.trace(scipy.linalg.sqrtm(ca @ cb)).real
+    mean2 = float(((a.mean(0) - b.mean(0)) ** 2).sum())
+    expected = mean2 + np.trace(ca) + np.trace(cb) - 2 * cross
+    # covariances (300 terms), then eigen- and Schur decompositions of d × d matrices: depth
+    # ~ 300 + d³, on the scale of the traces
+    scale = float(np.trace(ca) + np.trace(cb))
+    tolerances.assert_close(
+        frechet_between(a, b), expected, torch.float64, 300 + dim**3, scale=scale
+    )
+    tolerances.assert_close(frechet_between(a, a), 0.0, torch.float64, 300 + dim**3, scale=scale)
+
+
+def test_each_row_is_measured_against_the_exact_rows_samples() -> None:
+    from fguide.worlds.demo import run_demo
+    from fguide.worlds.gmm import frechet_between
+
+    c = DemoConfig.quick(steps=6, samples_per_class=4, family_sweep_samples_per_class=3)
+    c = dataclasses.replace(c, methods=("none", "mpgd", "exact"), sweep_samples_per_class=3)
+    run = run_demo(c)
+    (w,) = run.worlds
+    xs = run.samples[2]
+    y = xs["exact"]["labels"]
+    first = [
+        float(
+            np.mean(
+                [frechet_between(xs[m]["x"][y == k], xs["exact"]["x"][y == k]) for k in range(8)]
+            )
+        )
+        for m in c.methods
+    ]
+    for m, fd in zip(c.methods, first, strict=True):
+        r = w["methods"][m]
+        assert len(r["per_seed"]["frechet_to_exact"]) == c.eval_seeds
+        assert r["per_seed"]["frechet_to_exact"][0] == fd
+        assert r["frechet_to_exact"] == float(np.mean(r["per_seed"]["frechet_to_exact"]))
+    assert (
+        w["methods"]["exact"]["frechet_to_exact"] < 1e-9 < w["methods"]["mpgd"]["frechet_to_exact"]
+    )

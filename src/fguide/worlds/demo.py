@@ -32,7 +32,13 @@ from fguide.samplers import StepRecord, ddpm
 from fguide.schedules import make_process
 from fguide.training_free_step import GuidanceMethod
 from fguide.worlds.demo_family import FAMILY, STRENGTH_GRID, Cost, Counted, family_method
-from fguide.worlds.gmm import BayesClassifier, ExactEpsModel, GaussianMixture, NoisyBayesClassifier
+from fguide.worlds.gmm import (
+    BayesClassifier,
+    ExactEpsModel,
+    GaussianMixture,
+    NoisyBayesClassifier,
+    frechet_between,
+)
 from fguide.worlds.method_batch import MethodBatchGuide, split_callback, tiled_noise
 from fguide.worlds.workers import job_pool
 
@@ -140,6 +146,8 @@ class MethodResult:
     strength: float | None = None
     """The row's strength: γ for EluCD's objectives, the swept one for the family."""
     frechet_sd: float | None = None
+    frechet_to_exact: float | None = None
+    """Mean per-class FD to ``exact``'s samples on the same seeds (set with ``exact``)."""
     """Standard deviation of the mean per-class FD over the evaluation seeds."""
     per_seed: dict[str, list[float]] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
@@ -170,8 +178,7 @@ class World:
     def labels(self, per_class: int, seed: int, repeat: int = 0) -> Tensor:
         """Class-balanced targets in a seeded random order (so tilt groups mix classes);
         ``repeat`` r > 0: the r-th further evaluation seed's (r = 0 is the seed's own)."""
-        y = torch.arange(self.mixture.num_classes).repeat_interleave(per_class)
-        return y[torch.randperm(len(y), generator=rng.generator(seed, rng.DEMO_LABELS, repeat))]
+        return _labels(self.mixture.num_classes, per_class, seed, repeat)
 
     def sample(
         self,
@@ -294,8 +301,8 @@ class World:
 
     def evaluate(
         self, names: Sequence[str], scale: float, strengths: Mapping[str, float] | None = None
-    ) -> dict[str, tuple[MethodResult, Tensor]]:
-        """Every row's result over the evaluation seeds, and its samples on the first seed.
+    ) -> dict[str, tuple[MethodResult, list[Tensor]]]:
+        """Every row's result over the evaluation seeds, and its samples on each seed.
 
         Per seed: the x̂0 objectives in one sampler call (each row costs its share: the
         call's network rows and CPU time divided equally among its rows), ``none``,
@@ -315,7 +322,7 @@ class World:
         }
         costs = {name: Cost() for name in names}
         per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-        first: dict[str, Tensor] = {}
+        seeds: dict[str, list[Tensor]] = {name: [] for name in names}
         for r in range(c.eval_seeds):
             labels = self.labels(c.samples_per_class, c.seed, r)
             for rec in recorders.values():
@@ -328,13 +335,13 @@ class World:
             ref = self.mixture.sample(labels, rng.generator(c.seed, rng.DEMO_REFERENCE, r))
             for name in names:
                 per_seed[name].append(self._measure(xs[name], labels, ref))
-                first.setdefault(name, xs[name])
+                seeds[name].append(xs[name])
         out = {}
         for name in names:
             strength = 1.0 if name == "exact" else strengths.get(name, scale)
             res = _result(name, per_seed[name], recorders[name], costs[name])
             res.strength = None if name == "none" else strength
-            out[name] = (res, first[name])
+            out[name] = (res, seeds[name])
         return out
 
     def _sample_seed(
@@ -392,6 +399,12 @@ class World:
             "precision": pr.precision,
             "recall": pr.recall,
         }
+
+
+def _labels(num_classes: int, per_class: int, seed: int, repeat: int) -> Tensor:
+    """:meth:`World.labels` (a function of the class count, not of the world)."""
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    return y[torch.randperm(len(y), generator=rng.generator(seed, rng.DEMO_LABELS, repeat))]
 
 
 def _batched(name: str) -> bool:
@@ -453,8 +466,8 @@ def world_parts(config: DemoConfig) -> list[tuple[int, tuple[str, ...]]]:
 
 def run_part(dim: int, config: DemoConfig, rows: tuple[str, ...]) -> dict[str, Any]:
     """One job of :func:`world_parts`: the sweeps and evaluation of ``rows`` in world ``dim``
-    (EluCD's sweep where a row is not of the family). JSON-able results and first-seed
-    samples by row."""
+    (EluCD's sweep where a row is not of the family). JSON-able results and every
+    evaluation seed's samples by row."""
     c = config
     world = World(GaussianMixture.circle(c.num_classes, c.radius, c.s, dim, seed=c.seed), c)
     part: dict[str, Any] = {"family_sweeps": {}, "methods": {}, "samples": {}}
@@ -463,7 +476,6 @@ def run_part(dim: int, config: DemoConfig, rows: tuple[str, ...]) -> dict[str, A
         part["scale_sweep"] = world.sweep()
         scale = part["scale_sweep"]["chosen"]
         part["vanish_threshold"] = world.vanish_threshold
-        part["labels"] = world.labels(c.samples_per_class, c.seed)
     for name in (m for m in rows if m in FAMILY):
         part["family_sweeps"][name] = world.sweep_family(name)
     strengths = {name: s["chosen"] for name, s in part["family_sweeps"].items()}
@@ -480,12 +492,16 @@ def _merge(
     (base,) = [p for p in parts if "scale_sweep" in p]
     methods: dict[str, Any] = {}
     sweeps: dict[str, Any] = {}
-    xs: dict[str, Tensor] = {}
+    xs: dict[str, list[Tensor]] = {}
     for p in parts:
         methods.update(p["methods"])
         sweeps.update(p["family_sweeps"])
         xs.update(p["samples"])
     mixture = GaussianMixture.circle(config.num_classes, config.radius, config.s, dim, config.seed)
+    c = config
+    labels = [_labels(c.num_classes, c.samples_per_class, c.seed, r) for r in range(c.eval_seeds)]
+    if "exact" in xs:
+        _to_exact(mixture, methods, xs, labels)
     summary = {
         "dim": dim,
         "guidance_scale": base["scale_sweep"]["chosen"],
@@ -496,8 +512,27 @@ def _merge(
         "plane": mixture.plane().tolist(),
         "means": mixture.means.tolist(),
     }
-    samples = {m: {"x": xs[m], "labels": base["labels"]} for m in config.methods}
+    samples = {m: {"x": xs[m][0], "labels": labels[0]} for m in config.methods}
     return summary, samples
+
+
+def _to_exact(
+    mixture: GaussianMixture,
+    methods: dict[str, Any],
+    xs: Mapping[str, list[Tensor]],
+    labels: Sequence[Tensor],
+) -> None:
+    """Add each row's ``frechet_to_exact``: the mean per-class Fréchet distance between its
+    samples and ``exact``'s on the same seed and targets (per seed, and their mean)."""
+    for name, result in methods.items():
+        fds = [
+            float(
+                np.mean([frechet_between(x[y == k], e[y == k]) for k in range(mixture.num_classes)])
+            )
+            for x, e, y in zip(xs[name], xs["exact"], labels, strict=True)
+        ]
+        result["per_seed"]["frechet_to_exact"] = fds
+        result["frechet_to_exact"] = float(np.mean(fds))
 
 
 def run_world(

@@ -57,6 +57,7 @@ COLUMNS: tuple[tuple[str, Cell], ...] = (
     ("acc", lambda r: _fmt(r["accuracy"], "{:.3f}")),
     ("FD", lambda r: _fmt(r["frechet_mean"], "{:.4f}")),
     ("FD sd", lambda r: _fmt(r.get("frechet_sd"), "{:.4f}")),
+    ("FD↔exact", lambda r: _fmt(r.get("frechet_to_exact"), "{:.4f}")),
     ("P", lambda r: _fmt(r["precision"], "{:.3f}")),
     ("R", lambda r: _fmt(r["recall"], "{:.3f}")),
     ("ECE", lambda r: _fmt(r["integral_ece"], "{:.3f}")),
@@ -104,7 +105,8 @@ def _settings_text(c: DemoConfig, seconds: float) -> list[str]:
         "Columns: the row's strength (γ for EluCD's objectives, the swept strength for the "
         "training-free family), target-class accuracy (Bayes label of the sample), mean per-class "
         "Fréchet distance to the exact class-conditional (lower is better) and its standard "
-        "deviation over the seeds, precision/recall (k = 3) against exact target samples (all "
+        "deviation over the seeds, mean per-class FD to the `exact` row's samples on the same "
+        "seeds and targets, precision/recall (k = 3) against exact target samples (all "
         "four: means over the seeds), integral ECE of the classifier on x̂0 along the trajectory, "
         "mean fraction of samples whose guidance has vanished (‖∇S‖ below the threshold stated "
         "per world; the family's ∇S is its own gradient: through the denoiser for DPS, FreeDoM, "
