@@ -486,19 +486,14 @@ def run_part(dim: int, config: DemoConfig, rows: tuple[str, ...]) -> dict[str, A
 
 
 def _merge(
-    dim: int, config: DemoConfig, parts: Sequence[dict[str, Any]]
+    dim: int, c: DemoConfig, parts: Sequence[dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-    """One world's summary and samples from its parts (rows in ``config.methods`` order)."""
+    """One world's summary and samples from its parts (rows in ``--methods`` order)."""
     (base,) = [p for p in parts if "scale_sweep" in p]
-    methods: dict[str, Any] = {}
-    sweeps: dict[str, Any] = {}
-    xs: dict[str, list[Tensor]] = {}
-    for p in parts:
-        methods.update(p["methods"])
-        sweeps.update(p["family_sweeps"])
-        xs.update(p["samples"])
-    mixture = GaussianMixture.circle(config.num_classes, config.radius, config.s, dim, config.seed)
-    c = config
+    methods = {k: v for p in parts for k, v in p["methods"].items()}
+    sweeps = {k: v for p in parts for k, v in p["family_sweeps"].items()}
+    xs: dict[str, list[Tensor]] = {k: v for p in parts for k, v in p["samples"].items()}
+    mixture = GaussianMixture.circle(c.num_classes, c.radius, c.s, dim, c.seed)
     labels = [_labels(c.num_classes, c.samples_per_class, c.seed, r) for r in range(c.eval_seeds)]
     if "exact" in xs:
         _to_exact(mixture, methods, xs, labels)
@@ -506,13 +501,13 @@ def _merge(
         "dim": dim,
         "guidance_scale": base["scale_sweep"]["chosen"],
         "scale_sweep": base["scale_sweep"],
-        "family_sweeps": {m: sweeps[m] for m in config.methods if m in sweeps},
+        "family_sweeps": {m: sweeps[m] for m in c.methods if m in sweeps},
         "vanish_threshold": base["vanish_threshold"],
-        "methods": {m: methods[m] for m in config.methods},
+        "methods": {m: methods[m] for m in c.methods},
         "plane": mixture.plane().tolist(),
         "means": mixture.means.tolist(),
     }
-    samples = {m: {"x": xs[m][0], "labels": labels[0]} for m in config.methods}
+    samples = {m: {"x": xs[m][0], "labels": labels[0]} for m in c.methods}
     return summary, samples
 
 
@@ -524,13 +519,11 @@ def _to_exact(
 ) -> None:
     """Add each row's ``frechet_to_exact``: the mean per-class Fréchet distance between its
     samples and ``exact``'s on the same seed and targets (per seed, and their mean)."""
+    classes = range(mixture.num_classes)
     for name, result in methods.items():
-        fds = [
-            float(
-                np.mean([frechet_between(x[y == k], e[y == k]) for k in range(mixture.num_classes)])
-            )
-            for x, e, y in zip(xs[name], xs["exact"], labels, strict=True)
-        ]
+        fds = []
+        for x, e, y in zip(xs[name], xs["exact"], labels, strict=True):
+            fds.append(float(np.mean([frechet_between(x[y == k], e[y == k]) for k in classes])))
         result["per_seed"]["frechet_to_exact"] = fds
         result["frechet_to_exact"] = float(np.mean(fds))
 
@@ -578,18 +571,14 @@ def run_demo(
     on_method: Callable[[], None] | None = None,
     workers: int = 1,
 ) -> DemoRun:
-    """:func:`run_world` for every dimension of ``config``, each on one torch thread: in this
-    process (``workers`` = 1; ``progress`` and ``on_method`` are called as it goes) or one
-    world per worker process (up to ``workers``; ``on_method`` as each world ends).
-
-    The tensors are tiny: threads cost more than they bring, and one thread keeps runs
-    bit-stable, so the results do not depend on ``workers``. The caller's thread count is
-    restored.
-    """
+    """Every world of ``config``: the jobs of :func:`world_parts`, each on one torch thread,
+    in this process (``workers`` = 1; ``progress`` and ``on_method`` called as it goes) or on
+    up to ``workers`` processes (``on_method`` as each job ends). The tensors are tiny:
+    threads cost more than they bring, and one thread keeps runs bit-stable, so the results
+    do not depend on ``workers``. The caller's thread count is restored."""
     if config.sharpness < 1:
         raise ValueError(f"--sharpness must be >= 1 (κ = 1 is calibrated); got {config.sharpness}")
     start = time.perf_counter()
-    worlds, samples = [], {}
     jobs = world_parts(config)
     workers = max(1, min(workers, len(jobs)))
     with job_pool(workers) as pool:
@@ -604,7 +593,5 @@ def run_demo(
                     if on_method:
                         on_method()
             done = [_merge(d, config, parts[d]) for d in config.dims]
-    for d, (summary, xs) in zip(config.dims, done, strict=True):
-        worlds.append(summary)
-        samples[d] = xs
-    return DemoRun(config, worlds, samples, time.perf_counter() - start)
+    samples = {d: xs for d, (_, xs) in zip(config.dims, done, strict=True)}
+    return DemoRun(config, [w for w, _ in done], samples, time.perf_counter() - start)
