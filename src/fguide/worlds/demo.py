@@ -467,8 +467,8 @@ def world_parts(config: DemoConfig) -> list[tuple[int, tuple[str, ...]]]:
 def run_part(dim: int, config: DemoConfig, rows: tuple[str, ...]) -> dict[str, Any]:
     """One job of :func:`world_parts`: the sweeps and evaluation of ``rows`` in world ``dim``
     (EluCD's sweep where a row is not of the family). JSON-able results and every
-    evaluation seed's samples by row."""
-    c = config
+    evaluation seed's samples by row, and the job's CPU seconds (its thread's)."""
+    start, c = time.thread_time(), config
     world = World(GaussianMixture.circle(c.num_classes, c.radius, c.s, dim, seed=c.seed), c)
     part: dict[str, Any] = {"family_sweeps": {}, "methods": {}, "samples": {}}
     scale = 1.0
@@ -482,6 +482,7 @@ def run_part(dim: int, config: DemoConfig, rows: tuple[str, ...]) -> dict[str, A
     for name, (res, x) in world.evaluate(rows, scale, strengths).items():
         part["methods"][name] = asdict(res)
         part["samples"][name] = x
+    part.update(rows=" ".join(rows), cpu_s=time.thread_time() - start)
     return part
 
 
@@ -503,6 +504,7 @@ def _merge(
         "scale_sweep": base["scale_sweep"],
         "family_sweeps": {m: sweeps[m] for m in c.methods if m in sweeps},
         "vanish_threshold": base["vanish_threshold"],
+        "job_cpu_s": {p["rows"]: p["cpu_s"] for p in parts},
         "methods": {m: methods[m] for m in c.methods},
         "plane": mixture.plane().tolist(),
         "means": mixture.means.tolist(),
