@@ -112,8 +112,11 @@ class DemoConfig:
     tilt_group_size: int = 8
     methods: tuple[str, ...] = METHOD_NAMES
     eval_seeds: int = 3
+    """Evaluation seeds: streams 0..n−1 of ``seed`` (stream 0 is the seed's own)."""
     strength_grid: tuple[float, ...] = STRENGTH_GRID
+    """Each family row's strength sweep (one sampler call per row and world)."""
     family_sweep_samples_per_class: int = 25
+    """The family sweeps' samples per class (cut from 100 to keep the demo within 60 s)."""
 
     @classmethod
     def quick(cls, **kw: Any) -> DemoConfig:
@@ -410,9 +413,6 @@ def _labels(num_classes: int, per_class: int, seed: int, repeat: int) -> Tensor:
 def _batched(name: str) -> bool:
     """Whether the demo samples row ``name`` in the x̂0 objectives' shared call."""
     return name not in FAMILY and name not in ("none", "exact")
-
-
-_SEED_KEYS = ("accuracy", "frechet_mean", "precision", "recall")
 
 
 def _result(
