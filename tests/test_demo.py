@@ -167,7 +167,8 @@ def _demo(tmp_path: Path, name: str) -> dict:
 def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     res = _demo(tmp_path, "a")
     out = tmp_path / "a"
-    for f in ("report.md", "confidence_vs_step.png", "grad_norm_vs_step.png", "samples_d2.png"):
+    figures = ("confidence_vs_step.png", "grad_norm_vs_step.png", "samples_d2.png")
+    for f in ("report.md", *figures, "quality_vs_cost.png"):
         assert (out / f).stat().st_size > 0
     (world,) = res["worlds"]
     methods = world["methods"]

@@ -61,7 +61,7 @@ REFUSED = [
     # flags of the other world
     (["--cache-dir", "c"], "--cache-dir"),
     (["--full"], "--full"),
-    (["--workers", "2"], "--workers"),
+    (["--workers", "0"], "--workers"),
     (["--world", "digits", "--workers", "0"], "--workers"),
     (["--quick", "--full"], "--full"),
     (["--world", "digits", "--dims", "3"], "--dims"),
@@ -81,6 +81,8 @@ REFUSED = [
     (["--sharpness", "inf"], "--sharpness"),
     # method names of the other world
     (["--methods", "adm_cg"], "--methods"),
+    # a name of neither world (a family row's variant that does not exist)
+    (["--methods", "dps", "freedom_k3"], "--methods"),
     (["--world", "digits", "--methods", "base", "exact"], "--methods"),
 ]
 
@@ -147,6 +149,8 @@ def test_gmm_flags_apply_and_win_over_quick(tmp_path: Path) -> None:
     assert c == expected
     c = _config(["--sharpness", "2", "--methods", "none", "tilted"], tmp_path)
     assert c == DemoConfig(sharpness=2.0, methods=("none", "tilted"))
+    c = _config(["--methods", "tfg", "freedom_k10", "exact"], tmp_path)  # family rows
+    assert c == DemoConfig(methods=("tfg", "freedom_k10", "exact"))
     assert _config([], tmp_path) == DemoConfig()
 
 
@@ -165,6 +169,24 @@ def test_digits_flags_apply_and_win_over_quick_and_full(tmp_path: Path) -> None:
     assert c == quick.with_(sample_steps=4, num_samples=30, methods=("none", "base"))
     c = _config([*argv, "--full", "--seed", "2"], tmp_path)
     assert c == full.with_(seed=2, seeds=tuple(2 + s for s in full.seeds))
+
+
+@pytest.mark.parametrize("workers", [None, 1, 3])
+def test_gmm_workers_reach_the_job(
+    workers: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given: dict[str, Any] = {}
+
+    def gmm(config: DemoConfig, **kw: Any) -> Any:
+        given.update(kw)
+        raise Computed(config)
+
+    monkeypatch.setattr(demo_cli, "run_demo", gmm)
+    flag = [] if workers is None else ["--workers", str(workers)]
+    for quick, default in (([], default_workers()), (["--quick"], 1)):
+        with pytest.raises(Computed):
+            main(["demo", "--out", str(tmp_path / "o"), *quick, *flag])
+        assert given["workers"] == (default if workers is None else workers)
 
 
 @pytest.mark.parametrize("workers", [None, 1, 3])

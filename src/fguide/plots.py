@@ -9,6 +9,7 @@
 - :func:`plot_calibration_vs_noise`, :func:`write_reliability_diagrams`: a classifier's
   calibration on forward-noised images;
 - :func:`plot_demo`: the Gaussian-mixture demo's curves and sample scatters;
+  :func:`plot_quality_vs_cost`: its rows' quality against their cost;
 - :func:`image_grid_png` (from :mod:`fguide.io.files`): a grid of uint8 images as a PNG (a
   sampling run's ``grid.png``).
 
@@ -47,6 +48,7 @@ __all__ = [
     "new_figure",
     "plot_calibration_vs_noise",
     "plot_demo",
+    "plot_quality_vs_cost",
     "plot_reliability",
     "plot_reliability_dict",
     "plot_trajectory_figures",
@@ -318,6 +320,40 @@ def plot_demo(
         save_figure(fig, out / name)
         written.append(name)
     return written
+
+
+def plot_quality_vs_cost(worlds: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """The demo's quality against cost: each row's mean per-class FD (log scale) against its
+    network evaluations per sample (top: ε-network + classifier forwards) and CPU time per
+    sample (bottom), one column per world; ``exact`` and ``none`` as horizontal references."""
+    fig = _figure(5.2 * len(worlds), 8.4)
+    axes = fig.subplots(2, len(worlds), squeeze=False)
+    for col, w in enumerate(worlds):
+        for row, (key, factor, xlabel) in enumerate(
+            (
+                ("nfe", 1.0, "network evaluations per sample (ε-net + classifier forwards)"),
+                ("cpu_s", 1e3, "CPU ms per sample"),
+            )
+        ):
+            ax = axes[row, col]
+            for i, (name, r) in enumerate(w["methods"].items()):
+                color = f"C{i % 10}"
+                if name in ("exact", "none"):
+                    ls = "-" if name == "exact" else ":"
+                    ax.axhline(r["frechet_mean"], color="k", ls=ls, lw=1, label=name)
+                    continue
+                x, y = r["cost"][key] * factor, r["frechet_mean"]
+                marker = "^" if name in w.get("family_sweeps", {}) else "o"  # family: triangles
+                ax.scatter([x], [y], color=color, marker=marker, s=30, label=name)
+                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean per-class FD to the exact class-conditional")
+            ax.set_title(f"d = {w['dim']}")
+            if row == 0 and col == 0:
+                ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
 
 
 # -- the digits world ---------------------------------------------------------------------

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from fguide.cli import NONNEGATIVE_INT, POSITIVE_INT
 from fguide.io.folders import DEMO_FILES, check_folder
 from fguide.params import Range
-from fguide.worlds.demo import METHOD_NAMES, DemoConfig, run_demo, table, write_demo
+from fguide.worlds.demo import METHOD_NAMES, DemoConfig, run_demo
+from fguide.worlds.demo_report import table, write_demo
 from fguide.worlds.digits import METHODS as DIGITS_METHODS
 from fguide.worlds.digits import NUM_CLASSES as DIGITS_CLASSES
 from fguide.worlds.digits import DigitsConfig
@@ -34,7 +35,7 @@ HELP = "Run every guidance method in an embedded world (exact Gaussian mixture, 
 
 # Flags of one world only, by dest (the other world refuses them).
 _GMM_ONLY = {"dims": "--dims", "sharpness": "--sharpness"}
-_DIGITS_ONLY = {"cache_dir": "--cache-dir", "full": "--full", "workers": "--workers"}
+_DIGITS_ONLY = {"cache_dir": "--cache-dir", "full": "--full"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -90,6 +91,15 @@ def configure(p: argparse.ArgumentParser) -> None:
         f"--full {df.num_samples // DIGITS_CLASSES})",
     )
     p.add_argument(
+        "--workers",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="processes for the independent jobs (gmm: one world each; digits: training, "
+        "runs, fits), one torch thread each; the results do not depend on it (default "
+        f"{default_workers()}: the usable CPU cores, at most {MAX_DEFAULT_WORKERS}; --quick 1)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="a smoke run of seconds: gmm d = 2 only, fewer samples and steps; digits a tiny "
@@ -120,15 +130,6 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="the trained networks' cache (default $FGUIDE_CACHE_DIR/digits, else "
         "~/.cache/fguide/digits)",
-    )
-    dg.add_argument(
-        "--workers",
-        type=POSITIVE_INT,
-        default=None,
-        metavar="N",
-        help="processes for the independent jobs (training, runs, fits), one torch thread "
-        f"each; the results do not depend on it (default {default_workers()}: the usable CPU "
-        f"cores, at most {MAX_DEFAULT_WORKERS}; --quick 1)",
     )
     dg.add_argument(
         "--full",
@@ -251,8 +252,16 @@ def run(args: argparse.Namespace) -> int:
     check_folder(out, "demo", DEMO_FILES["demo"])  # before the run; claimed when written
     _check_out(out)
     total = len(config.dims) * len(config.methods)
+    # --quick's jobs are smaller than a worker process's start-up (~3 s of imports)
+    default = 1 if args.quick else default_workers()
+    workers = default if args.workers is None else args.workers
     with tqdm(total=total, desc="demo", unit="method") as bar:
-        result = run_demo(config, progress=bar.set_postfix_str, on_method=lambda: bar.update(1))
+        result = run_demo(
+            config,
+            progress=bar.set_postfix_str,
+            on_method=lambda: bar.update(1),
+            workers=workers,
+        )
     for w in result.worlds:
         print(f"\nd = {w['dim']}, guidance scale γ = {w['guidance_scale']:g}")
         print(table(w))

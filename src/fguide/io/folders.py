@@ -53,7 +53,7 @@ LOCK = ".fguide.lock"
 FORMAT = "fguide-folder/1"
 #: What the demo worlds write (fguide.worlds.demo, fguide.worlds.digits_run): kind → names.
 DEMO_FILES = {
-    "demo": ("results.json", "report.md", "*_vs_step.png", "samples_d*.png"),
+    "demo": ("results.json", "report.md", "*_vs_step.png", "samples_d*.png", "quality_vs_cost.png"),
     "demo-digits": (
         *("results.json", "report.md", "table.png", "curves.png", "samples.png"),
         *("calibration.png", "sweep", "runs"),
