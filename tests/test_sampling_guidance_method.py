@@ -408,3 +408,16 @@ def test_dit_pipeline_method_through_the_decoder(dit_dir: Path, tmp_path: Path) 
     np.testing.assert_array_equal(_images(tmp_path / "g"), direct)
     traj = json.loads((tmp_path / "g" / "trajectory.json").read_text())
     assert all(g > 0 for g in traj["curves"]["grad_norm"])  # the gradient came through Dec
+
+
+def test_a_named_configuration_takes_a_method_without_elucd_settings() -> None:
+    """``--config elucd-r101-128 --guidance-method dps``: EluCD's sine boost and scale are the
+    configuration's, not the method's; the method's defaults apply (an explicit --scale wins)."""
+    from fguide.sampling.configs import apply_paper_config
+
+    out, model = Path("run"), Path("m.pt")
+    for given, scale in (({}, 1.0), ({"scale": 0.3}, 0.3)):
+        settings = apply_paper_config("elucd-r101-128", {"guidance_method": "dps", **given})
+        assert "sine_factor" not in settings
+        c = resolve_config(SampleConfig(out=out, model=model, **settings))
+        assert (c.guidance_method, c.scale, c.sine_factor) == ("dps", scale, None)
