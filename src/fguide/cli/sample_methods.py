@@ -35,7 +35,7 @@ def add_guidance_method_flags(p: argparse.ArgumentParser) -> None:
         f"backward guidance, self-recurrence), tfg (TFG's unified step) ({PAPERS}); --scale is "
         "the strength of dps, freedom, mpgd, ugd (ζ, ρ̄, s, s; default "
         f"{D.DPS_SCALE:g}, TFG's guidance_strength) and a gain on tfg's (--rho, --mu) "
-        "(default 1)",
+        f"(default {D.TFG_SCALE:g})",
     )
     g.add_argument(
         "--recurrence",

@@ -30,7 +30,7 @@ SCALES: dict[str, float] = {
     "freedom": defaults.FREEDOM_SCALE,
     "mpgd": defaults.MPGD_SCALE,
     "ugd": defaults.UGD_SCALE,
-    "tfg": 1.0,  # a gain on TFG's (ρ̄, μ̄): 1 keeps TFG's own
+    "tfg": defaults.TFG_SCALE,  # a gain on TFG's (ρ̄, μ̄)
 }
 """The default ``--scale`` of each method (TFG's ``guidance_strength`` default, 1)."""
 
