@@ -257,6 +257,9 @@ def test_run_digits_world_end_to_end(
         assert r["cost"]["nfe_per_sample"] >= config.sample_steps, row
         assert r["cost"]["cpu_seconds_per_sample"] > 0, row
     assert (out / "quality_vs_cost.png").is_file()
+    report_text = (out / "report.md").read_text()
+    assert "| mpgd | 0.5 |" in report_text and "NFE (bwd)" in report_text
+    assert "chosen strength and the CPU time of its sweep and runs: mpgd 0.5" in report_text
     regimes = saved["calibration_comparison"]["regimes"]
     assert len(regimes) == 2
     for reg in regimes.values():
@@ -344,3 +347,19 @@ def test_network_evaluations_are_counted_per_sample(
 
 
 _COUNT_KEYS = ("eps_forward", "eps_backward", "classifier_forward", "classifier_backward")
+
+
+def test_a_diverging_sweep_point_scores_nan_instead_of_ending_the_world() -> None:
+    from fguide.samplers import NonFiniteGuidanceError
+    from fguide.worlds.digits_family import sweep_point
+
+    def diverges(x: int) -> int:
+        raise NonFiniteGuidanceError(3, 0.5, [1], "guidance gradient")
+
+    def other_error(x: int) -> int:
+        raise RuntimeError("a bug")
+
+    assert sweep_point(diverges, 1) is None
+    assert sweep_point(lambda x: x + 1, 1) == 2
+    with pytest.raises(RuntimeError, match="a bug"):  # only divergence is absorbed
+        sweep_point(other_error, 1)
