@@ -179,8 +179,6 @@ def sample_config(
     weights: Path | None = None,
 ) -> SampleConfig:
     """The ``fguide sample`` configuration of one table row's run."""
-    from fguide.sampling import SampleConfig
-
     kw = _sample_config_kwargs(world, config, method, weights)
     return SampleConfig(
         out=run_dir,
@@ -256,6 +254,8 @@ def _sweep_result(
     for future in futures:
         got = jobs.result("sweep", future, f"sweep {method}")
         scores.append(float("nan") if got is None else evaluator.evaluate(*got[:2])["fd_class"])
+    if all(np.isnan(scores)):
+        raise ValueError(f"{method}: its samples diverged at every strength of {list(grid)}")
     best = int(np.nanargmin(scores))
     return {
         "method": method,
