@@ -215,7 +215,9 @@ def test_methods_run_through_run_sampling(
 def test_run_digits_world_end_to_end(
     digits: DigitsData, tiny_world: tuple[TrainedWorld, DigitsData, DigitsConfig], tmp_path: Path
 ) -> None:
-    config = _tiny_config()
+    config = _tiny_config(
+        methods=("none", "adm_cg", "base", "tilted", "mpgd"), family_scale_grid=(0.5,)
+    )
     data = _subset(digits)
     out = tmp_path / "out"
     res = run_digits_world(
@@ -248,6 +250,16 @@ def test_run_digits_world_end_to_end(
     # The shared scale is the base sweep's choice; ADM's classic guidance has its own.
     assert saved["methods"]["base"]["scale"] == saved["scale_sweep"]["base"]["chosen"]
     assert saved["methods"]["adm_cg"]["scale"] == saved["scale_sweep"]["adm_cg"]["chosen"]
+    # A training-free row: its own sweep, its cost (and every row's) in the table and the plot.
+    assert saved["methods"]["mpgd"]["scale"] == saved["scale_sweep"]["mpgd"]["chosen"]
+    assert saved["scale_sweep"]["mpgd"]["grid"] == list(config.family_scale_grid)
+    for row, r in saved["methods"].items():
+        assert r["cost"]["nfe_per_sample"] >= config.sample_steps, row
+        assert r["cost"]["cpu_seconds_per_sample"] > 0, row
+    assert (out / "quality_vs_cost.png").is_file()
+    report_text = (out / "report.md").read_text()
+    assert "| mpgd | 0.5 |" in report_text and "NFE (bwd)" in report_text
+    assert "chosen strength and the CPU time of its sweep and runs: mpgd 0.5" in report_text
     regimes = saved["calibration_comparison"]["regimes"]
     assert len(regimes) == 2
     for reg in regimes.values():
@@ -287,3 +299,67 @@ def test_paired_differences_and_their_confidence_interval() -> None:
     assert d["mean"]["acc"] == pytest.approx(0.1)
     one = paired_vs(runs[:1], base[:1], keys=("fd",))
     assert one["mean"]["fd"] == 1.0 and one["ci95"]["fd"] is None
+
+
+# -- the training-free family (issue 21) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dps", "mpgd"])
+def test_family_rows_run_with_their_update_rule(
+    method: str, tiny_world: tuple[TrainedWorld, DigitsData, DigitsConfig], tmp_path: Path
+) -> None:
+    """A family row is ``fguide sample --guidance-method`` on the logsoftmax objective: its
+    identity says so, and its samples differ from the logsoftmax row's (EluCD's mean shift,
+    same objective, same noise) only through the update rule."""
+    world, data, config = tiny_world
+    images, _, traj = sample_method(tmp_path / method, world, config, method, 2.0, 0, 20)
+    ident = json.loads((tmp_path / method / "manifest.json").read_text())["identity"]
+    assert (ident["guidance_method"], ident["method"]) == (method, "logsoftmax")
+    assert all(g is not None and g > 0 for g in traj["curves"]["grad_norm"])
+    elucd, _, _ = sample_method(tmp_path / "ls", world, config, "logsoftmax", 2.0, 0, 20)
+    assert not np.array_equal(images, elucd)
+
+
+def test_network_evaluations_are_counted_per_sample(
+    tiny_world: tuple[TrainedWorld, DigitsData, DigitsConfig], tmp_path: Path
+) -> None:
+    """Per sample over n steps (the methods' definitions): unguided n ε-net passes; EluCD n
+    ε-net and n classifier passes, the classifier differentiated; DPS both differentiated;
+    MPGD the classifier only (on x̂0); TFG (N_iter = 4, M = 1) 1 + 4 classifier passes per
+    step, all differentiated, and the ε-net once."""
+    from fguide.worlds.digits_family import count_evaluations
+    from fguide.worlds.digits_run import sample_config
+
+    world, _, config = tiny_world
+    n = config.sample_steps
+    expected = {  # (ε fwd, ε bwd, classifier fwd, classifier bwd) per sample
+        "none": (n, 0, 0, 0),
+        "base": (n, 0, n, n),
+        "dps": (n, n, n, n),
+        "mpgd": (n, 0, n, n),
+        "tfg": (n, n, 5 * n, 5 * n),
+    }
+    for method, want in expected.items():
+        cfg = sample_config(tmp_path / method, world, config, method, 1.0, 0, 3)
+        got = count_evaluations(cfg, samples=3)
+        assert tuple(got[k] for k in _COUNT_KEYS) == want, method
+    assert not (tmp_path / "none").exists()  # counting writes no run
+
+
+_COUNT_KEYS = ("eps_forward", "eps_backward", "classifier_forward", "classifier_backward")
+
+
+def test_a_diverging_sweep_point_scores_nan_instead_of_ending_the_world() -> None:
+    from fguide.samplers import NonFiniteGuidanceError
+    from fguide.worlds.digits_family import sweep_point
+
+    def diverges(x: int) -> int:
+        raise NonFiniteGuidanceError(3, 0.5, [1], "guidance gradient")
+
+    def other_error(x: int) -> int:
+        raise RuntimeError("a bug")
+
+    assert sweep_point(diverges, 1) is None
+    assert sweep_point(lambda x: x + 1, 1) == 2
+    with pytest.raises(RuntimeError, match="a bug"):  # only divergence is absorbed
+        sweep_point(other_error, 1)

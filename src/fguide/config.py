@@ -17,17 +17,24 @@ from typing import Any
 
 from fguide import defaults
 from fguide.accel import PRECISIONS
+from fguide.guidance import ClassifierFn
 from fguide.models.presets import parse_flag_string
 from fguide.objectives import Objective, objective
-from fguide.params import Range
+from fguide.params import ParamError, Range
+from fguide.training_free import METHODS, GuidanceMethod
 
 __all__ = [
     "DEFAULT_SHARD_SIZE",
+    "METHOD_FIELDS",
     "PARAM_RANGES",
     "PRECISIONS",
+    "TRAINING_FREE_FIELDS",
     "SampleConfig",
+    "build_guidance_method",
     "build_objective",
+    "guidance_method_kwargs",
     "parse_flags",
+    "recurrence_window",
 ]
 
 DEFAULT_SHARD_SIZE = 256
@@ -60,6 +67,14 @@ PARAM_RANGES: dict[str, Range] = {
     "t_tilt": Range(float),
     "tilt_group": Range(int, 1),
     "sine_factor": Range(float, 0),
+    # the training-free family
+    "recurrence": Range(int, 1),
+    "backward_steps": Range(int, 0),
+    "rho": Range(float),
+    "mu": Range(float),
+    "gamma": Range(float, 0),
+    "mc_samples": Range(int, 1),
+    "iterations": Range(int, 1),
 }
 """The domain of every numeric field (None: the default applies); ``fguide sample`` parses its
 flags with the same ranges."""
@@ -178,6 +193,29 @@ class SampleConfig:
     """Text-to-image: the ``clip:`` guide's prompts (default: the generation ``prompts``)."""
     guide_prompt_file: Path | None = None
     """Text-to-image: a file of the ``clip:`` guide's prompts, one per line."""
+    # -- the training-free family (fguide.training_free; issue 21) --
+    guidance_method: str = "elucd"
+    """The update rule: ``elucd`` (EluCD's mean shift, the default) or a training-free method
+    (``dps``, ``freedom``, ``mpgd``, ``ugd``, ``tfg``); ``method`` stays the objective."""
+    recurrence: int | None = None
+    """freedom, ugd, tfg: repeats K of a step (time-travel / self-recurrence); 1: none."""
+    recurrence_window: str | None = None
+    """freedom, ugd: ``LO:HI``, the original timesteps (inclusive) where K applies (None: all)."""
+    backward_steps: int | None = None
+    """ugd: backward-guidance ascent steps m on x̂0."""
+    rho: float | None = None
+    mu: float | None = None
+    gamma: float | None = None
+    mc_samples: int | None = None
+    iterations: int | None = None
+    """tfg: ρ̄, μ̄, γ̄, Monte-Carlo draws M and x̂0 ascent steps N_iter."""
+    rho_schedule: str | None = None
+    """freedom, tfg: the ρ schedule (``increase``, ``decrease``, ``constant``)."""
+    mu_schedule: str | None = None
+    gamma_schedule: str | None = None
+    """tfg: the μ schedule and the γ schedule (``decrease``, ``constant``)."""
+    tfg_clip: bool = False
+    """dps, freedom, mpgd, ugd: TFG's clip handling instead of the consistent one."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -228,3 +266,79 @@ def build_objective(c: SampleConfig) -> Objective:
         group_size=c.tilt_group,
         sampler=c.sampler or "ddpm",
     )
+
+
+# -- the training-free family (fguide.training_free; issue 21) ----------------------------------
+
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "recurrence": ("freedom", "ugd", "tfg"),
+    "recurrence_window": ("freedom", "ugd"),
+    "backward_steps": ("ugd",),
+    "rho": ("tfg",),
+    "mu": ("tfg",),
+    "gamma": ("tfg",),
+    "mc_samples": ("tfg",),
+    "iterations": ("tfg",),
+    "rho_schedule": ("freedom", "tfg"),
+    "mu_schedule": ("tfg",),
+    "gamma_schedule": ("tfg",),
+    "tfg_clip": ("dps", "freedom", "mpgd", "ugd"),
+}
+"""Each training-free field and the ``guidance_method`` values it applies to (refused for the
+others; None or False for the others after resolving)."""
+TRAINING_FREE_FIELDS: tuple[str, ...] = ("guidance_method", *METHOD_FIELDS)
+"""The fields of the family: absent from the identity of an ``elucd`` run (older runs lack
+them)."""
+
+
+def recurrence_window(text: str | None) -> tuple[int, int] | None:
+    """``"LO:HI"`` → (LO, HI), original timesteps with 0 <= LO <= HI; None stays None."""
+    if text is None:
+        return None
+    lo, sep, hi = str(text).partition(":")
+    if sep and lo.strip().isdigit() and hi.strip().isdigit() and int(lo) <= int(hi):
+        return int(lo), int(hi)
+    raise ParamError(
+        "{0} must be LO:HI, original timesteps with 0 <= LO <= HI (e.g. 500:800); got {v!r}",
+        "recurrence_window",
+        v=text,
+    )
+
+
+def guidance_method_kwargs(c: SampleConfig) -> dict[str, Any]:
+    """The hyper-parameters of a resolved configuration's training-free method.
+
+    ``scale`` is the strength of dps, freedom, mpgd and ugd (ζ, ρ̄, s, s) and, for tfg, a gain
+    on (ρ̄, μ̄): TFG's ρ̄·scale and μ̄·scale. Where both are 0 nothing is guided, so TFG's
+    Monte-Carlo draws are not taken (γ̄ 0): scale 0 is the unguided sampler for every method.
+    """
+    assert c.scale is not None
+    name = c.guidance_method
+    if name == "tfg":
+        rho, mu = c.scale * (c.rho or 0.0), c.scale * (c.mu or 0.0)
+        return dict(
+            rho=rho,
+            mu=mu,
+            gamma=(c.gamma or 0.0) if (rho != 0 or mu != 0) else 0.0,
+            mc_samples=c.mc_samples,
+            recurrence=c.recurrence,
+            iterations=c.iterations,
+            rho_schedule=c.rho_schedule,
+            mu_schedule=c.mu_schedule,
+            gamma_schedule=c.gamma_schedule,
+        )
+    kw: dict[str, Any] = {"scale": c.scale, "tfg_clip": c.tfg_clip}
+    if name in ("freedom", "ugd"):
+        kw.update(recurrence=c.recurrence, window=recurrence_window(c.recurrence_window))
+    if name == "freedom":
+        kw["schedule"] = c.rho_schedule
+    if name == "ugd":
+        kw["backward_steps"] = c.backward_steps
+    return kw
+
+
+def build_guidance_method(c: SampleConfig, classifier: ClassifierFn) -> GuidanceMethod:
+    """The :class:`~fguide.training_free.GuidanceMethod` of a resolved configuration whose
+    ``guidance_method`` is not ``elucd``, guiding with ``classifier`` (a classifier of x̂0)."""
+    cls = METHODS[c.guidance_method]
+    return cls(classifier, build_objective(c), **guidance_method_kwargs(c))

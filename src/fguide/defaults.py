@@ -83,6 +83,8 @@ UGD_RECURRENCE: Final = 1
 UGD_BACKWARD_STEPS: Final = 0
 """UGD backward steps m (TFG ``iter_steps`` 1 − 1; UGD's ``optim_backward_guidance_max_iters``
 default 0)."""
+TFG_SCALE: Final = 1.0
+"""``fguide sample --scale`` with ``--guidance-method tfg``: a gain on (ρ̄, μ̄); 1 keeps TFG's."""
 TFG_RHO: Final = 1.0
 """TFG ρ̄ (``scripts/cifar10_label.sh``)."""
 TFG_MU: Final = 0.25

@@ -18,6 +18,7 @@ from typing import Any
 from fguide import defaults as D
 from fguide.accel import PRECISIONS
 from fguide.cli import CLASSIFIER_FORMS, softplus_beta_arg
+from fguide.cli.sample_methods import add_guidance_method_flags
 from fguide.config import DEFAULT_SHARD_SIZE, PARAM_RANGES, SampleConfig
 from fguide.io import runs
 from fguide.objectives import METHODS
@@ -51,6 +52,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     _model_flags(p)
     _classifier_flags(p)
     _guidance_flags(p)
+    add_guidance_method_flags(p)  # the training-free family (issue 21)
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -334,7 +336,8 @@ def _guidance_flags(p: argparse.ArgumentParser) -> None:
         "--scale",
         type=R["scale"],
         metavar="X",
-        help=f"classifier scale γ (default {D.SCALE:g}; Heun: EluCD's G)",
+        help=f"classifier scale γ (default {D.SCALE:g}; Heun: EluCD's G); with "
+        "--guidance-method, the method's strength",
     )
     g.add_argument(
         "--tau1", type=R["tau1"], metavar="X", help=f"joint temperature τ1 (default {D.TAU1:g})"

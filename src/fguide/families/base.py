@@ -20,13 +20,14 @@ from torch import Tensor, nn
 
 from fguide import defaults
 from fguide.accel import CompiledModel, with_precision
-from fguide.config import SampleConfig, build_objective
+from fguide.config import SampleConfig, build_guidance_method, build_objective
 from fguide.denoisers import Denoiser, EpsModel
 from fguide.guidance import ClassifierGuide
 from fguide.guides import GuideKind, LoadedClassifier, find_guide_kind, load_classifier
 from fguide.io.files import sha256_file
 from fguide.params import OwnedFields, ParamError
 from fguide.schedules import Process, karras_sigmas
+from fguide.training_free import GuidanceMethod, check_supported
 
 __all__ = ["BatchSampler", "Components", "ModelFamily", "attach_guide", "karras_grid"]
 
@@ -43,7 +44,7 @@ class Components:
     denoiser: Denoiser | None
     """D(x, σ) for Heun: an EDM network, or an ε-model through :class:`VPAsEDM`."""
     classifier: LoadedClassifier | None
-    guide: ClassifierGuide | None
+    guide: ClassifierGuide | GuidanceMethod | None
     image_size: int
     num_classes: int | None
     device: torch.device
@@ -154,7 +155,17 @@ def attach_guide(config: SampleConfig, comp: Components, make_guide: bool = True
     if kind is not None and classifier is not None:
         label_mode = kind.labels(config, classifier)
     _check_label(config.labels, num_classes)
-    if config.method != "none" and make_guide:
+    if classifier is not None and config.guidance_method != "elucd":
+        # an import spec's time-awareness is known only now: refuse an x_t classifier here
+        check_supported(
+            config.guidance_method,
+            config.sampler or "ddpm",
+            "xt" if classifier.time_aware else "x0",
+        )
+    if config.method != "none" and make_guide and config.guidance_method != "elucd":
+        assert classifier is not None
+        comp.guide = _training_free_guide(config, classifier)
+    elif config.method != "none" and make_guide:
         assert classifier is not None and config.scale is not None
         assert kind is not None
         comp.guide = ClassifierGuide(
@@ -167,6 +178,12 @@ def attach_guide(config: SampleConfig, comp: Components, make_guide: bool = True
     comp.classifier, comp.num_classes, comp.label_mode = classifier, num_classes, label_mode
     comp.guide_kind = kind
     return comp
+
+
+def _training_free_guide(config: SampleConfig, classifier: LoadedClassifier) -> GuidanceMethod:
+    """The configuration's training-free method on the loaded classifier."""
+    module = with_precision(classifier.module, config.classifier_precision)  # type: ignore[arg-type]
+    return build_guidance_method(config, module)
 
 
 def _check_label(labels: str, num_classes: int | None) -> None:

@@ -8,15 +8,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from fguide.accel import compile_model, precision_dtype
-from fguide.config import SampleConfig, build_objective
+from fguide.accel import compile_model, precision_dtype, with_precision
+from fguide.config import SampleConfig, build_guidance_method, build_objective
 from fguide.families.base import Components, ModelFamily, attach_guide
 from fguide.io.files import sha256_file
 from fguide.models.dit_network import check_dit_network
 from fguide.params import OwnedFields, ParamError, check_choice
+
+if TYPE_CHECKING:
+    from fguide.models.hf_diffusers import PipelineModel
 
 __all__ = ["PipelineFamily", "is_dit_pipeline"]
 
@@ -71,6 +75,9 @@ class PipelineFamily(ModelFamily):
                     "method",
                 )
             return
+        if config.guidance_method != "elucd":
+            _refuse_elucd_forms(config)
+            return
         config.guidance_form = config.guidance_form or "algorithm3"
         check_choice("guidance_form", config.guidance_form, ("algorithm3", "mean"))
         if config.guidance_form == "algorithm3" and config.scale is None:
@@ -111,6 +118,8 @@ class PipelineFamily(ModelFamily):
             pm.net = comp.compiled  # type: ignore[assignment]  # called like the module it wraps
         guided = config.method != "none"
         assert comp.classifier is not None or not guided
+        if guided and config.guidance_method != "elucd":
+            return _with_method(config, comp, pm)
         s = build_pipeline_sampling(
             pm,
             respacing=str(config.steps),
@@ -137,3 +146,51 @@ class PipelineFamily(ModelFamily):
         for f in pipeline_files(model):
             h.update(f"{f.relative_to(model).as_posix()}:{sha256_file(f)}\n".encode())
         return h.hexdigest()
+
+
+# -- the training-free family (issue 21) ---------------------------------------------------------
+
+
+def _refuse_elucd_forms(config: SampleConfig) -> None:
+    """A training-free method replaces EluCD's guidance forms; its gradients go through the
+    ε-network, which the classifier pass's micro-batching does not split."""
+    if config.guidance_form is not None:
+        raise ParamError(
+            "{0} applies to {1} elucd: a training-free method ({v!r}) replaces EluCD's "
+            "Algorithm 3 and mean shift",
+            "guidance_form",
+            "guidance_method",
+            v=config.guidance_method,
+        )
+    if config.guidance_microbatch is not None:
+        raise ParamError(
+            "{0} applies to {1} elucd: a training-free method ({v!r}) differentiates through "
+            "the denoising network, which micro-batching the classifier pass does not bound",
+            "guidance_microbatch",
+            "guidance_method",
+            v=config.guidance_method,
+        )
+
+
+def _with_method(config: SampleConfig, comp: Components, pm: PipelineModel) -> Components:
+    """The pipeline's unguided sampling parts (CFG for DiT) with a training-free method as the
+    guide: its classifier sees the decoded x̂0 (C∘clip∘Dec, under ``classifier_precision``), so
+    the through-denoiser methods differentiate the CFG network and the decoder."""
+    from fguide.models.latent_guidance import build_pipeline_sampling
+
+    assert comp.classifier is not None
+    s = build_pipeline_sampling(
+        pm,
+        respacing=str(config.steps),
+        cfg_scale=config.cfg_scale if config.cfg_scale is not None else 1.0,
+        cfg_channels=config.cfg_channels,
+    )
+    clf = with_precision(
+        pm.guidance_classifier(comp.classifier.module),
+        config.classifier_precision,  # type: ignore[arg-type]
+    )
+    comp.guide = build_guidance_method(config, clf)
+    comp.model, comp.process = s.model, s.process
+    comp.state_shape, comp.to_image = s.state_shape, s.to_image
+    comp.clip_denoised = s.clip_denoised
+    return comp

@@ -57,6 +57,7 @@ DEMO_FILES = {
     "demo-digits": (
         *("results.json", "report.md", "table.png", "curves.png", "samples.png"),
         *("calibration.png", "sweep", "runs"),
+        "quality_vs_cost.png",  # the training-free family's cost (issue 21)
     ),
 }
 _LABELS = {"demo-digits": "demo --world digits"}

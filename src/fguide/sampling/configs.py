@@ -360,12 +360,17 @@ def apply_paper_config(name: str, overrides: Mapping[str, Any]) -> dict[str, Any
     """The configuration's settings with ``overrides`` (explicit user values) applied on top.
 
     When ``overrides`` changes the method, the configuration's method parameters (α, ε, λ,
-    t_tilt, tilt group) are dropped: they belong to the configuration's method.
+    t_tilt, tilt group) are dropped: they belong to the configuration's method. A training-free
+    ``guidance_method`` drops EluCD's scale, sine boost, variance tracking and Heun input.
     """
     settings = dict(paper_config(name).settings)
     method = overrides.get("method")
     if method is not None and method != settings.get("method"):
         for key in _METHOD_PARAMS:
+            settings.pop(key, None)
+    if overrides.get("guidance_method", "elucd") != "elucd":
+        # a training-free method replaces EluCD's mean shift: its strength and settings go
+        for key in ("scale", "sine_factor", "variance_tracking", "guidance_input"):
             settings.pop(key, None)
     settings.update(overrides)
     settings["config_name"] = name

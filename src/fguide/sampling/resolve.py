@@ -27,6 +27,7 @@ from fguide.guides import GUIDE_KINDS, GuideKind, find_guide_kind, unknown_guide
 from fguide.models.resnet import INPUT_MODES
 from fguide.objectives import METHODS
 from fguide.params import ParamError, check_choice, check_ranges
+from fguide.sampling.guidance_method import finish_guidance_method, resolve_guidance_method
 
 __all__ = ["resolve_config"]
 
@@ -44,6 +45,7 @@ def resolve_config(config: SampleConfig) -> SampleConfig:
     _resolve_steps_and_labels(c)
     _resolve_guide(c, kind, allowed)
     _resolve_sampler_settings(c)
+    resolve_guidance_method(c, kind)  # the training-free family (issue 21)
     if c.method == "none":
         for name in ("tau1", "tau2", "alpha", "eps", "lam_max", "lam_min", "lam_schedule"):
             setattr(c, name, None)
@@ -52,6 +54,7 @@ def resolve_config(config: SampleConfig) -> SampleConfig:
         return c
     _resolve_objective(c)
     _resolve_guidance_strength(c, kind)
+    finish_guidance_method(c)
     objective = build_objective(c)  # validates what is left with the objective's own messages
     if kind is not None:
         try:

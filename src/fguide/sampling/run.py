@@ -47,7 +47,7 @@ from typing import Any
 
 from fguide import rng
 from fguide.accel import choose_batch_size
-from fguide.config import SampleConfig
+from fguide.config import TRAINING_FREE_FIELDS, SampleConfig
 from fguide.diagnostics import StepStatistic
 from fguide.distributed import Dist, DistributedRunError
 from fguide.families import Components, build_components, find_family
@@ -102,6 +102,8 @@ def _identity(config: SampleConfig, comp: Components, hashes: Mapping[str, str |
     for name in _NEWER_FIELDS:  # absent while unset: older run folders keep their identity
         if settings.get(name) is None:
             settings.pop(name, None)
+    if config.guidance_method == "elucd":  # runs from before the family keep their identity
+        settings = {k: v for k, v in settings.items() if k not in TRAINING_FREE_FIELDS}
     if config.variance_tracking == "first_sample":
         settings["batch_size"] = config.batch_size  # EluCD's σ²_max couples a batch
     source = None if comp.classifier is None else comp.classifier.description.get("source_sha256")
@@ -195,6 +197,11 @@ def _merge(
             "config_name": config.config_name,
             "sampler": config.sampler,
             "steps": config.steps,
+            **(
+                {}
+                if config.guidance_method == "elucd"
+                else {"guidance_method": config.guidance_method}
+            ),
         },
         statistics=_statistics(comp),
     )

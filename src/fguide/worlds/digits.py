@@ -49,6 +49,7 @@ from fguide.io.images import from_uint8_nhwc
 __all__ = [
     "CLEAN_CLASSIFIER_SPEC",
     "FEATURE_NETWORK_SPEC",
+    "FAMILY_METHODS",
     "DigitsConfig",
     "DigitsData",
     "DigitsCNN",
@@ -227,6 +228,8 @@ def _adm_classifier_flags() -> dict[str, Any]:
     }
 
 
+FAMILY_METHODS = ("dps", "freedom", "mpgd", "ugd", "tfg")
+"""The training-free family's rows (``--guidance-method``; issue 21)."""
 METHODS = (
     "none",
     "adm_cg",
@@ -238,10 +241,13 @@ METHODS = (
     "js",
     "hellinger",
     "tilted",
+    *FAMILY_METHODS,
 )
 """The methods of the table: ``adm_cg`` is ADM's classic guidance with the noise-aware
-classifier on x_t (``logsoftmax`` objective, no sine boost); the others guide with the
-off-the-shelf classifier on x̂0 with the named :func:`fguide.objective`."""
+classifier on x_t (``logsoftmax`` objective, no sine boost); the objectives guide with the
+off-the-shelf classifier on x̂0 with the named :func:`fguide.objective` (EluCD's mean shift);
+the training-free family (:mod:`fguide.worlds.digits_family`) with ``logsoftmax`` and its own
+update rule."""
 
 
 @dataclass
@@ -256,7 +262,8 @@ class DigitsConfig:
     ``seeds``; the guidance scale of the x̂0 methods is chosen by sweeping ``base`` over
     ``scale_grid`` on ``validation_seed`` (mean per-class Fréchet distance, METHODS.md §8),
     ADM's classic guidance gets its own sweep over ``adm_scale_grid`` (its scale multiplies
-    another gradient). Fine-tuning: ``finetune_iters`` steps of ``fguide.finetune`` on x̂0.
+    another gradient), each training-free method its own over ``family_scale_grid``.
+    Fine-tuning: ``finetune_iters`` steps of ``fguide.finetune`` on x̂0.
     Calibration comparison (:mod:`fguide.worlds.digits_calib`): ``calib_steps`` AdamW steps
     per loss and seed in ``calib_seeds``, at the t of ``calib_t_grid`` whose accuracy (on every
     ``calib_select_every``-th training image) is nearest each of ``calib_accuracy_targets``,
@@ -286,6 +293,11 @@ class DigitsConfig:
     adm_scale_grid: tuple[float, ...] = (4.0, 8.0, 16.0, 32.0, 64.0)
     tilt_group: int = 8
     methods: tuple[str, ...] = METHODS
+    family_scale_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    """The training-free family's strength grid (one sweep per method; TFG: a gain on its
+    (ρ̄, μ̄)). A pilot over 4^k, k = −6…2 (100 samples, validation seed) put every method's
+    best class FD within 0.25–4, and a sweep over 0.125–4 chose within 0.25–2: the default
+    sweeps that range only (the family's cost, README)."""
     # fine-tuning (Table 1) and the calibration-loss comparison
     finetune_iters: int = 150
     finetune_lr: float = 1e-4
@@ -317,6 +329,7 @@ class DigitsConfig:
             sweep_samples=40,
             scale_grid=(1.0, 4.0),
             adm_scale_grid=(4.0,),
+            family_scale_grid=(1.0,),
             finetune_iters=3,
             calib_steps=3,
             calib_seeds=(0,),

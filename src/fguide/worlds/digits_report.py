@@ -17,7 +17,7 @@ from fguide.plots import (
     plot_digits_table,
 )
 
-__all__ = ["claims", "markdown_table", "write_report"]
+__all__ = ["claims", "family_lines", "markdown_table", "write_report"]
 
 _COLS = (
     ("accuracy", "acc", 3),
@@ -59,7 +59,9 @@ def markdown_table(methods: Mapping[str, Any]) -> str:
     """One row per method: mean ± std over seeds of each metric, and the paired difference to
     the base method ± the half-width of its 95 % confidence interval."""
     paired = any("vs_base" in r for r in methods.values())
+    costs = any("cost" in r for r in methods.values())
     cols = [c[1] for c in _COLS] + ([c[1] for c in _PAIRED_COLS] if paired else [])
+    cols += ["CPU ms/sample", "NFE (bwd)"] if costs else []
     head = "| method | scale | " + " | ".join(cols) + " |"
     rule = "|---|---:|" + "---:|" * len(cols)
     rows = [head, rule]
@@ -68,8 +70,41 @@ def markdown_table(methods: Mapping[str, Any]) -> str:
         cells = [_fmt(r["mean"][k], r["std"][k], d) for k, _, d in _COLS]
         if paired:
             cells += [_delta(r, k, d) for k, _, d in _PAIRED_COLS]
+        if costs:
+            cells += _cost_cells(r.get("cost"))
         rows.append(f"| {name} | {scale} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _cost_cells(cost: Mapping[str, float] | None) -> list[str]:
+    """CPU milliseconds per sample; forward network evaluations per sample (ε-network +
+    classifier) with the backward passes in parentheses."""
+    if not cost:
+        return ["—", "—"]
+    bwd = cost["eps_backward"] + cost["classifier_backward"]
+    return [f"{1000 * cost['cpu_seconds_per_sample']:.1f}", f"{cost['nfe_per_sample']:g} ({bwd:g})"]
+
+
+def family_lines(results: Mapping[str, Any]) -> list[str]:
+    """The training-free family's sweeps (chosen strength, at a grid edge or not) and each
+    method's CPU time in the world (its sweep and its runs)."""
+    sweep, m = results["scale_sweep"], results["methods"]
+    rows = [r for r in m if m[r].get("guidance_method", "elucd") != "elucd" and r in sweep]
+    if not rows:
+        return []
+    cpu = results.get("cpu_seconds_by_row", {})
+    out = []
+    for r in rows:
+        grid, chosen = sweep[r]["grid"], sweep[r]["chosen"]
+        edge = " (at the grid's edge)" if chosen in (grid[0], grid[-1]) else ""
+        spent = cpu.get(f"sweep {r}", 0.0) + cpu.get(r, 0.0)
+        out.append(f"{r} {chosen:g}{edge}, {spent:.1f} s CPU")
+    return [
+        "- Training-free family (`logsoftmax` objective, TFG's default hyper-parameters; tfg's "
+        "scale is a gain on its (ρ̄, μ̄) = (1, 0.25)): each method's strength from its own sweep "
+        f"over {sweep[rows[0]]['grid']} on the validation seed; chosen strength and the CPU "
+        "time of its sweep and runs: " + "; ".join(out) + ".",
+    ]
 
 
 def _calib_table(calib: Mapping[str, Any]) -> str:
@@ -215,6 +250,10 @@ def write_report(
 ) -> None:
     """Write table.png, curves.png, samples.png, calibration.png and report.md into ``out``."""
     plot_digits_table(results, out / "table.png")
+    if any("cost" in r for r in results["methods"].values()):
+        from fguide.worlds.digits_family import plot_quality_vs_cost
+
+        plot_quality_vs_cost(results["methods"], out / "quality_vs_cost.png")
     plot_digits_curves(results["curves"], out / "curves.png")
     plot_digits_samples(samples, out / "samples.png")
     calib = results.get("calibration_comparison")
@@ -249,6 +288,7 @@ def write_report(
             if "adm_cg" in sweep
             else "."
         ),
+        *family_lines(results),
         f"- Held-out clean accuracy: off-the-shelf classifier {ho['classifier_accuracy']:.3f} "
         f"(ECE {ho['classifier_ece']:.3f}), feature network {ho['feature_net_accuracy']:.3f}.",
         f"- Time: {tm['total']:.0f} s in all (training or cache {tm['training_or_cache']:.0f} s), "
@@ -259,7 +299,10 @@ def write_report(
         "Columns: accuracy of the feature network on the samples against their targets; "
         "Fréchet distance (FD) of the samples' features to the held-out split's; class FD "
         "(mean over classes); precision/recall (k = 3); integral ECE of the guiding classifier "
-        "along the trajectory; mean fraction of samples with vanished guidance (‖∇S‖ < 1e−3).",
+        "along the trajectory; mean fraction of samples with vanished guidance (‖∇S‖ < 1e−3); "
+        "CPU milliseconds per sample of the row's runs (set-up and writes included); forward "
+        "network evaluations per sample (ε-network + classifier rows, counted on 2 samples of "
+        "the row's configuration) with the backward passes in parentheses.",
         "",
         markdown_table(results["methods"]),
         "",
@@ -281,7 +324,8 @@ def write_report(
     lines += [
         "Files: `results.json` (everything above, per seed, with provenance), `table.png`, "
         "`curves.png` (the paper's Figure 1 from the first seed's trajectory.json), "
-        "`samples.png`, `calibration.png`; the sampling runs under `runs/` and `sweep/`.",
+        "`samples.png`, `calibration.png`, `quality_vs_cost.png`; the sampling runs under "
+        "`runs/` and `sweep/`.",
         "",
     ]
     atomic_write_text(out / "report.md", "\n".join(lines))

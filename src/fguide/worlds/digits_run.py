@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from fguide.config import SampleConfig
 from fguide.diagnostics import load_trajectory
 from fguide.io.files import atomic_write_json, provenance
 from fguide.io.folders import DEMO_FILES, claim_folder
@@ -32,6 +33,7 @@ from fguide.metrics.precision_recall import precision_recall
 from fguide.models.loading import load_model
 from fguide.worlds.digits import (
     CLEAN_CLASSIFIER_SPEC,
+    FAMILY_METHODS,
     METHODS,
     NUM_CLASSES,
     DigitsConfig,
@@ -48,6 +50,7 @@ from fguide.worlds.digits_calib import (
     calibration_settings,
     choose_regimes,
 )
+from fguide.worlds.digits_family import add_costs, family_kwargs, sweep_point
 from fguide.worlds.digits_report import write_report
 from fguide.worlds.digits_train import (
     TrainedWorld,
@@ -130,6 +133,8 @@ def _sample_config_kwargs(
         )
     elif method == "tilted":
         kw["tilt_group"] = config.tilt_group
+    elif method in FAMILY_METHODS:
+        kw.update(family_kwargs(method))
     return kw
 
 
@@ -149,10 +154,33 @@ def sample_method(
     with the same configuration is reused (run_sampling's own resume); one with another
     configuration (e.g. retrained networks) is replaced.
     """
-    from fguide.sampling import ConfigMismatchError, SampleConfig, run_sampling
+    from fguide.sampling import ConfigMismatchError, run_sampling
 
+    cfg = sample_config(run_dir, world, config, method, scale, seed, num_samples, weights)
+    try:
+        res = run_sampling(cfg)
+    except ConfigMismatchError:  # our own run folder, made with other networks or settings
+        shutil.rmtree(run_dir)
+        res = run_sampling(cfg)
+    assert res.samples is not None
+    with np.load(res.samples) as z:
+        images, labels = z["arr_0"], z["arr_1"].astype(np.int64)
+    return images, labels, load_trajectory(run_dir / "trajectory.json")
+
+
+def sample_config(
+    run_dir: Path,
+    world: TrainedWorld,
+    config: DigitsConfig,
+    method: str,
+    scale: float,
+    seed: int,
+    num_samples: int,
+    weights: Path | None = None,
+) -> SampleConfig:
+    """The ``fguide sample`` configuration of one table row's run."""
     kw = _sample_config_kwargs(world, config, method, weights)
-    cfg = SampleConfig(
+    return SampleConfig(
         out=run_dir,
         scale=None if kw["method"] == "none" else scale,
         steps=str(config.sample_steps),
@@ -165,15 +193,6 @@ def sample_method(
         grid=min(64, num_samples),
         **kw,
     )
-    try:
-        res = run_sampling(cfg)
-    except ConfigMismatchError:  # our own run folder, made with other networks or settings
-        shutil.rmtree(run_dir)
-        res = run_sampling(cfg)
-    assert res.samples is not None
-    with np.load(res.samples) as z:
-        images, labels = z["arr_0"], z["arr_1"].astype(np.int64)
-    return images, labels, load_trajectory(run_dir / "trajectory.json")
 
 
 class _Jobs:
@@ -182,22 +201,32 @@ class _Jobs:
     def __init__(self, pool: Executor) -> None:
         self.pool = pool
         self.cpu: dict[str, float] = {}
+        self.rows: dict[str, float] = {}  # CPU seconds by table row (or "sweep <method>")
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[tuple[Any, float]]:
         return self.pool.submit(timed, fn, *args)
 
-    def result(self, phase: str, future: Future[tuple[Any, float]]) -> Any:
+    def result(self, phase: str, future: Future[tuple[Any, float]], row: str = "") -> Any:
         value, cpu = future.result()
         self.cpu[phase] = self.cpu.get(phase, 0.0) + cpu
+        if row:
+            self.rows[row] = self.rows.get(row, 0.0) + cpu
         return value
+
+
+def _grid(config: DigitsConfig, method: str) -> tuple[float, ...]:
+    if method == "adm_cg":
+        return config.adm_scale_grid
+    return config.family_scale_grid if method in FAMILY_METHODS else config.scale_grid
 
 
 def _submit_sweep(
     jobs: _Jobs, out: Path, world: TrainedWorld, config: DigitsConfig, method: str
 ) -> list[Future[tuple[Any, float]]]:
-    grid = config.adm_scale_grid if method == "adm_cg" else config.scale_grid
+    grid = _grid(config, method)
     return [
         jobs.submit(
+            sweep_point,
             sample_method,
             out / f"{method}-scale{g:g}",
             world,
@@ -218,12 +247,15 @@ def _sweep_result(
     config: DigitsConfig,
     method: str,
 ) -> dict[str, Any]:
-    """The sweep's class FD per scale and the scale that minimises it."""
-    grid = config.adm_scale_grid if method == "adm_cg" else config.scale_grid
+    """The sweep's class FD per scale and the scale that minimises it (a strength whose
+    samples diverge scores NaN)."""
+    grid = _grid(config, method)
     scores = []
     for future in futures:
-        images, labels, _ = jobs.result("sweep", future)
-        scores.append(evaluator.evaluate(images, labels)["fd_class"])
+        got = jobs.result("sweep", future, f"sweep {method}")
+        scores.append(float("nan") if got is None else evaluator.evaluate(*got[:2])["fd_class"])
+    if all(np.isnan(scores)):
+        raise ValueError(f"{method}: its samples diverged at every strength of {list(grid)}")
     best = int(np.nanargmin(scores))
     return {
         "method": method,
@@ -318,7 +350,7 @@ def _collect_runs(
         per_seed = []
         for s in config.seeds:
             bar.set_description(f"sampling {row} seed {s}")
-            images, labels, traj = jobs.result("sampling", futures[row, s])
+            images, labels, traj = jobs.result("sampling", futures[row, s], row)
             m: dict[str, Any] = {"seed": s, **evaluator.evaluate(images, labels)}
             summ = traj.get("summary", {})
             m["integral_ece"] = summ.get("integral_ece")
@@ -396,6 +428,7 @@ def run_digits_world(
         **{phase: round(v, 1) for phase, v in jobs.cpu.items()},
         "total": round(_cpu_seconds() - cpu_start, 1),
     }
+    results["cpu_seconds_by_row"] = {row: round(v, 2) for row, v in jobs.rows.items()}
     results["provenance"] = provenance(world="digits", cache_key=world.key)
     write_report(out, results, samples)
     atomic_write_json(out / "results.json", results)
@@ -435,7 +468,7 @@ def _experiment(
         "digits world: guidance-scale sweeps, fine-tuning (fguide finetune, on x̂0) and the "
         "calibration-loss comparison, then every method's runs"
     )
-    swept = ["base"] + (["adm_cg"] if "adm_cg" in config.methods else [])
+    swept = ["base"] + [m for m in ("adm_cg", *FAMILY_METHODS) if m in config.methods]
     sweep_jobs = {m: _submit_sweep(jobs, out / "sweep", world, config, m) for m in swept}
     inline = not isinstance(jobs.pool, ProcessPoolExecutor)
     ft_jobs = {
@@ -452,8 +485,7 @@ def _experiment(
     sweeps = {m: _sweep_result(jobs, f, evaluator, config, m) for m, f in sweep_jobs.items()}
     scale = float(sweeps["base"]["chosen"])
     runs: dict[str, tuple[str, float, Path | None]] = {
-        m: (m, float(sweeps["adm_cg"]["chosen"]) if m == "adm_cg" else scale, None)
-        for m in config.methods
+        m: (m, float(sweeps[m]["chosen"]) if m in sweeps else scale, None) for m in config.methods
     }
     run_jobs = _submit_runs(jobs, out, world, config, runs)
     finetuned: dict[str, Any] = {}
@@ -470,6 +502,13 @@ def _experiment(
         table, extras = _collect_runs(jobs, run_jobs, runs, config, evaluator, bar)
     finally:
         bar.close()
+    add_costs(
+        table,
+        jobs.rows,
+        {r: (m, w) for r, (m, _, w) in runs.items()},
+        lambda m, scale, w: sample_config(Path("count"), world, config, m, scale, 0, 2, w),
+        config.num_samples * len(config.seeds),
+    )
     calib = {
         "accuracy_by_t": {str(t): a for t, a in acc_by_t.items()},
         "regimes": {name: jobs.result("calibration", f) for name, f in regime_jobs.items()},
