@@ -28,6 +28,7 @@ __all__ = [
     "download_command",
     "entries_for",
     "missing_files",
+    "model_required_message",
     "resolve_inception",
     "weights_dir_overrides",
 ]
@@ -97,8 +98,40 @@ _CLIP_CONVERT = (
 )
 
 
+# stable-diffusion-v1-5/stable-diffusion-v1-5 (the maintained copy of runwayml's repository,
+# which has the same history): its main commit 451f4fe…, as public Hugging Face cache listings
+# of both repositories show it.
+_SD15 = (
+    "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/"
+    "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+)
+# stabilityai/stable-diffusion-xl-base-1.0 at its main commit 462165…, the revision public
+# manifests read its files' LFS SHA-256 at.
+_SDXL = (
+    "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/"
+    "462165984030d82259a11f4367a4eed129e94a7b"
+)
+_SD_NOTE = (
+    "a Stable Diffusion{xl} pipeline folder in the diffusers layout: model_index.json, unet/, "
+    "vae/, text_encoder/, tokenizer/, scheduler/{more}; fp32 safetensors only"
+)
+# A tokenizer folder's files (CLIP's BPE tokenizer, as the pipelines save it).
+_TOKENIZER = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+
+
 def _file(name: str, role: str, url: str, size: int | None, sha256: str | None) -> WeightEntry:
     return WeightEntry(name, role, (RemoteFile(name, url, size, sha256),))
+
+
+def _folder(
+    name: str,
+    base: str,
+    files: Iterable[tuple[str, int | None, str | None]],
+    note: str = "",
+) -> WeightEntry:
+    """A pipeline folder entry: each (path, size, SHA-256) fetched from ``base/path``."""
+    remote = tuple(RemoteFile(p, f"{base}/{p}", size, sha) for p, size, sha in files)
+    return WeightEntry(name, "model", remote, folder=True, note=note)
 
 
 _ENTRIES = (
@@ -202,6 +235,84 @@ _ENTRIES = (
         folder=True,
         local_only=(("model.safetensors", _CLIP_CONVERT),),
     ),
+    # stable-diffusion-v1-5: the files of the folder fguide loads (never safety_checker/,
+    # feature_extractor/, .bin or fp16 files). Weights' SHA-256 and sizes: pinned alike by
+    # independent public manifests (one read from the Hub's API, one from the file API of
+    # ModelScope's mirror) and a public hash table; the VAE's SHA-256 is also its blob name in a
+    # public Hugging Face cache listing of this commit, and the sizes are also those of a public
+    # Hub API file listing. The other files are plain Git files (no SHA-256): their byte counts
+    # from that cache listing.
+    _folder(
+        "stable-diffusion-v1-5",
+        _SD15,
+        (
+            (
+                "unet/diffusion_pytorch_model.safetensors",
+                3_438_167_540,
+                "19da7aaa4b880e59d56843f1fcb4dd9b599c28a1d9d9af7c1143057c8ffae9f1",
+            ),
+            (
+                "vae/diffusion_pytorch_model.safetensors",
+                334_643_276,
+                "a2b5134f4dbc140d9c11f11cba3233099e00af40f262f136c691fb7d38d2194c",
+            ),
+            (
+                "text_encoder/model.safetensors",
+                492_265_874,
+                "d008943c017f0092921106440254dbbe00b6a285f7883ec8ba160c3faad88334",
+            ),
+            ("unet/config.json", 743, None),
+            ("vae/config.json", 547, None),
+            ("text_encoder/config.json", 617, None),
+            *(
+                (f"tokenizer/{f}", size, None)
+                for f, size in zip(_TOKENIZER, (1_059_962, 524_619, 472, 806), strict=True)
+            ),
+            ("scheduler/scheduler_config.json", 308, None),
+            ("model_index.json", 541, None),
+        ),
+        _SD_NOTE.format(xl="", more=""),
+    ),
+    # stable-diffusion-xl-base-1.0: the text encoders' and the VAE's SHA-256 pinned alike by
+    # independent public manifests (the VAE's by one that read it from the Hub at this commit,
+    # and it is the blob name of the same VAE in a public cache listing); sizes from a public
+    # Hub API file listing, the same in a public manifest. The UNet's SHA-256 is in only one
+    # public hash table (357650fb…), with no second source: left unknown. Config and tokenizer
+    # files are plain Git files (no SHA-256; a size found only for vocab.json).
+    _folder(
+        "stable-diffusion-xl-base-1.0",
+        _SDXL,
+        (
+            ("unet/diffusion_pytorch_model.safetensors", 10_270_077_736, None),
+            (
+                "vae/diffusion_pytorch_model.safetensors",
+                334_643_268,
+                "1598f3d24932bcfe6634e8b618ea1e30ab1d57f5aad13a6d2de446d2199f2341",
+            ),
+            (
+                "text_encoder/model.safetensors",
+                492_265_168,
+                "5c3d6454dd2d23414b56aa1b5858a72487a656937847b6fea8d0606d7a42cdbc",
+            ),
+            (
+                "text_encoder_2/model.safetensors",
+                2_778_702_264,
+                "3a6032f63d37ae02bbc74ccd6a27440578cd71701f96532229d0154f55a8d3ff",
+            ),
+            *(
+                (f"{comp}/config.json", None, None)
+                for comp in ("unet", "vae", "text_encoder", "text_encoder_2")
+            ),
+            *(
+                (f"{tok}/{f}", 1_059_962 if f == "vocab.json" else None, None)
+                for tok in ("tokenizer", "tokenizer_2")
+                for f in _TOKENIZER
+            ),
+            ("scheduler/scheduler_config.json", None, None),
+            ("model_index.json", None, None),
+        ),
+        _SD_NOTE.format(xl=" XL", more=", text_encoder_2/, tokenizer_2/"),
+    ),
 )
 
 REGISTRY: dict[str, WeightEntry] = {e.name: e for e in _ENTRIES}
@@ -295,6 +406,21 @@ def weights_dir_overrides(
         path = weights_dir / e.name
         out[roles[e.role]] = f"clip:{path}" if e.role == "clip" else path
     return out
+
+
+def model_required_message(config: str | None) -> str:
+    """The one-line error of ``fguide sample`` given no ``--model``: with a configuration that
+    names its model file or folder, what that is and the command that fetches it."""
+    model_file = None if config is None else paper_config(config).model_file
+    entry = REGISTRY.get(model_file) if model_file is not None else None
+    if entry is None:
+        return "--model is required (the diffusion checkpoint)"
+    what = f" ({entry.note})" if entry.note else ""
+    kind = "FOLDER" if entry.folder else "FILE"
+    return (
+        f"--model is required: --config {config} loads {entry.name}{what}; give --model {kind}, "
+        f"or get it with: {download_command([entry.name], Path('DIR'))} and add --weights-dir DIR"
+    )
 
 
 def resolve_inception(explicit: Path | None, weights_dir: Path | None) -> Path | None:
