@@ -224,6 +224,12 @@ def test_the_table_names_every_configuration_file() -> None:
                 assert name in REGISTRY[needed].configs, (name, needed)
     assert any(e.role == "inception" for e in REGISTRY.values())
     for e in REGISTRY.values():
+        # a CLIP folder ends up loadable: its config and its safetensors weights, downloaded
+        # or made locally
+        if e.role == "clip":
+            paths = {f.path for f in e.files} | {p for p, _ in e.local_only}
+            assert {"config.json", "model.safetensors"} <= paths, e.name
+    for e in REGISTRY.values():
         for f in e.files:
             assert f.url.startswith("https://") and not f.path.endswith(".bin"), f
             # Hugging Face files are pinned to a commit; a folder's URL ends in the file's path

@@ -89,6 +89,11 @@ _CLIP = (
     "https://huggingface.co/openai/clip-vit-large-patch14-336/resolve/"
     "a2ab452d41e630fda015a7ad3e9751aa74081239"
 )
+# openai/clip-vit-large-patch14 at its main commit 32bd642…, which has model.safetensors.
+_CLIP_L14 = (
+    "https://huggingface.co/openai/clip-vit-large-patch14/resolve/"
+    "32bd64288804d66eefd0ccbe215aa642df71cc41"
+)
 _CLIP_CONVERT = (
     "the official repository publishes the CLIP weights only as pickles (pytorch_model.bin, "
     "SHA-256 c6032c2e0caae3dc2d4fba35535fa6307dbb49df59c7e182b1bc4b3329b81801; tf_model.h5), "
@@ -128,10 +133,11 @@ def _folder(
     base: str,
     files: Iterable[tuple[str, int | None, str | None]],
     note: str = "",
+    role: str = "model",
 ) -> WeightEntry:
-    """A pipeline folder entry: each (path, size, SHA-256) fetched from ``base/path``."""
+    """A Hugging Face folder entry: each (path, size, SHA-256) fetched from ``base/path``."""
     remote = tuple(RemoteFile(p, f"{base}/{p}", size, sha) for p, size, sha in files)
-    return WeightEntry(name, "model", remote, folder=True, note=note)
+    return WeightEntry(name, role, remote, folder=True, note=note)
 
 
 _ENTRIES = (
@@ -234,6 +240,63 @@ _ENTRIES = (
         ),
         folder=True,
         local_only=(("model.safetensors", _CLIP_CONVERT),),
+    ),
+    # clip-vit-large-patch14 (the SD configurations' ViT-L/14 guide, --guide clip:FOLDER; also
+    # what reward:FOLDER:HEAD embeds with). model.safetensors: size and SHA-256 at this commit
+    # in a public download table; the same SHA-256 pinned at this commit by independent public
+    # manifests and as the file's blob name in a public Hugging Face cache. The tokenizer
+    # files: sizes and SHA-256 of a public inventory read from a cache of this commit, the same
+    # SHA-256 in independent manifests (one from 2022: the files are unchanged). config.json and
+    # preprocessor_config.json: SHA-256 pinned at this commit by two public manifests, the
+    # preprocessor's byte count (316) as its content, identical in other CLIP repositories.
+    _folder(
+        "clip-vit-large-patch14",
+        _CLIP_L14,
+        (
+            (
+                "model.safetensors",
+                1_710_540_580,
+                "a2bf730a0c7debf160f7a6b50b3aaf3703e7e88ac73de7a314903141db026dcb",
+            ),
+            (
+                "vocab.json",
+                961_143,
+                "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
+            ),
+            (
+                "merges.txt",
+                524_619,
+                "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+            ),
+            (
+                "tokenizer.json",
+                2_224_003,
+                "a83e0809aa4c3af7208b2df632a7a69668c6d48775b3c3fe4e1b1199d1f8b8f4",
+            ),
+            (
+                "tokenizer_config.json",
+                905,
+                "deef455e52fa5e8151e339add0582e4235f066009601360999d3a9cda83b1129",
+            ),
+            (
+                "special_tokens_map.json",
+                389,
+                "f8c0d6c39aee3f8431078ef6646567b0aba7f2246e9c54b8b99d55c22b707cbf",
+            ),
+            (
+                "preprocessor_config.json",
+                316,
+                "910e70b3956ac9879ebc90b22fb3bc8a75b6a0677814500101a4c072bd7857bd",
+            ),
+            (
+                "config.json",
+                None,
+                "8a09b467700c58138c29d53c605b34ebc69beaadd13274a8a2af8ad2c2f4032a",
+            ),
+        ),
+        "CLIP ViT-L/14, the guide the Stable Diffusion configurations suggest: --guide "
+        "clip:FOLDER, or reward:FOLDER:HEAD",
+        role="clip",
     ),
     # stable-diffusion-v1-5: the files of the folder fguide loads (never safety_checker/,
     # feature_extractor/, .bin or fp16 files). Weights' SHA-256 and sizes: pinned alike by
