@@ -320,16 +320,23 @@ def test_evaluate_finds_the_inception_file(tmp_path: Path) -> None:
     assert resolve_inception(None, None) is None
 
 
-# The components of a Stable Diffusion (XL) model_index.json, as the pipelines save them.
+# The components of SD 1.5's and SDXL's model_index.json on the Hub (SD 1.5's also names a
+# safety checker and feature extractor, which fguide never loads nor downloads).
 _SD_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
     "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+}
+_SD15_INDEX = {
+    **_SD_INDEX,
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
 }
 _SDXL_INDEX = {
     **_SD_INDEX,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
     "tokenizer_2": ["transformers", "CLIPTokenizer"],
 }
@@ -341,13 +348,13 @@ def test_sd_folder_entries_hold_the_files_fguide_loads(tmp_path: Path) -> None:
     safety checker) and no fewer."""
     from fguide.models.sd_folder import sd_pipeline_files
 
-    kinds = {"sd15": ("StableDiffusionPipeline", _SD_INDEX)}
+    kinds = {"sd15": ("StableDiffusionPipeline", _SD15_INDEX)}
     kinds["sdxl"] = ("StableDiffusionXLPipeline", _SDXL_INDEX)
     for config, (pipeline, components) in kinds.items():
         entry = REGISTRY[str(PAPER_CONFIGS[config].model_file)]
         _touch_entry(tmp_path, entry.name)
         root = tmp_path / entry.name
-        index = {"_class_name": pipeline, "safety_checker": [None, None], **components}
+        index = {"_class_name": pipeline, **components}
         (root / "model_index.json").write_text(json.dumps(index))
         loaded = {p.relative_to(root).as_posix() for p in sd_pipeline_files(root)}
         assert loaded == {f.path for f in entry.files}, config
