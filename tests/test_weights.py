@@ -5,7 +5,9 @@ atomic (served by a local HTTP server started here: nothing is fetched from outs
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from fguide import weights
 from fguide.cli.main import build_parser, main
 from fguide.cli.sample import config_from_args
 from fguide.sampling.configs import PAPER_CONFIGS
-from fguide.weights import REGISTRY, RemoteFile, WeightEntry, resolve_inception
+from fguide.weights import REGISTRY, RemoteFile, WeightEntry, missing_files, resolve_inception
 
 DATA = bytes(range(256)) * 1200  # 307,200 bytes
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -216,13 +218,24 @@ def test_a_different_file_at_the_target_is_kept(
 
 def test_the_table_names_every_configuration_file() -> None:
     for name, cfg in PAPER_CONFIGS.items():
+        assert cfg.model_file is not None, name  # --weights-dir finds every model
         for needed in (cfg.model_file, cfg.weights):
             if needed is not None:
                 assert name in REGISTRY[needed].configs, (name, needed)
     assert any(e.role == "inception" for e in REGISTRY.values())
     for e in REGISTRY.values():
+        # a CLIP folder ends up loadable: its config and its safetensors weights, downloaded
+        # or made locally
+        if e.role == "clip":
+            paths = {f.path for f in e.files} | {p for p, _ in e.local_only}
+            assert {"config.json", "model.safetensors"} <= paths, e.name
+    for e in REGISTRY.values():
         for f in e.files:
             assert f.url.startswith("https://") and not f.path.endswith(".bin"), f
+            # Hugging Face files are pinned to a commit; a folder's URL ends in the file's path
+            if f.url.startswith("https://huggingface.co/"):
+                assert re.search(r"/resolve/[0-9a-f]{40}/", f.url), f
+            assert not e.folder or f.url.endswith("/" + f.path), f
             assert f.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", f.sha256), f
             # torchvision's and pytorch-fid's file names carry their SHA-256's first 8 digits
             tag = re.search(r"-([0-9a-f]{8})\.pth$", f.path)
@@ -259,6 +272,13 @@ def test_weights_dir_finds_a_configurations_files(tmp_path: Path) -> None:
     assert cfg.classifier_weights == tmp_path / "resnet101-cd907fc2.pth"
     cfg = config_from_args(_sample_args("--config", "elucd-dit-xl2-256", "--weights-dir", w))
     assert cfg.model == tmp_path / "DiT-XL-2-256"
+    for name, folder in (
+        ("sd15", "stable-diffusion-v1-5"),
+        ("sd15-ddim", "stable-diffusion-v1-5"),
+        ("sdxl", "stable-diffusion-xl-base-1.0"),
+    ):
+        cfg = config_from_args(_sample_args("--config", name, "--weights-dir", w))
+        assert cfg.model == tmp_path / folder, name
     cfg = config_from_args(_sample_args("--config", "elucd-clip-256", "--weights-dir", w))
     assert cfg.model == tmp_path / "256x256_diffusion_uncond.pt"
     assert cfg.classifier == f"clip:{tmp_path / 'clip-vit-large-patch14-336'}"
@@ -298,3 +318,87 @@ def test_evaluate_finds_the_inception_file(tmp_path: Path) -> None:
     assert resolve_inception(None, tmp_path) == main_file
     assert resolve_inception(tmp_path / "mine.pth", tmp_path) == tmp_path / "mine.pth"
     assert resolve_inception(None, None) is None
+
+
+# The components of SD 1.5's and SDXL's model_index.json on the Hub (SD 1.5's also names a
+# safety checker and feature extractor, which fguide never loads nor downloads).
+_SD_INDEX = {
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+}
+_SD15_INDEX = {
+    **_SD_INDEX,
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+}
+_SDXL_INDEX = {
+    **_SD_INDEX,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+}
+
+
+def test_sd_folder_entries_hold_the_files_fguide_loads(tmp_path: Path) -> None:
+    """Each SD configuration's folder entry lists exactly the files fguide loads and hashes from
+    a pipeline folder of its kind (sd_pipeline_files), no more (no .bin, fp16 or
+    safety checker) and no fewer."""
+    from fguide.models.sd_folder import sd_pipeline_files
+
+    kinds = {"sd15": ("StableDiffusionPipeline", _SD15_INDEX)}
+    kinds["sdxl"] = ("StableDiffusionXLPipeline", _SDXL_INDEX)
+    for config, (pipeline, components) in kinds.items():
+        entry = REGISTRY[str(PAPER_CONFIGS[config].model_file)]
+        _touch_entry(tmp_path, entry.name)
+        root = tmp_path / entry.name
+        index = {"_class_name": pipeline, **components}
+        (root / "model_index.json").write_text(json.dumps(index))
+        loaded = {p.relative_to(root).as_posix() for p in sd_pipeline_files(root)}
+        assert loaded == {f.path for f in entry.files}, config
+
+
+def test_sd_config_finds_a_saved_pipeline_folder_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--config sd15 --weights-dir D resolves the model to D/stable-diffusion-v1-5, a folder
+    as StableDiffusionPipeline.save_pretrained writes it holding every file the entry lists;
+    without it, one line names the folder and the download command."""
+    from sd_folders import build_sd_folder
+
+    from fguide.models.sd_folder import sd_pipeline_kind
+
+    name = "stable-diffusion-v1-5"
+    folder = build_sd_folder(tmp_path / "w" / name)
+    capsys.readouterr()  # building's own warnings and progress
+    weights_dir = folder.parent
+    # Every weight and config file the entry lists is where save_pretrained puts it. The Hub's
+    # tokenizer/ holds the four files of the slow format; transformers >= 5 saves
+    # tokenizer.json instead: add those (this test resolves the folder, it does not load it).
+    missing = missing_files(REGISTRY[name], weights_dir)
+    assert all(Path(m).parent == folder / "tokenizer" for m in missing), missing
+    for m in missing:
+        Path(m).write_text("{}")
+    for config in ("sd15", "sd15-ddim"):
+        cfg = config_from_args(_sample_args("--config", config, "--weights-dir", str(weights_dir)))
+        assert cfg.model == folder and sd_pipeline_kind(cfg.model) == "sd"
+    out = str(tmp_path / "o")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    argv = ["sample", "--config", "sd15", "--weights-dir", str(weights_dir), "--out", out]
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert str(folder / "unet" / "diffusion_pytorch_model.safetensors") in line
+    assert f"fguide weights download {name} --dir {weights_dir}" in line
+    shutil.rmtree(folder)
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"{folder} not found" in line
+    assert f"fguide weights download {name} --dir {weights_dir}" in line
+    # No --model and no --weights-dir: the folder, its layout and how to get it.
+    assert main(["sample", "--config", "sd15", "--out", out]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "--model is required" in line and f"loads {name}" in line
+    assert "diffusers layout" in line and f"fguide weights download {name} --dir DIR" in line
+    assert not (tmp_path / "o").exists()

@@ -28,6 +28,7 @@ __all__ = [
     "download_command",
     "entries_for",
     "missing_files",
+    "model_required_message",
     "resolve_inception",
     "weights_dir_overrides",
 ]
@@ -88,6 +89,11 @@ _CLIP = (
     "https://huggingface.co/openai/clip-vit-large-patch14-336/resolve/"
     "a2ab452d41e630fda015a7ad3e9751aa74081239"
 )
+# openai/clip-vit-large-patch14 at its main commit 32bd642…, which has model.safetensors.
+_CLIP_L14 = (
+    "https://huggingface.co/openai/clip-vit-large-patch14/resolve/"
+    "32bd64288804d66eefd0ccbe215aa642df71cc41"
+)
 _CLIP_CONVERT = (
     "the official repository publishes the CLIP weights only as pickles (pytorch_model.bin, "
     "SHA-256 c6032c2e0caae3dc2d4fba35535fa6307dbb49df59c7e182b1bc4b3329b81801; tf_model.h5), "
@@ -97,8 +103,41 @@ _CLIP_CONVERT = (
 )
 
 
+# stable-diffusion-v1-5/stable-diffusion-v1-5 (the maintained copy of runwayml's repository,
+# which has the same history): its main commit 451f4fe…, as public Hugging Face cache listings
+# of both repositories show it.
+_SD15 = (
+    "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/"
+    "451f4fe16113bff5a5d2269ed5ad43b0592e9a14"
+)
+# stabilityai/stable-diffusion-xl-base-1.0 at its main commit 462165…, the revision public
+# manifests read its files' LFS SHA-256 at.
+_SDXL = (
+    "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/"
+    "462165984030d82259a11f4367a4eed129e94a7b"
+)
+_SD_NOTE = (
+    "a Stable Diffusion{xl} pipeline folder in the diffusers layout: model_index.json, unet/, "
+    "vae/, text_encoder/, tokenizer/, scheduler/{more}; fp32 safetensors only"
+)
+# A tokenizer folder's files (CLIP's BPE tokenizer, as the pipelines save it).
+_TOKENIZER = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+
+
 def _file(name: str, role: str, url: str, size: int | None, sha256: str | None) -> WeightEntry:
     return WeightEntry(name, role, (RemoteFile(name, url, size, sha256),))
+
+
+def _folder(
+    name: str,
+    base: str,
+    files: Iterable[tuple[str, int | None, str | None]],
+    note: str = "",
+    role: str = "model",
+) -> WeightEntry:
+    """A Hugging Face folder entry: each (path, size, SHA-256) fetched from ``base/path``."""
+    remote = tuple(RemoteFile(p, f"{base}/{p}", size, sha) for p, size, sha in files)
+    return WeightEntry(name, role, remote, folder=True, note=note)
 
 
 _ENTRIES = (
@@ -202,6 +241,141 @@ _ENTRIES = (
         folder=True,
         local_only=(("model.safetensors", _CLIP_CONVERT),),
     ),
+    # clip-vit-large-patch14 (the SD configurations' ViT-L/14 guide, --guide clip:FOLDER; also
+    # what reward:FOLDER:HEAD embeds with). model.safetensors: size and SHA-256 at this commit
+    # in a public download table; the same SHA-256 pinned at this commit by independent public
+    # manifests and as the file's blob name in a public Hugging Face cache. The tokenizer
+    # files: sizes and SHA-256 of a public inventory read from a cache of this commit, the same
+    # SHA-256 in independent manifests (one from 2022: the files are unchanged). config.json and
+    # preprocessor_config.json: SHA-256 pinned at this commit by two public manifests, the
+    # preprocessor's byte count (316) as its content, identical in other CLIP repositories.
+    _folder(
+        "clip-vit-large-patch14",
+        _CLIP_L14,
+        (
+            (
+                "model.safetensors",
+                1_710_540_580,
+                "a2bf730a0c7debf160f7a6b50b3aaf3703e7e88ac73de7a314903141db026dcb",
+            ),
+            (
+                "vocab.json",
+                961_143,
+                "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69",
+            ),
+            (
+                "merges.txt",
+                524_619,
+                "9fd691f7c8039210e0fced15865466c65820d09b63988b0174bfe25de299051a",
+            ),
+            (
+                "tokenizer.json",
+                2_224_003,
+                "a83e0809aa4c3af7208b2df632a7a69668c6d48775b3c3fe4e1b1199d1f8b8f4",
+            ),
+            (
+                "tokenizer_config.json",
+                905,
+                "deef455e52fa5e8151e339add0582e4235f066009601360999d3a9cda83b1129",
+            ),
+            (
+                "special_tokens_map.json",
+                389,
+                "f8c0d6c39aee3f8431078ef6646567b0aba7f2246e9c54b8b99d55c22b707cbf",
+            ),
+            (
+                "preprocessor_config.json",
+                316,
+                "910e70b3956ac9879ebc90b22fb3bc8a75b6a0677814500101a4c072bd7857bd",
+            ),
+            (
+                "config.json",
+                None,
+                "8a09b467700c58138c29d53c605b34ebc69beaadd13274a8a2af8ad2c2f4032a",
+            ),
+        ),
+        "CLIP ViT-L/14, the guide the Stable Diffusion configurations suggest: --guide "
+        "clip:FOLDER, or reward:FOLDER:HEAD",
+        role="clip",
+    ),
+    # stable-diffusion-v1-5: the files of the folder fguide loads (never safety_checker/,
+    # feature_extractor/, .bin or fp16 files). Weights' SHA-256 and sizes: pinned alike by
+    # independent public manifests (one read from the Hub's API, one from the file API of
+    # ModelScope's mirror) and a public hash table; the VAE's SHA-256 is also its blob name in a
+    # public Hugging Face cache listing of this commit, and the sizes are also those of a public
+    # Hub API file listing. The other files are plain Git files (no SHA-256): their byte counts
+    # from that cache listing.
+    _folder(
+        "stable-diffusion-v1-5",
+        _SD15,
+        (
+            (
+                "unet/diffusion_pytorch_model.safetensors",
+                3_438_167_540,
+                "19da7aaa4b880e59d56843f1fcb4dd9b599c28a1d9d9af7c1143057c8ffae9f1",
+            ),
+            (
+                "vae/diffusion_pytorch_model.safetensors",
+                334_643_276,
+                "a2b5134f4dbc140d9c11f11cba3233099e00af40f262f136c691fb7d38d2194c",
+            ),
+            (
+                "text_encoder/model.safetensors",
+                492_265_874,
+                "d008943c017f0092921106440254dbbe00b6a285f7883ec8ba160c3faad88334",
+            ),
+            ("unet/config.json", 743, None),
+            ("vae/config.json", 547, None),
+            ("text_encoder/config.json", 617, None),
+            *(
+                (f"tokenizer/{f}", size, None)
+                for f, size in zip(_TOKENIZER, (1_059_962, 524_619, 472, 806), strict=True)
+            ),
+            ("scheduler/scheduler_config.json", 308, None),
+            ("model_index.json", 541, None),
+        ),
+        _SD_NOTE.format(xl="", more=""),
+    ),
+    # stable-diffusion-xl-base-1.0: the text encoders' and the VAE's SHA-256 pinned alike by
+    # independent public manifests (the VAE's by one that read it from the Hub at this commit,
+    # and it is the blob name of the same VAE in a public cache listing); sizes from a public
+    # Hub API file listing, the same in a public manifest. The UNet's SHA-256 is in only one
+    # public hash table (357650fb…), with no second source: left unknown. Config and tokenizer
+    # files are plain Git files (no SHA-256; a size found only for vocab.json).
+    _folder(
+        "stable-diffusion-xl-base-1.0",
+        _SDXL,
+        (
+            ("unet/diffusion_pytorch_model.safetensors", 10_270_077_736, None),
+            (
+                "vae/diffusion_pytorch_model.safetensors",
+                334_643_268,
+                "1598f3d24932bcfe6634e8b618ea1e30ab1d57f5aad13a6d2de446d2199f2341",
+            ),
+            (
+                "text_encoder/model.safetensors",
+                492_265_168,
+                "5c3d6454dd2d23414b56aa1b5858a72487a656937847b6fea8d0606d7a42cdbc",
+            ),
+            (
+                "text_encoder_2/model.safetensors",
+                2_778_702_264,
+                "3a6032f63d37ae02bbc74ccd6a27440578cd71701f96532229d0154f55a8d3ff",
+            ),
+            *(
+                (f"{comp}/config.json", None, None)
+                for comp in ("unet", "vae", "text_encoder", "text_encoder_2")
+            ),
+            *(
+                (f"{tok}/{f}", 1_059_962 if f == "vocab.json" else None, None)
+                for tok in ("tokenizer", "tokenizer_2")
+                for f in _TOKENIZER
+            ),
+            ("scheduler/scheduler_config.json", None, None),
+            ("model_index.json", None, None),
+        ),
+        _SD_NOTE.format(xl=" XL", more=", text_encoder_2/, tokenizer_2/"),
+    ),
 )
 
 REGISTRY: dict[str, WeightEntry] = {e.name: e for e in _ENTRIES}
@@ -295,6 +469,21 @@ def weights_dir_overrides(
         path = weights_dir / e.name
         out[roles[e.role]] = f"clip:{path}" if e.role == "clip" else path
     return out
+
+
+def model_required_message(config: str | None) -> str:
+    """The one-line error of ``fguide sample`` given no ``--model``: with a configuration that
+    names its model file or folder, what that is and the command that fetches it."""
+    model_file = None if config is None else paper_config(config).model_file
+    entry = REGISTRY.get(model_file) if model_file is not None else None
+    if entry is None:
+        return "--model is required (the diffusion checkpoint)"
+    what = f" ({entry.note})" if entry.note else ""
+    kind = "FOLDER" if entry.folder else "FILE"
+    return (
+        f"--model is required: --config {config} loads {entry.name}{what}; give --model {kind}, "
+        f"or get it with: {download_command([entry.name], Path('DIR'))} and add --weights-dir DIR"
+    )
 
 
 def resolve_inception(explicit: Path | None, weights_dir: Path | None) -> Path | None:

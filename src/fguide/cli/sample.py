@@ -25,7 +25,7 @@ from fguide.objectives import METHODS
 from fguide.samplers import NonFiniteGuidanceError
 from fguide.sampling import DistributedRunError, run_sampling
 from fguide.sampling.configs import PAPER_CONFIGS, apply_paper_config
-from fguide.weights import weights_dir_overrides
+from fguide.weights import model_required_message, weights_dir_overrides
 
 HELP = "Draw guided samples into resumable ADM-format shards (torchrun for several GPUs)."
 
@@ -425,7 +425,7 @@ def config_from_args(args: argparse.Namespace) -> SampleConfig:
     if args.weights_dir is not None:
         vars(args).update(weights_dir_overrides(args.config, args.weights_dir, vars(args)))
     if args.model is None:
-        raise ValueError("--model is required (the diffusion checkpoint)")
+        raise ValueError(model_required_message(args.config))
     given: dict[str, Any] = {
         k: getattr(args, k) for k in _OVERRIDABLE if getattr(args, k, None) is not None
     }

@@ -69,6 +69,8 @@ def describe(entry: WeightEntry) -> list[str]:
     """The ``fguide weights list`` lines of one entry."""
     lines = [f"{entry.name}{'/ (folder)' if entry.folder else ''}  [{entry.role}]"]
     lines.append(f"  needed by: {', '.join(entry.configs) or '(no configuration)'}")
+    if entry.note:
+        lines.append(f"  {entry.note}")
     if entry.folder:
         for f in entry.files:
             lines += [f"  {f.path}", *_file_lines(f, "    ")]

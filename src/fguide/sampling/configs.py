@@ -89,6 +89,9 @@ _SD_GUIDED = (
     "for these models: choose it by a sweep on validation seeds"
 )
 _SD_REFERENCE = "no published guided number: a starting point, not a reproduction"
+# The pipeline folders (fguide.weights' entries, diffusers layout) the SD configurations load.
+_SD15_FOLDER = "stable-diffusion-v1-5"
+_SDXL_FOLDER = "stable-diffusion-xl-base-1.0"
 
 # Methods that carry their own parameters: a config's values for them are dropped when the
 # user picks another method (they would not apply, and objective() refuses e.g. alpha on base).
@@ -306,15 +309,17 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             sine_factor=defaults.SINE_FACTOR,
             num_samples=1000,
         ),
-        # Stable Diffusion (issue 20): the pipelines' usual settings; give --model SD_DIR and
-        # --prompt. Guided variant: --guide clip:FOLDER (CLIP ViT-L/14; the generation prompts)
-        # --method base --scale γ; tau2 0 makes S = τ1·s·cos (cosine guidance).
+        # Stable Diffusion (issue 20): the pipelines' usual settings; give --model SD_DIR (or
+        # --weights-dir DIR holding the folder named by model_file) and --prompt. Guided
+        # variant: --guide clip:FOLDER (CLIP ViT-L/14; the generation prompts) --method base
+        # --scale γ; tau2 0 makes S = τ1·s·cos (cosine guidance).
         _cfg(
             "sd15",
             "Stable Diffusion 1.5's usual text-to-image setting: DPM-Solver++(2M), 50 steps, CFG "
             f"7.5, 512 px (diffusers' recommended fast solver). {_SD_GUIDED}",
             _SD_REFERENCE,
             None,
+            _SD15_FOLDER,
             **_SD15,
             sampler="dpmpp-2m",
         ),
@@ -324,6 +329,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             f"SD papers report, closest to the original LDM sampler. {_SD_GUIDED}",
             _SD_REFERENCE,
             None,
+            _SD15_FOLDER,
             **_SD15,
             sampler="ddim",
             eta=0.0,
@@ -334,6 +340,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {
             f"SDXL default), 1024 px. {_SD_GUIDED}",
             _SD_REFERENCE,
             None,
+            _SDXL_FOLDER,
             sampler="dpmpp-2m",
             steps=defaults.SD_STEPS,
             cfg_scale=defaults.SD_CFG_SCALE["sdxl"],
