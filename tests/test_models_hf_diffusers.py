@@ -637,6 +637,27 @@ def test_fguide_sample_with_a_dit_pipeline_folder(
         assert np.abs(z["arr_0"].astype(int) - images.astype(int)).max() <= 1
 
 
+def test_unguided_dit_run_records_the_classifier_on_decoded_images(
+    dit_dir: Path, tmp_path: Path
+) -> None:
+    # Unguided with a classifier, the run records the classifier's calibration along the
+    # trajectory; for a latent pipeline it must see Dec(x̂0) (16x16 pixels), as a guide does,
+    # not the 4-channel latent x̂0 (a channel-mismatch crash before the family said so).
+    import json
+
+    from fguide.sampling import SampleConfig, run_sampling
+
+    cfg = SampleConfig(
+        out=tmp_path / "run", model=dit_dir, method="none", steps="3", num_samples=2,
+        batch_size=2, device="cpu", progress=False,
+        classifier="test_models_hf_diffusers:cli_classifier",
+    )  # fmt: skip
+    assert run_sampling(cfg).complete
+    curves = json.loads((tmp_path / "run" / "trajectory.json").read_text())["curves"]
+    conf = curves["confidence_mean"]
+    assert len(conf) == 3 and all(c is not None and 0 < c < 1 for c in conf)
+
+
 def test_resume_over_swapped_pipeline_weights_is_refused(dit_dir: Path, tmp_path: Path) -> None:
     # Two pipelines swap their transformer weight files (same names): a resumed run of either
     # is another model's run. The identity hashes every file's name with its contents.

@@ -113,6 +113,8 @@ class PipelineFamily(ModelFamily):
             pm.net, None, None, None, None, None, None, pm.image_size, pm.num_classes, device, info
         )
         attach_guide(config, comp, make_guide=False)
+        if pm.decoder is not None:  # statistics see the decoded x̂0, as a guide does
+            comp.x0_image = lambda z: pm.to_image(z, config.guidance_microbatch).clamp(-1, 1)
         if config.compile:
             comp.compiled = compile_model(pm.net)
             pm.net = comp.compiled  # type: ignore[assignment]  # called like the module it wraps
