@@ -61,6 +61,7 @@ REFUSED = [
     # flags of the other world
     (["--cache-dir", "c"], "--cache-dir"),
     (["--full"], "--full"),
+    (["--family"], "--family"),
     (["--workers", "0"], "--workers"),
     (["--world", "digits", "--workers", "0"], "--workers"),
     (["--quick", "--full"], "--full"),
@@ -169,6 +170,19 @@ def test_digits_flags_apply_and_win_over_quick_and_full(tmp_path: Path) -> None:
     assert c == quick.with_(sample_steps=4, num_samples=30, methods=("none", "base"))
     c = _config([*argv, "--full", "--seed", "2"], tmp_path)
     assert c == full.with_(seed=2, seeds=tuple(2 + s for s in full.seeds))
+
+
+@pytest.mark.usefixtures("no_compute")
+def test_digits_family_is_opt_in(tmp_path: Path) -> None:
+    # The default run keeps the paper's rows (its time budget); --family appends the five
+    # training-free rows, to the default rows or to --methods, once each.
+    argv = ["--world", "digits", "--cache-dir", str(tmp_path / "c")]
+    family = ("dps", "freedom", "mpgd", "ugd", "tfg")
+    default = DigitsConfig().methods
+    assert not set(family) & set(default) and "base" in default and "adm_cg" in default
+    assert _config([*argv, "--family"], tmp_path).methods == (*default, *family)
+    c = _config([*argv, "--family", "--methods", "base", "mpgd"], tmp_path)
+    assert c.methods == ("base", "mpgd", "dps", "freedom", "ugd", "tfg")
 
 
 @pytest.mark.parametrize("workers", [None, 1, 3])
