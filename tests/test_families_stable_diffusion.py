@@ -219,6 +219,41 @@ def test_interrupted_run_resumes_to_the_same_bytes(inputs: dict[str, Path], tmp_
     assert (tmp_path / "b1" / "samples.npz").read_bytes() == whole
 
 
+def test_killed_run_resumes_to_the_same_bytes(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """SIGKILL once the first shard is on disk, rerun the same command: the samples and the
+    trajectory equal an uninterrupted run's byte for byte."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_sampling_run import subprocess_env
+
+    clip = ["--guide", f"clip:{inputs['clip']}", "--scale", "100"]
+    argv = _argv(inputs["sd"], tmp_path / "killed", *clip, "--shard-size", "1", n=6)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fguide.cli.main", *argv],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    shards = tmp_path / "killed" / "shards"
+    try:
+        deadline = time.time() + 180
+        while not list(shards.glob("*.json")) and proc.poll() is None:
+            assert time.time() < deadline, "the sampling process wrote no shard"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert 1 <= len(list(shards.glob("*.json"))) < 6  # killed part-way
+    assert main(argv) == 0
+    assert main(_argv(inputs["sd"], tmp_path / "whole", *clip, "--shard-size", "1", n=6)) == 0
+    for name in ("samples.npz", "trajectory.json"):
+        whole = (tmp_path / "whole" / name).read_bytes()
+        assert (tmp_path / "killed" / name).read_bytes() == whole, name
+
+
 @pytest.mark.parametrize(
     ("change", "what"),
     [
