@@ -309,6 +309,8 @@ def _bad(inputs: dict[str, Path], tmp: Path, prompts: Any) -> list[tuple[list[st
           "decoded_classifier", "--scale", "1", "--target", "cat", *common], "--target"),
         (["sample", "--model", sd, *prompts, "--cfg-channels", "3", *none, *common],
          "--cfg-channels"),
+        (["sample", "--model", sd, *prompts, "--guide", f"clip:{inputs['clip']}", "--scale",
+          "1", "--guidance-method", "dps", *common], "--guidance-method 'dps'"),
     ]  # fmt: skip
 
 
