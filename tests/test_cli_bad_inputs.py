@@ -71,6 +71,14 @@ CASES: list[tuple[list[str], tuple[str, ...], tuple[str, ...]]] = [
     ([*GUIDED, "--t-tilt", "-0.2", "--tilt-group", "3"], ("--shard-size", "--tilt-group"), ()),
     ([*GUIDED, "--lam-max", "0.3"], ("--lam-max", "--entropy"), ("lam_max",)),
     ([*SAMPLE, "--s-churn", "1"], ("--s-churn", "Heun"), ("s_churn",)),
+    # a sampler's own setting given for another sampler (it would be dropped silently)
+    ([*GUIDED, "--sampler", "ddim", "--sine-factor", "0.3"], ("--sine-factor", "'ddim'"), ()),
+    (
+        [*GUIDED, "--sampler", "ddim", "--variance-tracking", "first_sample"],
+        ("--variance-tracking", "ddpm"),
+        ("variance_tracking",),
+    ),
+    ([*GUIDED, "--guidance-input", "denoised"], ("--guidance-input", "heun", "'ddpm'"), ()),
     ([*SAMPLE, "--cfg-scale", "2"], ("--cfg-scale", "--model DIR"), ("cfg_scale",)),
     ([*SAMPLE, "--labels", "abc"], ("--labels",), ()),
     (
@@ -194,3 +202,22 @@ def test_diverged_training_exits_1_in_one_line(
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "diverged" in lines[0] and "non-finite loss at step" in lines[0]
     assert "--lr 1e+30" in lines[0]
+
+
+def test_a_named_configuration_on_another_sampler_drops_its_sampler_settings() -> None:
+    """``--config elucd-r101-128 --sampler ddim``: the configuration's DDPM sine boost does not
+    apply to DDIM and goes with its sampler (not refused as if the user had given it); the same
+    configuration on its own sampler keeps it, and an explicit --sine-factor with DDIM is still
+    refused."""
+    from fguide.sampling.configs import apply_paper_config
+
+    out, model = Path("run"), Path("m.pt")
+    own = apply_paper_config("elucd-r101-128", {})
+    assert own["sampler"] == "ddpm" and own["sine_factor"] == 0.3
+    ddim = apply_paper_config("elucd-r101-128", {"sampler": "ddim"})
+    assert "sine_factor" not in ddim
+    c = resolve_config(SampleConfig(out=out, model=model, **ddim))
+    assert (c.sampler, c.sine_factor, c.variance_tracking) == ("ddim", None, None)
+    explicit = apply_paper_config("elucd-r101-128", {"sampler": "ddim", "sine_factor": 0.3})
+    with pytest.raises(ParamError, match="sine_factor applies to sampler ddpm or heun"):
+        resolve_config(SampleConfig(out=out, model=model, **explicit))

@@ -342,3 +342,11 @@ def build_guidance_method(c: SampleConfig, classifier: ClassifierFn) -> Guidance
     ``guidance_method`` is not ``elucd``, guiding with ``classifier`` (a classifier of x̂0)."""
     cls = METHODS[c.guidance_method]
     return cls(classifier, build_objective(c), **guidance_method_kwargs(c))
+
+
+SAMPLER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "sine_factor": ("ddpm", "heun"),
+    "variance_tracking": ("ddpm",),
+    "guidance_input": ("heun",),
+}
+"""The settings that shape one sampler's guidance step, and the samplers that read them."""

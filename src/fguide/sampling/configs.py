@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fguide import defaults
+from fguide.config import SAMPLER_SETTINGS
 
 __all__ = ["PAPER_CONFIGS", "PaperConfig", "apply_paper_config", "paper_config"]
 
@@ -379,6 +380,12 @@ def apply_paper_config(name: str, overrides: Mapping[str, Any]) -> dict[str, Any
         # a training-free method replaces EluCD's mean shift: its strength and settings go
         for key in ("scale", "sine_factor", "variance_tracking", "guidance_input"):
             settings.pop(key, None)
+    sampler = overrides.get("sampler")
+    if sampler is not None and sampler != settings.get("sampler"):
+        # the configuration's settings of its own sampler do not apply to another
+        for key, samplers in SAMPLER_SETTINGS.items():
+            if sampler not in samplers:
+                settings.pop(key, None)
     settings.update(overrides)
     settings["config_name"] = name
     return settings

@@ -21,7 +21,13 @@ from typing import Any
 
 from fguide import defaults
 from fguide.accel import PRECISIONS
-from fguide.config import PARAM_RANGES, SampleConfig, build_objective, parse_flags
+from fguide.config import (
+    PARAM_RANGES,
+    SAMPLER_SETTINGS,
+    SampleConfig,
+    build_objective,
+    parse_flags,
+)
 from fguide.families import FAMILIES, ModelFamily, find_family
 from fguide.guides import GUIDE_KINDS, GuideKind, find_guide_kind, unknown_guide
 from fguide.models.resnet import INPUT_MODES
@@ -252,6 +258,21 @@ def _resolve_objective(c: SampleConfig) -> None:
         )
 
 
+def _refuse_other_samplers_settings(c: SampleConfig) -> None:
+    """A sampler setting given for a sampler that does not read it is an error (it would be
+    silently dropped): EluCD's sine boost shifts DDPM's mean (and Heun's), DDIM and DPM-Solver
+    shift the score."""
+    for name, samplers in SAMPLER_SETTINGS.items():
+        if getattr(c, name) is not None and c.sampler not in samplers:
+            raise ParamError(
+                "{0} applies to {1} {only}, not {v!r}",
+                name,
+                "sampler",
+                only=" or ".join(samplers),
+                v=c.sampler,
+            )
+
+
 def _resolve_guidance_strength(c: SampleConfig, kind: GuideKind | None) -> None:
     """The scale γ (G for Heun), the sine boost, DDPM's variance tracking, Heun's input."""
     kind_defaults = {} if kind is None else kind.guidance_defaults(c)
@@ -260,6 +281,7 @@ def _resolve_guidance_strength(c: SampleConfig, kind: GuideKind | None) -> None:
             c.scale = defaults.heun_scale(int(str(c.steps)))
         else:
             c.scale = kind_defaults.get("scale", defaults.SCALE)
+    _refuse_other_samplers_settings(c)
     if c.sampler in ("ddim", "dpmpp-2m"):  # score-shift samplers: no sine boost
         c.sine_factor = None
     elif c.sine_factor is None:
