@@ -79,6 +79,7 @@ CASES: list[tuple[list[str], tuple[str, ...], tuple[str, ...]]] = [
         ("variance_tracking",),
     ),
     ([*GUIDED, "--guidance-input", "denoised"], ("--guidance-input", "heun", "'ddpm'"), ()),
+    ([*SAMPLE, "--eta", "0.5"], ("--eta", "ddim", "'ddpm'"), ()),
     ([*SAMPLE, "--cfg-scale", "2"], ("--cfg-scale", "--model DIR"), ("cfg_scale",)),
     ([*SAMPLE, "--labels", "abc"], ("--labels",), ()),
     (

@@ -348,5 +348,6 @@ SAMPLER_SETTINGS: dict[str, tuple[str, ...]] = {
     "sine_factor": ("ddpm", "heun"),
     "variance_tracking": ("ddpm",),
     "guidance_input": ("heun",),
+    "eta": ("ddim",),
 }
 """The settings that shape one sampler's guidance step, and the samplers that read them."""

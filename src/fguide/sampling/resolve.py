@@ -184,7 +184,9 @@ def _resolve_guide(c: SampleConfig, kind: GuideKind | None, allowed: set[str]) -
 
 
 def _resolve_sampler_settings(c: SampleConfig) -> None:
-    """DDIM's η and Heun's churn: defaults where they apply, None where they do not."""
+    """DDIM's η and Heun's churn: defaults where they apply, None where they do not (a value
+    given for a sampler that does not read it is refused)."""
+    _refuse_other_samplers_settings(c)
     if c.sampler != "ddim":
         c.eta = None
     elif c.eta is None:
@@ -281,7 +283,6 @@ def _resolve_guidance_strength(c: SampleConfig, kind: GuideKind | None) -> None:
             c.scale = defaults.heun_scale(int(str(c.steps)))
         else:
             c.scale = kind_defaults.get("scale", defaults.SCALE)
-    _refuse_other_samplers_settings(c)
     if c.sampler in ("ddim", "dpmpp-2m"):  # score-shift samplers: no sine boost
         c.sine_factor = None
     elif c.sine_factor is None:
