@@ -57,9 +57,12 @@ __all__ = [
     "PipelineModel",
     "UNetEps",
     "is_pipeline_dir",
+    "jsonable",
+    "load_component",
     "load_pipeline_model",
     "pipeline_files",
     "process_from_betas",
+    "read_pipeline_json",
     "scheduler_betas",
 ]
 
@@ -296,14 +299,16 @@ def pipeline_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_pipeline_json(path: Path) -> dict[str, Any]:
+    """A pipeline folder's JSON file (``model_index.json``, a component's config), checked
+    and bounded as :func:`fguide.models.hf_files.read_json_object` does."""
     what = f"the {path.stem} of a diffusers pipeline folder"
     return read_json_object(path, what, exempt=("trained_betas",))
 
 
-def _load_component(
-    cls: Any, root: Path, sub: str, device: torch.device, dtype: torch.dtype
-) -> Any:
+def load_component(cls: Any, root: Path, sub: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The diffusers component ``root/sub`` (a ``cls``: transformer, UNet, VAE), offline, from
+    safetensors only, its config and weights checked first; eval mode, no gradients."""
     folder = root / sub
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(
@@ -417,22 +422,22 @@ def load_pipeline_model(
         raise FileNotFoundError(f"model: pipeline folder not found: {root}")
     if not is_pipeline_dir(root):
         raise ValueError(f"model: {root} has no model_index.json (not a diffusers pipeline folder)")
-    index = _read_json(root / "model_index.json")
+    index = read_pipeline_json(root / "model_index.json")
     sched_file = root / "scheduler" / "scheduler_config.json"
     if not sched_file.is_file():
         raise FileNotFoundError(f"{sched_file}: missing (the betas are read from it)")
-    sched = _read_json(sched_file)
+    sched = read_pipeline_json(sched_file)
     betas = scheduler_betas(sched, str(sched_file))
     dev = torch.device(device)
     configs: dict[str, Any] = {"model_index": index, "scheduler": sched}
     import diffusers  # deferred: importing diffusers takes seconds
 
     if "transformer" in index:
-        net = _load_component(diffusers.DiTTransformer2DModel, root, "transformer", dev, dtype)
+        net = load_component(diffusers.DiTTransformer2DModel, root, "transformer", dev, dtype)
         set_dit_network(net, dit_network)
         if "vae" not in index:
             raise ValueError(f"{root}: a DiT pipeline needs a vae/ component")
-        vae = _load_component(diffusers.AutoencoderKL, root, "vae", dev, dtype)
+        vae = load_component(diffusers.AutoencoderKL, root, "vae", dev, dtype)
         net_config = net.config
         c, size = int(net_config.in_channels), int(net_config.sample_size)
         out_c = int(net_config.out_channels or c)
@@ -458,11 +463,11 @@ def load_pipeline_model(
             decoder=LatentDecoder(vae),
             null_class=num_classes,
             path=str(root),
-            configs=_jsonable(configs),
+            configs=jsonable(configs),
             dit_network=dit_network,
         )
     if "unet" in index:
-        net = _load_component(diffusers.UNet2DModel, root, "unet", dev, dtype)
+        net = load_component(diffusers.UNet2DModel, root, "unet", dev, dtype)
         net_config = net.config
         c = int(net_config.in_channels)
         size = net_config.sample_size
@@ -485,7 +490,7 @@ def load_pipeline_model(
             clip_denoised=bool(sched.get("clip_sample", True)),
             num_classes=None if n_cls is None else int(n_cls),
             path=str(root),
-            configs=_jsonable(configs),
+            configs=jsonable(configs),
         )
     raise ValueError(
         f"{root}/model_index.json: neither a 'transformer' (DiT) nor a 'unet' component"
@@ -507,11 +512,12 @@ def _fixed_variance(sched: dict[str, Any], where: Path) -> VarianceType:
     return mapping[v]
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` with only JSON types (dicts with string keys, lists, scalars), for manifests."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return str(obj)

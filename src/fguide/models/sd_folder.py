@@ -67,7 +67,7 @@ def sd_pipeline_kind(path: str | Path) -> SDKind | None:
     if not index.is_file():
         return None
     try:
-        name = hd._read_json(index).get("_class_name")
+        name = hd.read_pipeline_json(index).get("_class_name")
     except ValueError:
         return None
     return _PIPELINES.get(name) if isinstance(name, str) else None
@@ -79,7 +79,7 @@ def check_index(root: Path) -> tuple[SDKind, dict[str, Any]]:
         raise FileNotFoundError(f"model: pipeline folder not found: {root}")
     if not hd.is_pipeline_dir(root):
         raise ValueError(f"model: {root} has no model_index.json; expected {SD_LAYOUT}")
-    index = hd._read_json(root / "model_index.json")
+    index = hd.read_pipeline_json(root / "model_index.json")
     name = index.get("_class_name")
     kind = _PIPELINES.get(name) if isinstance(name, str) else None
     if kind is None:
@@ -133,7 +133,7 @@ def scheduler_config(root: Path) -> tuple[dict[str, Any], np.ndarray, str]:
     file = root / "scheduler" / "scheduler_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (the betas are read from it)")
-    config = hd._read_json(file)
+    config = hd.read_pipeline_json(file)
     pred = config.get("prediction_type", "epsilon")
     if pred not in ("epsilon", "v_prediction"):
         raise ValueError(
@@ -163,18 +163,18 @@ def sd_pipeline_files(path: str | Path) -> list[Path]:
 def _weight_files(folder: Path, name: str) -> list[Path]:
     index = folder / f"{name}.safetensors.index.json"
     if index.is_file():
-        shards = hd._read_json(index).get("weight_map", {})
+        shards = hd.read_pipeline_json(index).get("weight_map", {})
         return [index] + sorted({folder / Path(str(v)).name for v in shards.values()})
     return [folder / f"{name}.safetensors"]
 
 
 def load_vae(cls: Any, root: Path, dev: torch.device, dtype: torch.dtype) -> Any:
-    cfg = hd._read_json(root / "vae" / "config.json")
+    cfg = hd.read_pipeline_json(root / "vae" / "config.json")
     for key in ("latents_mean", "latents_std"):
         if cfg.get(key) is not None:
             raise ValueError(f"{root}/vae/config.json: {key} is not supported")
     upcast = dtype == torch.float16 and bool(cfg.get("force_upcast", True))
-    return hd._load_component(cls, root, "vae", dev, torch.float32 if upcast else dtype)
+    return hd.load_component(cls, root, "vae", dev, torch.float32 if upcast else dtype)
 
 
 def latent_size(unet: Any, vae: Any, factor: int, image_size: int | None, root: Path) -> int:

@@ -221,7 +221,7 @@ def load_sd_pipeline(
     import diffusers  # deferred: importing diffusers takes seconds
     import transformers
 
-    unet = hd._load_component(diffusers.UNet2DConditionModel, root, "unet", dev, dtype)
+    unet = hd.load_component(diffusers.UNet2DConditionModel, root, "unet", dev, dtype)
     vae = load_vae(diffusers.AutoencoderKL, root, dev, dtype)
     encoders = [load_text_encoder(transformers.CLIPTextModel, root, "text_encoder", dev, dtype)]
     tokenizers = [load_tokenizer(root, "tokenizer")]
@@ -252,7 +252,7 @@ def load_sd_pipeline(
         state_shape=(int(unet.config.in_channels), latent, latent),
         image_size=latent * factor,
         path=str(root),
-        configs=hd._jsonable(configs),
+        configs=hd.jsonable(configs),
     )
 
 
