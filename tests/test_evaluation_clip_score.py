@@ -350,6 +350,13 @@ def test_no_prompts_is_refused_before_the_clip_folder_is_read(
     )  # fmt: skip
     assert "no generation prompts recorded" in line and "--clip-prompt TEXT" in line, line
     assert "plain.npz" in line and not out.exists()
+    # a path that does not exist is named as missing, not as a run without prompts
+    line = _one_line_error(
+        ["evaluate", str(tmp_path / "no-run"), "--clip", str(world["clip"]), "--out", str(out),
+         "--no-progress"]
+    )  # fmt: skip
+    assert "no-run: not found" in line and "generation prompts" not in line, line
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("damage", ["missing", "no-weights", "bad-config"])

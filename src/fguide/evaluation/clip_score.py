@@ -141,6 +141,8 @@ def resolve_prompts(
     if clip_prompt_file is not None:
         texts = read_prompt_file(clip_prompt_file)
         return PromptSet(texts, f"file {clip_prompt_file}{_instead(samples)}")
+    if not Path(samples).exists():  # say so, not that a missing run recorded no prompts
+        raise FileNotFoundError(f"samples: {samples}: not found")
     recorded = run_prompts(samples)
     if recorded is None:
         raise ParamError(
