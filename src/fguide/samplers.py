@@ -37,7 +37,7 @@ from fguide import defaults
 from fguide.denoisers import Denoiser, EpsModel, NoiseFn
 from fguide.guidance import GuidanceResult, Guide
 from fguide.rng import SampleNoise
-from fguide.schedules import Process
+from fguide.schedules import Process, ProcessTensors
 from fguide.training_free import REFUSED_SAMPLERS
 from fguide.training_free_step import GuidanceMethod, StepContext
 
@@ -201,6 +201,29 @@ def _guide(
 ) -> GuidanceResult:
     with torch.enable_grad():  # the samplers run under no_grad; the guide may need autograd
         return guide(x, x0, t, labels, progress)
+
+
+def _shift_score(
+    guide: Guide,
+    process: Process,
+    sched: ProcessTensors,
+    x: Tensor,
+    x0: Tensor,
+    eps: Tensor,
+    t: int,
+    t_model: Tensor,
+    labels: Tensor,
+    checks: _FirstNonFinite,
+    step: int,
+    n: int,
+) -> tuple[Tensor, Tensor, GuidanceResult]:
+    """The score-shift samplers' guidance (DDIM, DPM-Solver): ε' = ε − sqrt(1 − ᾱ_t) γ g and
+    the x̂0 of ε' (not re-clipped, as ADM), with the gradient and update checked."""
+    res = _guide(guide, x, x0, t_model, labels, step / max(n - 1, 1))
+    checks.guidance(res.grad, step)
+    eps = eps - sched.sqrt_one_minus_alphas_cumprod[t] * guide.scale * res.grad
+    checks.update(eps, step)
+    return eps, process.x0_from_eps(x, t, eps), res
 
 
 def _default_noise(seed: int = 0) -> NoiseFn:
@@ -409,13 +432,9 @@ def ddim(
             eps = process.eps_from_x0(x, t, x0)  # ε consistent with the clipped x̂0
             res = None
             if guide is not None and labels is not None:
-                res = _guide(guide, x, x0, t_model, labels, step / max(n - 1, 1))
-                checks.guidance(res.grad, step)
-                eps = (
-                    eps - sched.sqrt_one_minus_alphas_cumprod[t] * guide.scale * res.grad
+                eps, x0, res = _shift_score(
+                    guide, process, sched, x, x0, eps, t, t_model, labels, checks, step, n
                 )  # guidance
-                checks.update(eps, step)
-                x0 = process.x0_from_eps(x, t, eps)
             abar, abar_prev = sched.alphas_cumprod[t], sched.alphas_cumprod_prev[t]
             sigma = (
                 eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)

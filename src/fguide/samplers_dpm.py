@@ -33,7 +33,7 @@ from fguide.samplers import (
     StepRecord,
     _check_labels,
     _FirstNonFinite,
-    _guide,
+    _shift_score,
 )
 from fguide.schedules import Process
 
@@ -93,13 +93,9 @@ def dpmpp_2m(
             x0 = process.x0_from_eps(x, t, eps)
             res = None
             if guide is not None and labels is not None:
-                res = _guide(guide, x, x0, t_model, labels, step / max(n - 1, 1))
-                checks.guidance(res.grad, step)
-                eps = (
-                    eps - sched.sqrt_one_minus_alphas_cumprod[t] * guide.scale * res.grad
+                eps, x0, res = _shift_score(
+                    guide, process, sched, x, x0, eps, t, t_model, labels, checks, step, n
                 )  # guidance
-                checks.update(eps, step)
-                x0 = process.x0_from_eps(x, t, eps)
             if prev_x0 is None or (t == 0 and first_order_final):
                 x_next = c["ratio"][t] * x + c["phi"][t] * x0
             else:

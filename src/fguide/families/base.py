@@ -91,6 +91,9 @@ class ModelFamily:
     """The sampler when the configuration names none."""
     samplers: tuple[str, ...] = ("ddpm", "ddim", "heun")
     """The samplers the family takes (another is refused by name)."""
+    guidance_methods: tuple[str, ...] | None = None
+    """The ``--guidance-method`` update rules the family's sampling hosts (another is refused
+    by name); None: EluCD's and every training-free method."""
     default_steps: str = defaults.STEPS
     """The steps (respacing) when the configuration gives none."""
     reads: tuple[str, ...] = ()

@@ -65,6 +65,9 @@ class StableDiffusionFamily(ModelFamily):
     reads = ("prompts", "prompt_file")
     default_sampler = defaults.SD_SAMPLER
     samplers = tuple(SD_SAMPLERS)
+    # the training-free methods take fguide's ddpm/ddim steps; SD's sampler (per-sample prompt
+    # conditioning, CFG, its scheduler's targets) hosts EluCD's mean shift only (README)
+    guidance_methods = ("elucd",)
     default_steps = defaults.SD_STEPS
 
     def claims(self, model: Path) -> bool:
@@ -74,16 +77,6 @@ class StableDiffusionFamily(ModelFamily):
         """Prompts (required), guide prompts, CFG scale (the pipeline kind's default), a whole
         number of steps; what SD's schedulers decide is not a setting."""
         c = config
-        if c.guidance_method != "elucd":
-            # the methods take fguide's ddpm/ddim steps on a pixel or DiT model; SD's sampler
-            # (per-sample prompt conditioning, CFG, its scheduler's targets) does not host them
-            raise ParamError(
-                "{0} {v!r}: not available for Stable Diffusion yet (the training-free "
-                "methods run on ADM checkpoints and DiT/UNet pipeline folders); SD is guided "
-                "by EluCD's mean shift ({0} elucd)",
-                "guidance_method",
-                v=c.guidance_method,
-            )
         prompts = _prompt_list(c, "prompts", "prompt_file")
         if not prompts:
             raise ParamError("{0}: no prompts given (a Stable Diffusion run needs {0} or {1})",

@@ -22,6 +22,7 @@ from typing import Any
 
 from fguide import defaults
 from fguide.config import SAMPLER_SETTINGS
+from fguide.sampling.guidance_method import ELUCD_ONLY
 
 __all__ = ["PAPER_CONFIGS", "PaperConfig", "apply_paper_config", "paper_config"]
 
@@ -378,7 +379,7 @@ def apply_paper_config(name: str, overrides: Mapping[str, Any]) -> dict[str, Any
             settings.pop(key, None)
     if overrides.get("guidance_method", "elucd") != "elucd":
         # a training-free method replaces EluCD's mean shift: its strength and settings go
-        for key in ("scale", "sine_factor", "variance_tracking", "guidance_input"):
+        for key in ("scale", *ELUCD_ONLY):
             settings.pop(key, None)
     sampler = overrides.get("sampler")
     if sampler is not None and sampler != settings.get("sampler"):

@@ -114,6 +114,15 @@ def _resolve_family(c: SampleConfig, family: ModelFamily, allowed: set[str]) -> 
             family=family.name,
             ok=", ".join(family.samplers),
         )
+    methods = family.guidance_methods
+    if methods is not None and c.guidance_method not in methods:
+        raise ParamError(
+            "{0} {v!r}: not available for {family} models yet (their guidance: {ok})",
+            "guidance_method",
+            v=c.guidance_method,
+            family=family.name,
+            ok=", ".join(methods),
+        )
     if c.steps is None:
         c.steps = family.default_steps
     for other in FAMILIES:
@@ -186,10 +195,8 @@ def _resolve_guide(c: SampleConfig, kind: GuideKind | None, allowed: set[str]) -
 def _resolve_sampler_settings(c: SampleConfig) -> None:
     """DDIM's η and Heun's churn: defaults where they apply, None where they do not (a value
     given for a sampler that does not read it is refused)."""
-    _refuse_other_samplers_settings(c)
-    if c.sampler != "ddim":
-        c.eta = None
-    elif c.eta is None:
+    _refuse_other_samplers_settings(c)  # so each is None off its samplers
+    if c.sampler == "ddim" and c.eta is None:
         c.eta = defaults.ETA
     heun_only = ("s_churn", "s_tmin", "s_tmax", "s_noise")
     if c.sampler != "heun":
@@ -283,17 +290,12 @@ def _resolve_guidance_strength(c: SampleConfig, kind: GuideKind | None) -> None:
             c.scale = defaults.heun_scale(int(str(c.steps)))
         else:
             c.scale = kind_defaults.get("scale", defaults.SCALE)
-    if c.sampler in ("ddim", "dpmpp-2m"):  # score-shift samplers: no sine boost
-        c.sine_factor = None
-    elif c.sine_factor is None:
+    # off their samplers these are None already (_refuse_other_samplers_settings)
+    if c.sampler in SAMPLER_SETTINGS["sine_factor"] and c.sine_factor is None:
         c.sine_factor = kind_defaults.get("sine_factor", defaults.SINE_FACTOR)
     if c.sampler == "ddpm":
         c.variance_tracking = c.variance_tracking or "per_sample"
         check_choice("variance_tracking", c.variance_tracking, ("per_sample", "first_sample"))
-    else:
-        c.variance_tracking = None
     if c.sampler == "heun":
         c.guidance_input = c.guidance_input or "x"
         check_choice("guidance_input", c.guidance_input, ("x", "denoised"))
-    else:
-        c.guidance_input = None
